@@ -1,0 +1,40 @@
+"""The module-level functions of the public API; each acts on the process-wide AutoTuner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .tuner.autotuner import AutoTuner
+
+
+def stats() -> dict[str, Any]:
+    """Counters since the last reset: hits, misses, profiles, synthesized, tuning_seconds, ..."""
+    return AutoTuner.get().stats_dict()
+
+
+def reset_stats() -> None:
+    """Zero every counter of ``stats()``."""
+    from .tuner.autotuner import Stats
+
+    AutoTuner.get().stats = Stats()
+
+
+def tactics() -> list[dict[str, Any]]:
+    """One record per cached winner: op, shape_key, bucket, kernel, tactic, time_s, default_s, speedup."""
+    return AutoTuner.get().tactics()
+
+
+def save_cache(path: str | Path) -> int:
+    """Write every cached winner to ``path`` as one JSON document; returns how many."""
+    return AutoTuner.get().cache.save(path)
+
+
+def load_cache(path: str | Path) -> int:
+    """Merge a document written by ``save_cache`` (same environment only, else CacheFileError)."""
+    return AutoTuner.get().cache.load(path)
+
+
+def clear_cache(disk: bool = True) -> None:
+    """Forget every cached winner; with ``disk``, delete this environment's cache file too."""
+    AutoTuner.get().cache.clear(disk=disk)

@@ -1,0 +1,115 @@
+"""Timing candidates: one median time per candidate, measured so that noise does not flip choices.
+
+CPU: ``time.perf_counter`` over blocks of calls (each block long enough to dwarf the timer),
+candidates *interleaved* round by round in rotating order, median per candidate. A background load
+that comes and goes then hits every candidate alike instead of whichever ran during the spike;
+``torch.utils.benchmark`` times one statement at a time, which is why it is not used here.
+Clearly slower candidates are dropped after a few rounds to save time.
+
+CUDA: ``triton.testing.do_bench`` (CUDA events, warmup, repeats, median; it flushes L2 before
+every repeat, i.e. cold L2) or, with ``cold_l2=False``, the same event loop without the flush.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class ProfilerSettings:
+    """Knobs of the timer. ``mode`` goes into the cache's environment: timings taken with other
+    settings are not comparable."""
+
+    block_seconds: float = 2e-3   # CPU: minimum wall time of one timed block of calls
+    rounds: int = 9               # CPU: blocks per candidate (median over these)
+    prune_after: int = 3          # CPU: rounds before clearly slower candidates stop being timed
+    prune_ratio: float = 1.5      # CPU: "clearly slower" = this many times the best median
+    cuda_warmup_ms: float = 10.0
+    cuda_rep_ms: float = 40.0
+    cold_l2: bool = True
+
+    @property
+    def mode(self) -> str:
+        return "cold_l2" if self.cold_l2 else "warm_l2"
+
+
+def _per_call_seconds(fn: Callable[[], Any], budget: float) -> float:
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget or calls >= 1000:
+            return elapsed / calls
+        if calls >= 2 and elapsed * 10 >= budget:  # slow call: two are enough to size the block
+            return elapsed / calls
+
+
+def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[float]:
+    """Median seconds per call of each fn, interleaved. Each fn must already have been run once."""
+    inner = [max(1, math.ceil(settings.block_seconds / max(_per_call_seconds(f, settings.block_seconds / 2), 1e-9)))
+             for f in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    live = list(range(len(fns)))
+    for r in range(settings.rounds):
+        order = live[r % len(live):] + live[: r % len(live)]
+        for i in order:
+            fn, n = fns[i], inner[i]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[i].append((time.perf_counter() - start) / n)
+        if r + 1 == settings.prune_after and len(live) > 1:
+            best = min(statistics.median(samples[i]) for i in live)
+            live = [i for i in live if statistics.median(samples[i]) <= settings.prune_ratio * best]
+    return [statistics.median(s) for s in samples]
+
+
+def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[float]:
+    """Median seconds per call of each fn on the current CUDA stream."""
+    out = []
+    for fn in fns:
+        if settings.cold_l2:
+            from triton.testing import do_bench
+
+            ms = do_bench(fn, warmup=settings.cuda_warmup_ms, rep=settings.cuda_rep_ms, return_mode="median")
+        else:
+            ms = _cuda_events_median(fn, settings)
+        out.append(ms * 1e-3)
+    return out
+
+
+def _cuda_events_median(fn: Callable[[], Any], settings: ProfilerSettings) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(settings.cuda_warmup_ms / est))):
+        fn()
+    reps = max(5, min(1000, int(settings.cuda_rep_ms / est)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def time_candidates(fns: Sequence[Callable[[], Any]], device: torch.device,
+                    settings: ProfilerSettings = ProfilerSettings()) -> list[float]:
+    """Median seconds per call of each candidate on ``device``."""
+    if device.type == "cuda":
+        return time_cuda(fns, settings)
+    return time_cpu(fns, settings)

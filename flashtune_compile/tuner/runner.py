@@ -1,0 +1,64 @@
+"""The interface every candidate implements, and what a tactic may be.
+
+A tactic is a plain JSON value (an int, a string, or a tuple of those, floats and bools), so that
+it can be persisted and read back without executing anything. Tactic ``-1`` on the first runner
+of a candidate list is the default: always valid, never profiled away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+Tactic = Union[int, str, tuple]
+DEFAULT_TACTIC = -1
+
+
+@dataclass(frozen=True)
+class BucketProfile:
+    """The bucket being tuned: one size per dynamic axis, and every input's shape at that size."""
+
+    bucket: tuple[int, ...]
+    shapes: tuple[Any, ...]
+
+
+class TunableRunner:
+    """One candidate implementation of an op, with a space of tactics.
+
+    Subclasses set a stable ``name`` (it is persisted) and implement ``forward``. They must be
+    functional: ``forward`` must not modify its inputs. ``cache_key_extras`` must depend only on
+    input metadata and scalars (dtype, layout, flags), never on data, so that real and synthesized
+    inputs give the same answer.
+    """
+
+    name: str = ""
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> Sequence[Tactic]:
+        """Tactics worth timing for this bucket; [] means the runner does not apply."""
+        return [DEFAULT_TACTIC]
+
+    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def cache_key_extras(self, inputs: Sequence[Any]) -> tuple:
+        """Extra JSON-able values that select a different cache entry (default: none)."""
+        return ()
+
+    def __call__(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> Any:
+        return self.forward(inputs, tactic)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+_SCALARS = (int, str, float, bool)
+
+
+def canonical_tactic(value: Any) -> Tactic:
+    """The canonical (hashable) form of a tactic: lists become tuples. TypeError if ``value`` is
+    not an int, str, float, bool or a (nested) list/tuple of those."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(canonical_tactic(v) for v in value)
+    raise TypeError(f"a tactic must be an int, str or tuple of them, got {type(value).__name__}: {value!r}")

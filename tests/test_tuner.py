@@ -1,0 +1,168 @@
+"""choose_one: cache first, profile once, never choose a wrong or raising candidate."""
+
+import logging
+import threading
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import flashtune_compile as ft
+from helpers import MMChunked, MMDefault, MMRaising, MMSlow, MMWrong, mm_config
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every ATen op dispatched inside (tensor creation, random fills, kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_miss_synthesizes_and_hit_makes_nothing(tuner):
+    runners, cfg = (MMDefault(), MMChunked()), mm_config(buckets="pow2")
+    w = torch.randn(16, 8)
+    with CountOps() as miss_ops:
+        tuner.choose_one("mm", runners, cfg, (torch.randn(3, 16), w))
+    assert any("normal_" in op for op in miss_ops.ops)  # the miss made random inputs for bucket 4
+    assert ft.stats()["synthesized"] == 1 and ft.stats()["misses"] == 1
+    xs = [torch.randn(n, 16) for n in (3, 4, 3)]  # same bucket (4), sizes at and inside it
+    with CountOps() as hit_ops:
+        for x in xs:
+            tuner.choose_one("mm", runners, cfg, (x, w))
+    assert hit_ops.ops == []  # no empty/random/fill op, no kernel at all
+    s = ft.stats()
+    assert (s["hits"], s["misses"], s["synthesized"]) == (3, 1, 1)
+
+
+def test_miss_profiles_each_valid_tactic_once(tuner):
+    chunked = MMChunked(tactics=(1, 2, 4, 64))
+    runners, cfg = (MMDefault(), chunked), mm_config(buckets="pow2")
+    w = torch.randn(32, 32)
+    tuner.choose_one("mm", runners, cfg, (torch.randn(7, 32), w))  # bucket 8: tactics 1, 2, 4 apply
+    assert ft.stats()["profiles"] == 4  # default + 3 chunk sizes
+    assert chunked.profiled_rows == {8}
+    for n in (5, 6, 7, 8):
+        tuner.choose_one("mm", runners, cfg, (torch.randn(n, 32), w))
+    assert ft.stats()["profiles"] == 4 and ft.stats()["misses"] == 1
+    tuner.choose_one("mm", runners, cfg, (torch.randn(9, 32), w))  # bucket 16: tuned once more
+    assert ft.stats()["profiles"] == 8 and ft.stats()["misses"] == 2
+
+
+def test_wrong_and_raising_candidates_are_never_chosen(tuner, caplog):
+    runners = (MMSlow(), MMWrong(), MMRaising())
+    cfg = mm_config()
+    w = torch.randn(64, 64)
+    with caplog.at_level(logging.INFO, logger="flashtune"):
+        runner, tactic = tuner.choose_one("mm", runners, cfg, (torch.randn(16, 64), w))
+    assert runner.name == "mm_slow" and tactic == -1  # the only correct one, slow as it is
+    (record,) = ft.tactics()
+    reasons = " | ".join(record["rejected"])
+    assert "mm_wrong" in reasons and "max error" in reasons
+    assert "mm_raising[0]" in reasons and "unsupported shape" in reasons
+    assert ft.stats()["rejected"] == 3
+    assert "never choosing" in caplog.text
+
+
+def test_size_inside_a_bucket_runs_correctly_with_the_buckets_tactic(tuner):
+    chunked = MMChunked(tactics=(64, 128, 256))
+    runners, cfg = (MMDefault(), chunked), mm_config(buckets="hybrid")
+    w = torch.randn(32, 48)
+    for n in (257, 300, 511, 512):  # all in hybrid bucket 512
+        x = torch.randn(n, 32)
+        runner, tactic = tuner.choose_one("mm", runners, cfg, (x, w))
+        torch.testing.assert_close(runner.forward((x, w), tactic), x @ w)
+    assert chunked.profiled_rows == {512}  # profiled at the bucket's upper end
+    assert ft.stats()["misses"] == 1
+
+
+def test_slower_candidate_loses_to_default(tuner):
+    runner, tactic = tuner.choose_one("mm", (MMDefault(), MMSlow()), mm_config(), (torch.randn(4, 8), torch.randn(8, 8)))
+    assert runner.name == "mm" and tactic == -1
+
+
+def test_tune_off_returns_default_without_profiling_and_says_so_once(cache_dir, caplog):
+    tuner = ft.AutoTuner(tune="off")
+    runners, cfg = (MMDefault(), MMChunked()), mm_config()
+    w = torch.randn(8, 8)
+    with caplog.at_level(logging.INFO, logger="flashtune"):
+        for _ in range(3):
+            runner, tactic = tuner.choose_one("mm", runners, cfg, (torch.randn(5, 8), w))
+            assert (runner.name, tactic) == ("mm", -1)
+    s = tuner.stats_dict()
+    assert (s["profiles"], s["synthesized"], s["misses"], s["fallbacks"]) == (0, 0, 3, 3)
+    assert caplog.text.count("tuning is off") == 1
+    with ft.autotune():
+        tuner.choose_one("mm", runners, cfg, (torch.randn(5, 8), w))
+    assert tuner.stats.profiles > 0
+    profiles = tuner.stats.profiles
+    tuner.choose_one("mm", runners, cfg, (torch.randn(5, 8), w))  # now a hit, even with tuning off
+    assert tuner.stats.profiles == profiles and tuner.stats.hits == 1
+
+
+def test_env_var_and_autotune_false(cache_dir, monkeypatch):
+    monkeypatch.setenv("FLASHTUNE_TUNE", "off")
+    assert ft.AutoTuner().tune_mode == "off"
+    monkeypatch.setenv("FLASHTUNE_TUNE", "sometimes")
+    with pytest.raises(ValueError, match="FLASHTUNE_TUNE"):
+        ft.AutoTuner()
+    monkeypatch.delenv("FLASHTUNE_TUNE")
+    tuner = ft.AutoTuner()
+    with ft.autotune(False):
+        tuner.choose_one("mm", (MMDefault(), MMChunked()), mm_config(), (torch.randn(5, 8), torch.randn(8, 8)))
+    assert tuner.stats.profiles == 0 and tuner.stats.fallbacks == 1
+
+
+def test_two_threads_profile_an_unseen_bucket_once(tuner):
+    runners, cfg = (MMDefault(), MMChunked()), mm_config()
+    w = torch.randn(64, 64)
+    barrier = threading.Barrier(4)
+    results, errors = [], []
+
+    def call():
+        try:
+            barrier.wait()
+            results.append(tuner.choose_one("mm", runners, cfg, (torch.randn(30, 64), w)))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set((r.name, t) for r, t in results)) == 1
+    assert tuner.stats.misses == 1 and tuner.stats.profiles == 4  # default + tactics 1, 2, 4
+    assert tuner.stats.hits == 3
+
+
+def test_tuning_leaves_the_users_random_stream_alone(tuner):
+    x, w = torch.randn(3, 8), torch.randn(8, 8)
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    tuner.choose_one("mm", (MMDefault(), MMChunked()), mm_config(), (x, w))  # synthesizes random rows
+    assert tuner.stats.synthesized == 1
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_empty_call_takes_the_default(tuner):
+    runner, tactic = tuner.choose_one("mm", (MMDefault(), MMChunked()), mm_config(), (torch.randn(0, 8), torch.randn(8, 8)))
+    assert (runner.name, tactic) == ("mm", -1) and tuner.stats.profiles == 0
+
+
+def test_bad_arguments_get_clear_errors(tuner):
+    cfg = ft.TuningConfig(dynamic=(ft.DynamicDim(input_idx=(0, 1), dim_idx=(0, 0)),))
+    with pytest.raises(ValueError, match="share a dynamic axis"):
+        tuner.choose_one("add", (MMDefault(),), cfg, (torch.randn(3, 4), torch.randn(5, 4)))
+    with pytest.raises(ValueError, match="at least one runner"):
+        tuner.choose_one("mm", (), mm_config(), (torch.randn(3, 4), torch.randn(4, 4)))
+    with pytest.raises(ValueError, match="distinct"):
+        tuner.choose_one("mm", (MMDefault(), MMDefault()), mm_config(), (torch.randn(3, 4), torch.randn(4, 4)))
+    with pytest.raises(ValueError, match="unknown bucket ladder"):
+        ft.DynamicDim(0, 0, buckets="fibonacci")
