@@ -150,7 +150,7 @@ class AutoTuner:
         self.min_gain = min_gain
         self.stats = Stats()
         self.cache = TacticCache(cache_dir, environment(settings.mode), on_change=self._forget_memos)
-        self._fast: dict[tuple, _Alias] = {}
+        self._fast: dict[int, _Alias] = {}  # id(runners) -> alias: the hot path's first lookup
         self._contexts: dict[tuple, _OpContext] = {}
         self._profile_lock = threading.RLock()
         self._said: set[Key] = set()
@@ -185,8 +185,8 @@ class AutoTuner:
         winner cached. Miss otherwise, or while a CUDA graph is being captured: the default.
         Pass the same ``runners`` and ``config`` objects each call for the fastest path.
         """
-        alias = self._fast.get((op, id(runners), id(config)))
-        if alias is None:
+        alias = self._fast.get(id(runners))
+        if alias is None or alias.config is not config or alias.ctx.op != op:
             alias = self._alias(op, runners, config)
         sig = _signature(inputs)
         hit = alias.memo.get(sig)
@@ -204,7 +204,7 @@ class AutoTuner:
             ctx = self._contexts[(op, names, id(config))] = _OpContext(op, runners, config)
         if len(self._fast) > 1024:  # callers passing fresh lists each call: keep the alias map bounded
             self._fast.clear()
-        alias = self._fast[(op, id(runners), id(config))] = _Alias(ctx, runners, config)
+        alias = self._fast[id(runners)] = _Alias(ctx, runners, config)
         return alias
 
     def _tuning_allowed(self, tune: bool | None) -> bool:
@@ -317,11 +317,13 @@ class AutoTuner:
         device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
         times = time_candidates(fns, device, self.settings)
         self.stats.profiles += len(candidates)
-        best = min(range(1, len(candidates)), key=times.__getitem__, default=0)
-        if times[best] >= times[0] * (1.0 - self.min_gain):
-            best = 0
+        # The default is replaced only by a candidate that beats it by more than min_gain and by
+        # more than the measured noise; among those, the fastest median wins.
+        winners = [i for i in range(1, len(candidates)) if times[i].clearly_faster_than(times[0], self.min_gain)]
+        best = min(winners, key=lambda i: times[i].median, default=0)
         idx, tactic = candidates[best]
-        entry = Entry(runners[idx].name, tactic, times[best], times[0], timed=len(candidates), rejected=rejected)
+        entry = Entry(runners[idx].name, tactic, times[best].median, times[0].median, timed=len(candidates),
+                      rejected=rejected)
         self.cache.put(key, entry)
         ctx.validated.add(key)
         elapsed = time.perf_counter() - start

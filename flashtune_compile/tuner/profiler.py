@@ -1,7 +1,7 @@
 """Timing candidates: one median time per candidate, measured so that noise does not flip choices.
 
 CPU: ``time.perf_counter`` over blocks of calls (each block long enough to dwarf the timer),
-candidates *interleaved* round by round in rotating order, median per candidate. A background load
+candidates *interleaved* round by round in a shuffled order, median per candidate. A background load
 that comes and goes then hits every candidate alike instead of whichever ran during the spike;
 ``torch.utils.benchmark`` times one statement at a time, which is why it is not used here.
 Clearly slower candidates are dropped after a few rounds to save time.
@@ -13,6 +13,7 @@ every repeat, i.e. cold L2) or, with ``cold_l2=False``, the same event loop with
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,12 +23,33 @@ import torch
 
 
 @dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one candidate: median and interquartile range over repeats."""
+
+    median: float
+    q25: float
+    q75: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Timing":
+        qs = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
+        return cls(qs[1], qs[0], qs[2])
+
+    def clearly_faster_than(self, other: "Timing", min_gain: float) -> bool:
+        """Faster by more than ``min_gain`` at the median *and* by more than the noise: the two
+        interquartile ranges do not overlap."""
+        return self.median <= other.median * (1.0 - min_gain) and self.q75 < other.q25
+
+
+@dataclass(frozen=True)
 class ProfilerSettings:
     """Knobs of the timer. ``mode`` goes into the cache's environment: timings taken with other
     settings are not comparable."""
 
     block_seconds: float = 2e-3   # CPU: minimum wall time of one timed block of calls
-    rounds: int = 9               # CPU: blocks per candidate (median over these)
+    rounds: int = 15              # CPU: blocks per candidate (median over these) ...
+    min_rounds: int = 5           # CPU: ... but stop after this many once max_seconds is spent
+    max_seconds: float = 1.5      # CPU: time budget of one bucket's timing loop
     prune_after: int = 3          # CPU: rounds before clearly slower candidates stop being timed
     prune_ratio: float = 1.5      # CPU: "clearly slower" = this many times the best median
     cuda_warmup_ms: float = 10.0
@@ -51,14 +73,19 @@ def _per_call_seconds(fn: Callable[[], Any], budget: float) -> float:
             return elapsed / calls
 
 
-def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[float]:
-    """Median seconds per call of each fn, interleaved. Each fn must already have been run once."""
+def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[Timing]:
+    """Seconds per call of each fn, interleaved. Each fn must already have been run once."""
     inner = [max(1, math.ceil(settings.block_seconds / max(_per_call_seconds(f, settings.block_seconds / 2), 1e-9)))
              for f in fns]
     samples: list[list[float]] = [[] for _ in fns]
     live = list(range(len(fns)))
+    shuffler = random.Random(len(fns))  # a fresh order each round: no alignment with scheduler slices
+    start_all = time.perf_counter()
     for r in range(settings.rounds):
-        order = live[r % len(live):] + live[: r % len(live)]
+        if r >= settings.min_rounds and time.perf_counter() - start_all > settings.max_seconds:
+            break
+        order = live[:]
+        shuffler.shuffle(order)
         for i in order:
             fn, n = fns[i], inner[i]
             start = time.perf_counter()
@@ -68,24 +95,25 @@ def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = Prof
         if r + 1 == settings.prune_after and len(live) > 1:
             best = min(statistics.median(samples[i]) for i in live)
             live = [i for i in live if statistics.median(samples[i]) <= settings.prune_ratio * best]
-    return [statistics.median(s) for s in samples]
+    return [Timing.of(s) for s in samples]
 
 
-def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[float]:
-    """Median seconds per call of each fn on the current CUDA stream."""
+def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[Timing]:
+    """Seconds per call of each fn on the current CUDA stream."""
     out = []
     for fn in fns:
         if settings.cold_l2:
             from triton.testing import do_bench
 
-            ms = do_bench(fn, warmup=settings.cuda_warmup_ms, rep=settings.cuda_rep_ms, return_mode="median")
+            q25, q50, q75 = do_bench(fn, warmup=settings.cuda_warmup_ms, rep=settings.cuda_rep_ms,
+                                     quantiles=[0.25, 0.5, 0.75])
+            out.append(Timing(q50 * 1e-3, q25 * 1e-3, q75 * 1e-3))
         else:
-            ms = _cuda_events_median(fn, settings)
-        out.append(ms * 1e-3)
+            out.append(Timing.of([ms * 1e-3 for ms in _cuda_events_ms(fn, settings)]))
     return out
 
 
-def _cuda_events_median(fn: Callable[[], Any], settings: ProfilerSettings) -> float:
+def _cuda_events_ms(fn: Callable[[], Any], settings: ProfilerSettings) -> list[float]:
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -104,12 +132,12 @@ def _cuda_events_median(fn: Callable[[], Any], settings: ProfilerSettings) -> fl
         fn()
         e.record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return [s.elapsed_time(e) for s, e in events]
 
 
 def time_candidates(fns: Sequence[Callable[[], Any]], device: torch.device,
-                    settings: ProfilerSettings = ProfilerSettings()) -> list[float]:
-    """Median seconds per call of each candidate on ``device``."""
+                    settings: ProfilerSettings = ProfilerSettings()) -> list[Timing]:
+    """Seconds per call (median, quartiles) of each candidate on ``device``."""
     if device.type == "cuda":
         return time_cuda(fns, settings)
     return time_cpu(fns, settings)
