@@ -34,7 +34,10 @@ class TunableRunner:
     name: str = ""
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> Sequence[Tactic]:
-        """Tactics worth timing for this bucket; [] means the runner does not apply."""
+        """Tactics worth timing for this bucket; [] means the runner does not apply.
+
+        Decide from ``profile`` (the bucket and every input's shape at it), not from the inputs'
+        own dynamic sizes: a cached tactic is re-checked with this call on the real inputs."""
         return [DEFAULT_TACTIC]
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> Any:
