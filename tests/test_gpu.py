@@ -17,11 +17,10 @@ def test_cuda_hit_launches_nothing_and_timing_is_sane(tuner):
     w = torch.randn(64, 64, device="cuda")
     tuner.choose_one("mm", runners, cfg, (torch.randn(30, 64, device="cuda"), w))
     assert tuner.stats.profiles == 4
+    x = torch.randn(20, 64, device="cuda")
     with CountOps() as ops:
-        runner, tactic = tuner.choose_one("mm", runners, cfg, (torch.randn(20, 64, device="cuda"), w))
-        ops_after_inputs = list(ops.ops)
-    assert all("randn" in op or "normal" in op or "empty" in op for op in ops_after_inputs)  # only our input
-    assert tuner.stats.hits == 1
+        tuner.choose_one("mm", runners, cfg, (x, w))
+    assert ops.ops == [] and tuner.stats.hits == 1
 
 
 @pytest.mark.parametrize("cold", [True, False])
