@@ -8,7 +8,9 @@ Library use without the compiler::
 
 __version__ = "0.1.0"
 
+from . import ops as _ops  # noqa: F401  (registers torch.ops.flashtune.*)
 from .api import clear_cache, load_cache, reset_stats, save_cache, stats, tactics
+from .backend import backend
 from .tuner import (
     DEFAULT_TACTIC,
     AutoTuner,
@@ -22,6 +24,6 @@ from .tuner import (
     autotune,
 )
 
-__all__ = ["__version__", "AutoTuner", "BucketProfile", "CacheFileError", "ConstraintSpec", "DEFAULT_TACTIC",
+__all__ = ["__version__", "backend", "AutoTuner", "BucketProfile", "CacheFileError", "ConstraintSpec", "DEFAULT_TACTIC",
            "DynamicDim", "ProfilerSettings", "TunableRunner", "TuningConfig", "autotune", "clear_cache",
            "load_cache", "reset_stats", "save_cache", "stats", "tactics"]

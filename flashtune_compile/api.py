@@ -15,9 +15,7 @@ def stats() -> dict[str, Any]:
 
 def reset_stats() -> None:
     """Zero every counter of ``stats()``."""
-    from .tuner.autotuner import Stats
-
-    AutoTuner.get().stats = Stats()
+    AutoTuner.get().reset_stats()
 
 
 def tactics() -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
-"""ATen formulations of a linear layer ``y = x @ w.T + b`` that really differ in speed.
+"""ATen formulations of the matmul family that really differ in speed, one runner per op.
 
-``F.linear`` picks its own path (fused bias epilogue on cuBLAS, oneDNN on CPU); ``addmm`` fuses the
-bias into the GEMM; ``mm`` then ``add`` runs the GEMM plain and adds the bias after. Inputs are
-``(x, w, b)`` with ``x`` of shape [M, K], ``w`` [N, K] and ``b`` [N] or None.
+Each runner's tactic -1 is the plain ATen call (the always-valid default); its other tactics are
+named formulations of the same product. All are correct for any strides. Shapes: linear
+``(x [M, K], w [N, K], b [N] | None)``; mm ``(a [M, K], b [K, N])``; addmm ``(bias, a, b, beta,
+alpha)``; bmm ``(a [B, M, K], b [B, K, N])``; baddbmm ``(bias, a, b, beta, alpha)``.
 """
 
 from __future__ import annotations
@@ -27,15 +28,87 @@ def linear_variant(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, var
     raise ValueError(f"unknown ATen linear variant {variant!r}")
 
 
-class AtenLinearRunner(TunableRunner):
-    """The default runner of a linear op: tactic -1 is ``F.linear``; the others are named variants."""
+def _scaled_add(bias: torch.Tensor, prod: torch.Tensor, beta: Any, alpha: Any) -> torch.Tensor:
+    """beta * bias + alpha * prod, with ATen's convention that beta == 0 ignores bias (even NaN)."""
+    if alpha != 1:
+        prod = prod.mul_(alpha)
+    if beta == 0:
+        return prod
+    return prod.add_(bias, alpha=beta) if bias.shape == prod.shape else prod.add_(bias * beta if beta != 1 else bias)
 
-    name = "aten_linear"
-    VARIANTS = ("addmm", "mm_add")
+
+class _NamedVariants(TunableRunner):
+    """A runner whose tactics are -1 plus the names in VARIANTS."""
+
+    VARIANTS: tuple[str, ...] = ()
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         return [DEFAULT_TACTIC, *self.VARIANTS]
 
+
+class AtenLinearRunner(_NamedVariants):
+    """Tactic -1 is ``F.linear`` (fused bias epilogue on cuBLAS, oneDNN on CPU)."""
+
+    name = "aten_linear"
+    VARIANTS = ("addmm", "mm_add")
+
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         x, w, b = inputs
         return linear_variant(x, w, b, "linear" if tactic == DEFAULT_TACTIC else tactic)
+
+
+class AtenMMRunner(TunableRunner):
+    """``torch.mm``: one formulation; faster ones come from other kernel families."""
+
+    name = "aten_mm"
+
+    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
+        return torch.mm(inputs[0], inputs[1])
+
+
+class AtenAddmmRunner(_NamedVariants):
+    """Tactic -1 is ``torch.addmm``; "mm_add" runs the GEMM plain and scales/adds after."""
+
+    name = "aten_addmm"
+    VARIANTS = ("mm_add",)
+
+    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
+        bias, a, b, beta, alpha = inputs
+        if tactic == DEFAULT_TACTIC:
+            return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
+        if tactic == "mm_add":
+            return _scaled_add(bias, torch.mm(a, b), beta, alpha)
+        raise ValueError(f"unknown addmm tactic {tactic!r}")
+
+
+class AtenBmmRunner(_NamedVariants):
+    """Tactic -1 is ``torch.bmm``; "loop_mm" runs one ``mm`` per batch (wins for few, large batches)."""
+
+    name = "aten_bmm"
+    VARIANTS = ("loop_mm",)
+
+    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
+        a, b = inputs
+        if tactic == DEFAULT_TACTIC:
+            return torch.bmm(a, b)
+        if tactic == "loop_mm":
+            out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+            for i in range(a.shape[0]):
+                torch.mm(a[i], b[i], out=out[i])
+            return out
+        raise ValueError(f"unknown bmm tactic {tactic!r}")
+
+
+class AtenBaddbmmRunner(_NamedVariants):
+    """Tactic -1 is ``torch.baddbmm``; "bmm_add" runs ``bmm`` plain and scales/adds after."""
+
+    name = "aten_baddbmm"
+    VARIANTS = ("bmm_add",)
+
+    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
+        bias, a, b, beta, alpha = inputs
+        if tactic == DEFAULT_TACTIC:
+            return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
+        if tactic == "bmm_add":
+            return _scaled_add(bias, torch.bmm(a, b), beta, alpha)
+        raise ValueError(f"unknown baddbmm tactic {tactic!r}")

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -23,7 +23,7 @@ import torch
 from .buckets import TuningConfig
 from .cache import Entry, Key, TacticCache, environment, freeze
 from .check import mismatch
-from .profiler import ProfilerSettings, time_candidates
+from .profiler import ProfilerSettings, Timing, time_candidates
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner, canonical_tactic
 from .synth import bucket_shapes, synthesize
 
@@ -45,6 +45,7 @@ class Stats:
     fallbacks: int = 0       # misses answered with the default because tuning was off
     rejected: int = 0        # candidates that raised or disagreed with the default
     routed_ops: int = 0      # graph nodes routed to tunable ops (counted by the backend)
+    compiles: int = 0        # graphs the backend compiled
 
 
 @contextlib.contextmanager
@@ -134,6 +135,7 @@ class AutoTuner:
 
     _instance: AutoTuner | None = None
     _instance_lock = threading.Lock()
+    sites: dict = {}  # site key -> TunedSite (tuner/site.py); their memos are dropped on any cache change
 
     def __init__(self, cache_dir: Path | str | None | object = _unset, tune: str | None = None,
                  settings: ProfilerSettings = ProfilerSettings(), min_gain: float = 0.02) -> None:
@@ -155,6 +157,15 @@ class AutoTuner:
         self._profile_lock = threading.RLock()
         self._said: set[Key] = set()
 
+    def use_cache_dir(self, cache_dir: Path | str | None) -> None:
+        """Switch to the tactic cache in ``cache_dir`` (None: memory only); no-op if already there."""
+        new = Path(cache_dir).expanduser().resolve() if cache_dir is not None else None
+        old = self.cache.directory.resolve() if self.cache.directory is not None else None
+        if new == old:
+            return
+        self.cache = TacticCache(new, self.cache.env, on_change=self._forget_memos)
+        self._forget_memos()
+
     @classmethod
     def get(cls) -> AutoTuner:
         """The process-wide tuner, made on first use."""
@@ -172,6 +183,8 @@ class AutoTuner:
         environment). Returns the old one."""
         with cls._instance_lock:
             old, cls._instance = cls._instance, tuner
+        for site in list(cls.sites.values()):
+            site.memo.clear()
         return old
 
     # -- the hot path ----------------------------------------------------------------------------
@@ -194,6 +207,20 @@ class AutoTuner:
             self.stats.hits += 1
             return hit
         return self._choose_slow(alias, sig, inputs, tune)
+
+    def choose_cached(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig,
+                      inputs: Sequence[Any], *, tune: bool | None = None) -> tuple[tuple[TunableRunner, Tactic], bool]:
+        """``choose_one``, and whether the answer came from the cache (False for a fallback)."""
+        alias = self._fast.get(id(runners))
+        if alias is None or alias.config is not config or alias.ctx.op != op:
+            alias = self._alias(op, runners, config)
+        sig = _signature(inputs)
+        hit = alias.memo.get(sig)
+        if hit is not None:
+            self.stats.hits += 1
+            return hit, True
+        result = self._choose_slow(alias, sig, inputs, tune)
+        return result, alias.memo.get(sig) is result
 
     # -- everything else -----------------------------------------------------------------------
 
@@ -313,10 +340,13 @@ class AutoTuner:
         if rejected:
             self.stats.rejected += len(rejected)
             log.info("flashtune: %s bucket %s: never choosing %s", ctx.op, bucket, "; ".join(rejected))
-        fns = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
-        device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        times = time_candidates(fns, device, self.settings)
-        self.stats.profiles += len(candidates)
+        if len(candidates) == 1:  # nothing to choose between: record the default untimed
+            times = [Timing(0.0, 0.0, 0.0)]
+        else:
+            fns = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
+            device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
+            times = time_candidates(fns, device, self.settings)
+            self.stats.profiles += len(candidates)
         # The default is replaced only by a candidate that beats it by more than min_gain and by
         # more than the measured noise; among those, the fastest median wins.
         winners = [i for i in range(1, len(candidates)) if times[i].clearly_faster_than(times[0], self.min_gain)]
@@ -339,6 +369,9 @@ class AutoTuner:
             alias.missed.clear()
         for ctx in list(self._contexts.values()):
             ctx.validated.clear()
+        if AutoTuner._instance is self:
+            for site in list(AutoTuner.sites.values()):
+                site.memo.clear()
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -354,6 +387,11 @@ class AutoTuner:
 
     def stats_dict(self) -> dict[str, Any]:
         return asdict(self.stats)
+
+    def reset_stats(self) -> None:
+        """Zero every counter in place (sites hold a reference to this Stats)."""
+        for f in fields(Stats):
+            setattr(self.stats, f.name, 0.0 if f.type == "float" else 0)
 
 
 def default_cache_dir() -> Path:

@@ -1,0 +1,117 @@
+"""The Dynamo backend: ``torch.compile(model, backend="flashtune", options={...})``.
+
+Given the FX graph Dynamo captured, it routes matmul-family nodes to tunable ``flashtune`` ops and
+hands the graph to the inner compiler (Inductor by default, so its fusions around our ops
+survive; or eager FX). Registered through the ``torch_dynamo_backends`` entry point, so
+``backend="flashtune"`` works after ``pip install`` without importing this package.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .ops.matmul import KERNEL_FAMILIES
+from .passes.matmul import RouteSettings, rewrite_matmuls
+from .tuner.autotuner import TUNE_MODES, AutoTuner
+from .tuner.buckets import LADDERS, make_ladder
+
+log = logging.getLogger("flashtune")
+
+OP_FAMILIES = ("linear", "mm", "bmm", "moe")
+INNER = ("inductor", "eager")
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Options:
+    """The backend's options, validated. See DESIGN.md for what each means."""
+
+    inner: str = "inductor"
+    tune: str | None = None                # None: the tuner's mode ($FLASHTUNE_TUNE, else "auto")
+    cache_dir: Any = _UNSET                # _UNSET: the tuner's ($FLASHTUNE_CACHE_DIR, else user cache)
+    ops: frozenset = frozenset(OP_FAMILIES)
+    buckets: Any = "hybrid"
+    max_tokens: int = 8192
+    kernels: frozenset = frozenset(KERNEL_FAMILIES)
+
+
+def _subset(name: str, value: Any, valid: Sequence[str]) -> frozenset:
+    items = [value] if isinstance(value, str) else value
+    try:
+        chosen = frozenset(items)
+    except TypeError:
+        raise ValueError(f"flashtune option {name!r} must be a set of {sorted(valid)}, got {value!r}") from None
+    bad = sorted(str(x) for x in chosen - set(valid))
+    if bad:
+        raise ValueError(f"flashtune option {name!r}: unknown {bad}; valid: {sorted(valid)}")
+    return chosen
+
+
+def parse_options(options: Mapping[str, Any] | None) -> Options:
+    """Validate ``options``; ValueError naming the bad key or value and the valid ones."""
+    options = dict(options or {})
+    valid = [f for f in Options.__dataclass_fields__]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"flashtune: unknown option(s) {unknown}; valid options: {valid}")
+    kw: dict[str, Any] = {}
+    if "inner" in options:
+        if options["inner"] not in INNER:
+            raise ValueError(f"flashtune option 'inner' must be one of {list(INNER)}, got {options['inner']!r}")
+        kw["inner"] = options["inner"]
+    if "tune" in options:
+        if options["tune"] not in TUNE_MODES:
+            raise ValueError(f"flashtune option 'tune' must be one of {list(TUNE_MODES)}, got {options['tune']!r}")
+        kw["tune"] = options["tune"]
+    if "cache_dir" in options:
+        d = options["cache_dir"]
+        if d is not None and not isinstance(d, (str, Path)):
+            raise ValueError(f"flashtune option 'cache_dir' must be a path or None, got {d!r}")
+        kw["cache_dir"] = None if d is None else Path(d).expanduser()
+    if "ops" in options:
+        kw["ops"] = _subset("ops", options["ops"], OP_FAMILIES)
+    if "kernels" in options:
+        kw["kernels"] = _subset("kernels", options["kernels"], KERNEL_FAMILIES)
+    if "max_tokens" in options:
+        mt = options["max_tokens"]
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise ValueError(f"flashtune option 'max_tokens' must be a positive int, got {mt!r}")
+        kw["max_tokens"] = mt
+    if "buckets" in options:
+        b = options["buckets"]
+        if isinstance(b, str) and b not in LADDERS:
+            raise ValueError(f"flashtune option 'buckets' must be one of {list(LADDERS)} or a sorted list "
+                             f"of ints, got {b!r}")
+        try:
+            make_ladder(b, kw.get("max_tokens", 8192))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"flashtune option 'buckets': {e}") from None
+        kw["buckets"] = b if isinstance(b, str) else tuple(int(x) for x in b)
+    return Options(**kw)
+
+
+def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, options: Mapping[str, Any] | None = None,
+            mode: str | None = None) -> Callable[..., Any]:
+    """Route the graph's matmul family to tunable ops, then compile it with the inner compiler."""
+    opts = parse_options(options)
+    tuner = AutoTuner.get()
+    if opts.cache_dir is not _UNSET:
+        tuner.use_cache_dir(opts.cache_dir)
+    settings = RouteSettings(ops=opts.ops, kernels=tuple(sorted(opts.kernels)), ladder=opts.buckets,
+                             max_tokens=opts.max_tokens, tune=opts.tune)
+    routed = rewrite_matmuls(gm, settings)
+    tuner.stats.routed_ops += routed
+    tuner.stats.compiles += 1
+    log.info("flashtune: routed %d op(s) of a %d-node graph; inner compiler %s", routed, len(gm.graph.nodes),
+             opts.inner)
+    if opts.inner == "eager":
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)

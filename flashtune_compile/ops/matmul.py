@@ -1,0 +1,212 @@
+"""The tunable matmul family: ``torch.ops.flashtune.{linear, mm, addmm, bmm, baddbmm}``.
+
+Each op takes the usual tensors plus ``site``, a JSON string the graph pass bakes into the call:
+which dims of the op's tuning inputs are dynamic (with the bounds of their bucket ladder), the
+tuning mode and the kernel families allowed. At run time an op looks its site up (built once per
+process), asks the site for a (runner, tactic) and runs it. ``linear`` and ``mm`` accept N-D
+activations (``[..., K]``) and flatten them to 2-D the way ``F.linear`` does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..kernels.aten import AtenAddmmRunner, AtenBaddbmmRunner, AtenBmmRunner, AtenLinearRunner, AtenMMRunner
+from ..tuner.autotuner import AutoTuner
+from ..tuner.buckets import DynamicDim, TuningConfig
+from ..tuner.runner import TunableRunner
+from ..tuner.site import TunedSite
+
+MATMUL_OPS = ("linear", "mm", "addmm", "bmm", "baddbmm")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_FAMILIES = ("aten", "triton", "cuda", "cpu")
+
+# Candidates per op and kernel family; ATen's runner is always first: the default.
+_DEFAULTS: dict[str, TunableRunner] = {
+    "linear": AtenLinearRunner(), "mm": AtenMMRunner(), "addmm": AtenAddmmRunner(),
+    "bmm": AtenBmmRunner(), "baddbmm": AtenBaddbmmRunner(),
+}
+_runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}
+
+
+def runners_for(op: str, kernels: Sequence[str]) -> tuple[TunableRunner, ...]:
+    """The candidate runners of ``op`` restricted to ``kernels`` (same tuple object each time)."""
+    key = (op, tuple(sorted(kernels)))
+    found = _runner_sets.get(key)
+    if found is None:
+        found = _runner_sets[key] = (_DEFAULTS[op],)
+    return found
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """What the graph pass knows of one call site, serialized into the op's ``site`` argument.
+
+    ``axes``: per dynamic axis, the (input, dim) positions it occupies in the op's tuning inputs
+    and the (min, max) sizes bounding its bucket ladder. ``sig``: the static signature (shapes with
+    -1 for dynamic dims, dtypes), which keeps sites of different shapes apart.
+    """
+
+    op: str
+    axes: tuple[tuple[tuple[tuple[int, int], ...], int, int], ...]
+    sig: tuple
+    ladder: Any = "hybrid"
+    tune: str | None = None
+    kernels: tuple[str, ...] = ("aten",)
+
+    def encode(self) -> str:
+        return json.dumps([self.op, self.axes, self.sig, self.ladder, self.tune, list(self.kernels)],
+                          separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str) -> "SiteSpec":
+        op, axes, sig, ladder, tune, kernels = json.loads(text)
+        axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
+        return cls(op, axes, sig, ladder if isinstance(ladder, str) else tuple(ladder), tune, tuple(kernels))
+
+    def build(self) -> TunedSite:
+        dyn = tuple(DynamicDim(input_idx=tuple(i for i, _ in dims), dim_idx=tuple(d for _, d in dims),
+                               buckets=self.ladder, min_size=lo, max_size=hi) for dims, lo, hi in self.axes)
+        tune = None if self.tune is None else self.tune == "auto"
+        return TunedSite(self.op, runners_for(self.op, self.kernels), TuningConfig(dynamic=dyn), tune)
+
+
+_sites = AutoTuner.sites
+
+
+def _site(site: str) -> TunedSite:
+    found = _sites.get(site)
+    return found if found is not None else TunedSite.lookup(site, lambda: SiteSpec.decode(site).build())
+
+
+def _run(site: str, inputs: tuple) -> torch.Tensor:
+    runner, tactic = _site(site).choose(inputs)
+    return runner.forward(inputs, tactic)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+# -- implementations --------------------------------------------------------------------------
+
+def linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: str) -> torch.Tensor:
+    y = _run(site, (_flat(x), weight, bias))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def mm_impl(a: torch.Tensor, b: torch.Tensor, site: str) -> torch.Tensor:
+    y = _run(site, (_flat(a), b))
+    return y if a.dim() == 2 else y.view(*a.shape[:-1], y.shape[-1])
+
+
+def addmm_impl(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float, site: str):
+    return _run(site, (bias, a, b, beta, alpha))
+
+
+def bmm_impl(a: torch.Tensor, b: torch.Tensor, site: str) -> torch.Tensor:
+    return _run(site, (a, b))
+
+
+def baddbmm_impl(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float, site: str):
+    return _run(site, (bias, a, b, beta, alpha))
+
+
+# -- registration -----------------------------------------------------------------------------
+
+_lib = torch.library.Library("flashtune", "DEF")
+_SCHEMAS = {
+    "linear": ("linear(Tensor x, Tensor weight, Tensor? bias, str site) -> Tensor", linear_impl),
+    "mm": ("mm(Tensor a, Tensor b, str site) -> Tensor", mm_impl),
+    "addmm": ("addmm(Tensor bias, Tensor a, Tensor b, float beta, float alpha, str site) -> Tensor", addmm_impl),
+    "bmm": ("bmm(Tensor a, Tensor b, str site) -> Tensor", bmm_impl),
+    "baddbmm": ("baddbmm(Tensor bias, Tensor a, Tensor b, float beta, float alpha, str site) -> Tensor",
+                baddbmm_impl),
+}
+for _name, (_schema, _impl) in _SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flashtune::linear")
+def _linear_fake(x, weight, bias, site):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("flashtune::mm")
+def _mm_fake(a, b, site):
+    return a.new_empty((*a.shape[:-1], b.shape[1]))
+
+
+@torch.library.register_fake("flashtune::addmm")
+def _addmm_fake(bias, a, b, beta, alpha, site):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.register_fake("flashtune::bmm")
+def _bmm_fake(a, b, site):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
+
+@torch.library.register_fake("flashtune::baddbmm")
+def _baddbmm_fake(bias, a, b, beta, alpha, site):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
+
+# -- autograd: backward in plain ATen (traced and compiled like any other backward) -------------
+
+def _save_inputs(ctx: Any, inputs: tuple, output: Any) -> None:
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+    ctx.scalars = [x for x in inputs if not isinstance(x, (torch.Tensor, str)) and x is not None]
+    ctx.has_bias = len(inputs) > 2 and inputs[2] is not None
+
+
+def _linear_bwd(ctx, grad):
+    saved = ctx.saved_tensors
+    x, w = saved[0], saved[1]
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    gx = grad @ w if ctx.needs_input_grad[0] else None
+    gw = g2.t() @ x2 if ctx.needs_input_grad[1] else None
+    gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb, None
+
+
+def _mm_bwd(ctx, grad):
+    a, b = ctx.saved_tensors
+    ga = grad @ b.t() if ctx.needs_input_grad[0] else None
+    gb = a.reshape(-1, a.shape[-1]).t() @ grad.reshape(-1, grad.shape[-1]) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+def _addmm_bwd(ctx, grad):
+    bias, a, b = ctx.saved_tensors
+    beta, alpha = ctx.scalars
+    gbias = (grad * beta).sum_to_size(bias.shape) if ctx.needs_input_grad[0] else None
+    ga = (grad @ b.t()) * alpha if ctx.needs_input_grad[1] else None
+    gb = (a.t() @ grad) * alpha if ctx.needs_input_grad[2] else None
+    return gbias, ga, gb, None, None, None
+
+
+def _bmm_bwd(ctx, grad):
+    a, b = ctx.saved_tensors
+    ga = torch.bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+    gb = torch.bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+def _baddbmm_bwd(ctx, grad):
+    bias, a, b = ctx.saved_tensors
+    beta, alpha = ctx.scalars
+    gbias = (grad * beta).sum_to_size(bias.shape) if ctx.needs_input_grad[0] else None
+    ga = torch.bmm(grad, b.transpose(1, 2)) * alpha if ctx.needs_input_grad[1] else None
+    gb = torch.bmm(a.transpose(1, 2), grad) * alpha if ctx.needs_input_grad[2] else None
+    return gbias, ga, gb, None, None, None
+
+
+for _name, _bwd in (("linear", _linear_bwd), ("mm", _mm_bwd), ("addmm", _addmm_bwd), ("bmm", _bmm_bwd),
+                    ("baddbmm", _baddbmm_bwd)):
+    torch.library.register_autograd(f"flashtune::{_name}", _bwd, setup_context=_save_inputs)

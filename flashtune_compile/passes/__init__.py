@@ -1,0 +1,1 @@
+"""FX rewrites of the graphs Dynamo captures. Passes know shapes and symbols, never timings."""

@@ -1,0 +1,233 @@
+"""backend="flashtune": routing the matmul family, options, symbolic buckets, recompiles."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flashtune_compile as ft
+from flashtune_compile.ops.matmul import SiteSpec
+
+EAGER = {"inner": "eager"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def tol(dtype):
+    return {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+
+
+class Fn(nn.Module):
+    """Wraps a function of (params..., inputs...) so parameters live on a module."""
+
+    def __init__(self, fn, *params):
+        super().__init__()
+        self.fn = fn
+        self.ps = nn.ParameterList([nn.Parameter(p, requires_grad=False) for p in params])
+
+    def forward(self, *xs):
+        return self.fn(*self.ps, *xs)
+
+
+def r(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+CASES = {
+    "linear_bias_2d": (lambda w, b, x: F.linear(x, w, b), (r(24, 16), r(24)), (r(5, 16),)),
+    "linear_nobias_3d": (lambda w, x: F.linear(x, w), (r(24, 16),), (r(2, 5, 16),)),
+    "nn_linear_3d": (None, (), (r(3, 7, 16),)),
+    "matmul_2d": (lambda w, x: x @ w, (r(16, 8),), (r(5, 16),)),
+    "matmul_3d_2d": (lambda w, x: torch.matmul(x, w), (r(16, 8),), (r(2, 5, 16),)),
+    "matmul_3d_3d": (lambda x, y: x.matmul(y), (), (r(3, 5, 16), r(3, 16, 4))),
+    "mm_transposed_weight": (lambda w, x: torch.mm(x, w.t()), (r(8, 16),), (r(5, 16),)),
+    "mm_noncontig_input": (lambda w, x: torch.mm(x[:, ::2], w), (r(8, 8),), (r(5, 16),)),
+    "addmm_scaled": (lambda b, w, x: torch.addmm(b, x, w, beta=0.5, alpha=2.0), (r(8), r(16, 8)), (r(5, 16),)),
+    "addmm_method_2d_bias": (lambda w, b, x: b.addmm(x, w), (r(16, 8),), (r(5, 8), r(5, 16))),
+    "bmm": (lambda x, y: torch.bmm(x, y), (), (r(3, 5, 16), r(3, 16, 4))),
+    "bmm_transposed": (lambda x, y: torch.bmm(x, y.transpose(1, 2)), (), (r(3, 5, 16), r(3, 4, 16))),
+    "baddbmm": (lambda b, x, y: torch.baddbmm(b, x, y, beta=0.25, alpha=3.0), (r(1, 5, 4),),
+                (r(3, 5, 16), r(3, 16, 4))),
+}
+
+
+def build(name, dtype):
+    fn, params, inputs = CASES[name]
+    params = [p.to(dtype) for p in params]
+    inputs = [x.to(dtype) for x in inputs]
+    model = nn.Linear(16, 24).to(dtype) if fn is None else Fn(fn, *params)
+    return model, inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiled_equals_eager_and_is_routed(tuner, name, dtype):
+    model, inputs = build(name, dtype)
+    compiled = torch.compile(model, backend="flashtune", options=EAGER, fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), **tol(dtype))
+    assert ft.stats()["routed_ops"] == 1
+
+
+def test_with_inductor_outputs_match_over_sizes_and_dont_recompile(tuner):
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    compiled = torch.compile(model, backend="flashtune", dynamic=True, fullgraph=True)
+    for n in (1, 2, 3, 9, 17, 40):
+        x = r(n, 16)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    s = ft.stats()
+    assert s["compiles"] == 2 and s["routed_ops"] == 4  # size 1 is specialized, then one dynamic graph
+
+
+def test_sizes_1_to_4096_cause_no_recompiles_and_each_bucket_tunes_once(tuner):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8, bias=False))
+    compiled = torch.compile(model, backend="flashtune", dynamic=True, options=EAGER)
+    compiled(r(1, 8)), compiled(r(2, 8))
+    compiles = ft.stats()["compiles"]
+    sizes = list(range(1, 4097, 37)) + [4096, 4095, 3, 1]
+    for n in sizes:
+        x = r(n, 8)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert ft.stats()["compiles"] == compiles == 2
+    ladder = ft.DynamicDim(0, 0, min_size=2).ladder
+    buckets = {ft.DynamicDim(0, 0, min_size=2).bucket(n) for n in sizes + [2] if n > 1}
+    assert buckets <= set(ladder)
+    # two static shapes (with and without bias) per bucket, plus the specialized size-1 graph's two
+    assert ft.stats()["misses"] == 2 * len(buckets) + 2
+    before = ft.stats()["misses"]
+    for n in sizes:
+        compiled(r(n, 8))
+    assert ft.stats()["misses"] == before
+
+
+def test_mark_dynamic_range_bounds_the_ladder(tuner):
+    model = nn.Linear(8, 8)
+    compiled = torch.compile(model, backend="flashtune", options=EAGER)
+    x = r(40, 8)
+    torch._dynamo.mark_dynamic(x, 0, min=4, max=300)
+    compiled(x)
+    (key,) = [k for k in ft.AutoTuner.sites if k.startswith('["linear"')]
+    spec = SiteSpec.decode(key)
+    ((positions, lo, hi),) = spec.axes
+    assert positions == ((0, 0),) and (lo, hi) == (4, 300)
+    site = ft.AutoTuner.sites[key]
+    assert site.config.dynamic[0].ladder == (4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def test_shared_symbol_is_one_axis_for_flattened_3d(tuner):
+    model = Fn(lambda w, x: F.linear(x, w), r(8, 16))
+    compiled = torch.compile(model, backend="flashtune", dynamic=True, options=EAGER)
+    x = r(3, 5, 16)
+    torch.testing.assert_close(compiled(x), model(x))
+    (key,) = list(ft.AutoTuner.sites)
+    ((positions, lo, hi),) = SiteSpec.decode(key).axes
+    assert positions == ((0, 0),) and lo >= 1  # M = s0 * s1 is one axis of the flattened input
+    assert ft.tactics()[0]["bucket"] == (16,)  # 15 rows -> bucket 16
+
+
+def test_tune_off_never_profiles(tuner):
+    model = nn.Linear(16, 16)
+    compiled = torch.compile(model, backend="flashtune", dynamic=True, options={**EAGER, "tune": "off"})
+    for n in (2, 3, 50):
+        x = r(n, 16)
+        torch.testing.assert_close(compiled(x), model(x))
+    s = ft.stats()
+    assert s["profiles"] == 0 and s["synthesized"] == 0 and s["fallbacks"] == 3 and s["routed_ops"] == 1
+    with ft.autotune():  # the context manager wins over the option
+        compiled(r(3, 16))
+    assert ft.stats()["profiles"] > 0
+
+
+def test_unsupported_dtype_stays_as_it_was(tuner):
+    model = nn.Linear(8, 8).double()
+    compiled = torch.compile(model, backend="flashtune", options=EAGER)
+    x = r(4, 8).double()
+    torch.testing.assert_close(compiled(x), model(x))
+    assert ft.stats()["routed_ops"] == 0
+
+
+def test_ops_option_limits_routing(tuner):
+    model = Fn(lambda w, x, y: F.linear(x, w) + torch.bmm(y, y.transpose(1, 2)).sum(), r(8, 8))
+    compiled = torch.compile(model, backend="flashtune", options={**EAGER, "ops": {"bmm"}})
+    x, y = r(4, 8), r(2, 3, 4)
+    torch.testing.assert_close(compiled(x, y), model(x, y))
+    assert ft.stats()["routed_ops"] == 1
+
+
+def test_call_module_linear_nodes_are_routed(tuner):
+    """Graphs with nn.Linear as call_module nodes (symbolic_trace; older Dynamo) are routed too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from flashtune_compile.passes.matmul import RouteSettings, rewrite_matmuls
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    gm = torch.fx.symbolic_trace(model)
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(mode.from_tensor(r(5, 8)))
+    settings = RouteSettings(ops=frozenset({"linear"}), kernels=("aten",), ladder="hybrid", max_tokens=64, tune=None)
+    assert rewrite_matmuls(gm, settings) == 2
+    assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"].count("flashtune.linear.default") == 2
+    x = r(5, 8)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_training_gradients_match_eager(tuner, inner):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    ref = [p.detach().clone() for p in model.parameters()]
+    compiled = torch.compile(model, backend="flashtune", options={"inner": inner})
+    x = r(6, 8, dtype=torch.float32).requires_grad_()
+    compiled(x).square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad(), x.grad.zero_()
+    for p, p0 in zip(model.parameters(), ref):
+        assert torch.equal(p, p0)
+    model(x).square().sum().backward()
+    for g, e in zip(got, [p.grad for p in model.parameters()] + [x.grad]):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    assert ft.stats()["routed_ops"] == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"innr": "eager"}, "unknown option.*'innr'.*valid options"),
+    ({"inner": "tvm"}, "'inner' must be one of"),
+    ({"tune": "sometimes"}, "'tune' must be one of"),
+    ({"ops": {"linear", "conv"}}, "unknown \\['conv'\\]; valid"),
+    ({"kernels": "cudnn"}, "unknown \\['cudnn'\\]"),
+    ({"buckets": "fib"}, "'buckets' must be one of"),
+    ({"buckets": [8, 4]}, "strictly increasing"),
+    ({"max_tokens": 0}, "positive int"),
+])
+def test_bad_options_are_named(options, message):
+    model = nn.Linear(4, 4)
+    with pytest.raises(Exception, match=message):
+        torch.compile(model, backend="flashtune", options=options)(r(2, 4))
+
+
+def test_backend_is_an_entry_point_usable_without_import(tmp_path):
+    code = textwrap.dedent("""
+        import json, sys, torch
+        f = torch.compile(torch.nn.Linear(4, 4), backend="flashtune", options={"inner": "eager"})
+        f(torch.randn(3, 4))
+        import flashtune_compile as ft
+        print(json.dumps([ft.stats()["routed_ops"], "flashtune_compile" in sys.modules]))
+        """)
+    env = {**os.environ, "FLASHTUNE_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1, True]
+    assert ft.backend is __import__("torch")._dynamo.lookup_backend("flashtune")
