@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .ops.matmul import KERNEL_FAMILIES
+from .ops.matmul import DIRECT, KERNEL_FAMILIES
 from .passes.matmul import RouteSettings, rewrite_matmuls
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
@@ -95,6 +95,16 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     return Options(**kw)
 
 
+def _direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Point flashtune op nodes at their kernels as plain callables: nothing traces this graph
+    any more, so the dispatcher's round trip buys nothing."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in DIRECT:
+            node.target = DIRECT[node.target]
+    gm.recompile()
+    return gm
+
+
 def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, options: Mapping[str, Any] | None = None,
             mode: str | None = None) -> Callable[..., Any]:
     """Route the graph's matmul family to tunable ops, then compile it with the inner compiler."""
@@ -110,7 +120,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, options:
     log.info("flashtune: routed %d op(s) of a %d-node graph; inner compiler %s", routed, len(gm.graph.nodes),
              opts.inner)
     if opts.inner == "eager":
-        return gm.forward
+        return _direct_calls(gm).forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 

@@ -231,3 +231,40 @@ def test_backend_is_an_entry_point_usable_without_import(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [1, True]
     assert ft.backend is __import__("torch")._dynamo.lookup_backend("flashtune")
+
+
+def _decoder():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from decoder import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    return Decoder(DecoderConfig(vocab=128, dim=64, n_layers=2, n_heads=4, ffn_dim=96)).eval()
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_transformer_compiles_fullgraph_routes_every_linear(tuner, inner):
+    model = _decoder()
+    compiled = torch.compile(model, backend="flashtune", dynamic=True, fullgraph=True, options={"inner": inner})
+    with torch.no_grad():
+        for t in (3, 7, 12):
+            tokens = torch.randint(0, 128, (2, t))
+            torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+    s = ft.stats()
+    assert s["routed_ops"] == 11 * s["compiles"] and s["compiles"] >= 1  # 5 linears x 2 layers + lm_head
+    kinds = {rec["shape_key"][1][1] for rec in ft.tactics()}
+    assert kinds == {(192, 64), (64, 64), (96, 64), (64, 96), (128, 64)}
+
+
+def test_warm_calls_profile_and_synthesize_nothing(tuner):
+    model = _decoder()
+    compiled = torch.compile(model, backend="flashtune", dynamic=True, options=EAGER)
+    with torch.no_grad():
+        for t in (3, 5, 9):
+            compiled(torch.randint(0, 128, (1, t)))
+        before = ft.stats()
+        for t in (3, 4, 5, 6, 7, 8, 9):  # all in buckets tuned above (4, 8, 16)
+            compiled(torch.randint(0, 128, (1, t)))
+    after = ft.stats()
+    assert (after["profiles"], after["synthesized"], after["misses"]) == \
+        (before["profiles"], before["synthesized"], before["misses"])
+    assert after["hits"] > before["hits"]
