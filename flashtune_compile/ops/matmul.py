@@ -84,7 +84,7 @@ def _site(site: str) -> TunedSite:
 
 
 def _run(site: str, inputs: tuple) -> torch.Tensor:
-    runner, tactic = _site(site).choose(inputs)
+    runner, tactic = (_sites.get(site) or _site(site)).choose(inputs)
     return runner.forward(inputs, tactic)
 
 
@@ -95,8 +95,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 # -- implementations --------------------------------------------------------------------------
 
 def linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: str) -> torch.Tensor:
-    y = _run(site, (_flat(x), weight, bias))
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+    if x.dim() == 2:
+        return _run(site, (x, weight, bias))
+    y = _run(site, (x.reshape(-1, x.shape[-1]), weight, bias))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def mm_impl(a: torch.Tensor, b: torch.Tensor, site: str) -> torch.Tensor:
@@ -213,8 +215,10 @@ def _baddbmm_bwd(ctx, grad):
     return gbias, ga, gb, None, None, None
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Argument types that let a call skip the dispatcher: plain tensors and the op's scalars.
+_DIRECT_TYPES = frozenset({torch.Tensor, torch.nn.Parameter, str, float, int, type(None)})
 _dispatch_depth = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
 
 
 def _autograd_kernel(name: str, impl: Any, backward: Any) -> Any:
@@ -229,15 +233,16 @@ def _autograd_kernel(name: str, impl: Any, backward: Any) -> Any:
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def kernel(*args):
-        grad = torch.is_grad_enabled()
-        plain = _dispatch_depth() == 0
-        for t in args:
-            if isinstance(t, torch.Tensor):
-                if grad and t.requires_grad:
+        if _grad_enabled():
+            for t in args:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
                     return function.apply(*args)
-                plain = plain and type(t) in _PLAIN
-        if plain:
-            return impl(*args)
+        if _dispatch_depth() == 0:
+            for t in args:
+                if type(t) not in _DIRECT_TYPES:
+                    break
+            else:
+                return impl(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return overload(*args)
 
