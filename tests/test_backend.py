@@ -268,3 +268,15 @@ def test_warm_calls_profile_and_synthesize_nothing(tuner):
     assert (after["profiles"], after["synthesized"], after["misses"]) == \
         (before["profiles"], before["synthesized"], before["misses"])
     assert after["hits"] > before["hits"]
+
+
+def test_cache_dir_option_persists_winners_there(tuner, tmp_path):
+    model = nn.Linear(8, 8)
+    compiled = torch.compile(model, backend="flashtune", options={**EAGER, "cache_dir": str(tmp_path / "mine")})
+    compiled(r(3, 8))
+    (doc,) = (tmp_path / "mine").glob("tactics-*.json")
+    assert len(json.loads(doc.read_text())["entries"]) == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="flashtune", options={**EAGER, "cache_dir": None})
+    compiled(r(3, 8))  # memory-only: the entry tuned above is not known here
+    assert ft.AutoTuner.get().cache.directory is None and ft.stats()["misses"] == 2
