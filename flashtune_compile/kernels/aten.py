@@ -66,19 +66,24 @@ class AtenMMRunner(TunableRunner):
         return torch.mm(inputs[0], inputs[1])
 
 
-class AtenAddmmRunner(_NamedVariants):
-    """Tactic -1 is ``torch.addmm``; "mm_add" runs the GEMM plain and scales/adds after."""
+class _ScaledProductRunner(_NamedVariants):
+    """``beta * bias + alpha * (a @ b)``: tactic -1 is the fused ATen op; the variant runs the
+    product plain, then scales and adds."""
 
-    name = "aten_addmm"
-    VARIANTS = ("mm_add",)
+    fused: Any = None
+    product: Any = None
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         bias, a, b, beta, alpha = inputs
         if tactic == DEFAULT_TACTIC:
-            return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
-        if tactic == "mm_add":
-            return _scaled_add(bias, torch.mm(a, b), beta, alpha)
-        raise ValueError(f"unknown addmm tactic {tactic!r}")
+            return type(self).fused(bias, a, b, beta=beta, alpha=alpha)
+        if tactic == self.VARIANTS[0]:
+            return _scaled_add(bias, type(self).product(a, b), beta, alpha)
+        raise ValueError(f"unknown {self.name} tactic {tactic!r}")
+
+
+class AtenAddmmRunner(_ScaledProductRunner):
+    name, VARIANTS, fused, product = "aten_addmm", ("mm_add",), torch.addmm, torch.mm
 
 
 class AtenBmmRunner(_NamedVariants):
@@ -99,16 +104,5 @@ class AtenBmmRunner(_NamedVariants):
         raise ValueError(f"unknown bmm tactic {tactic!r}")
 
 
-class AtenBaddbmmRunner(_NamedVariants):
-    """Tactic -1 is ``torch.baddbmm``; "bmm_add" runs ``bmm`` plain and scales/adds after."""
-
-    name = "aten_baddbmm"
-    VARIANTS = ("bmm_add",)
-
-    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
-        bias, a, b, beta, alpha = inputs
-        if tactic == DEFAULT_TACTIC:
-            return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
-        if tactic == "bmm_add":
-            return _scaled_add(bias, torch.bmm(a, b), beta, alpha)
-        raise ValueError(f"unknown baddbmm tactic {tactic!r}")
+class AtenBaddbmmRunner(_ScaledProductRunner):
+    name, VARIANTS, fused, product = "aten_baddbmm", ("bmm_add",), torch.baddbmm, torch.bmm

@@ -198,15 +198,7 @@ class AutoTuner:
         winner cached. Miss otherwise, or while a CUDA graph is being captured: the default.
         Pass the same ``runners`` and ``config`` objects each call for the fastest path.
         """
-        alias = self._fast.get(id(runners))
-        if alias is None or alias.config is not config or alias.ctx.op != op:
-            alias = self._alias(op, runners, config)
-        sig = _signature(inputs)
-        hit = alias.memo.get(sig)
-        if hit is not None:
-            self.stats.hits += 1
-            return hit
-        return self._choose_slow(alias, sig, inputs, tune)
+        return self.choose_cached(op, runners, config, inputs, tune=tune)[0]
 
     def choose_cached(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig,
                       inputs: Sequence[Any], *, tune: bool | None = None) -> tuple[tuple[TunableRunner, Tactic], bool]:
