@@ -1,3 +1,10 @@
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter (tests only)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import logging
 
 import pytest

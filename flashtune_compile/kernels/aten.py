@@ -38,12 +38,18 @@ def _scaled_add(bias: torch.Tensor, prod: torch.Tensor, beta: Any, alpha: Any) -
 
 
 class _NamedVariants(TunableRunner):
-    """A runner whose tactics are -1 plus the names in VARIANTS."""
+    """A runner whose tactics are -1 plus the names in VARIANTS (only -1 with ``variants=False``,
+    under another name, so cached entries of the two never mix)."""
 
     VARIANTS: tuple[str, ...] = ()
 
+    def __init__(self, variants: bool = True) -> None:
+        self.variants = variants
+        if not variants:
+            self.name = f"{type(self).name}_default"
+
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        return [DEFAULT_TACTIC, *self.VARIANTS]
+        return [DEFAULT_TACTIC, *self.VARIANTS] if self.variants else [DEFAULT_TACTIC]
 
 
 class AtenLinearRunner(_NamedVariants):
@@ -57,7 +63,7 @@ class AtenLinearRunner(_NamedVariants):
         return linear_variant(x, w, b, "linear" if tactic == DEFAULT_TACTIC else tactic)
 
 
-class AtenMMRunner(TunableRunner):
+class AtenMMRunner(_NamedVariants):
     """``torch.mm``: one formulation; faster ones come from other kernel families."""
 
     name = "aten_mm"

@@ -16,6 +16,9 @@ from typing import Any, Sequence
 import torch
 
 from ..kernels.aten import AtenAddmmRunner, AtenBaddbmmRunner, AtenBmmRunner, AtenLinearRunner, AtenMMRunner
+from ..kernels.cpu import CpuLinearRunner
+from ..kernels.cuda.runner import CudaSkinnyLinearRunner
+from ..kernels.triton_runner import TritonGemmRunner
 from ..tuner.autotuner import AutoTuner
 from ..tuner.buckets import DynamicDim, TuningConfig
 from ..tuner.runner import TunableRunner
@@ -25,20 +28,30 @@ MATMUL_OPS = ("linear", "mm", "addmm", "bmm", "baddbmm")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_FAMILIES = ("aten", "triton", "cuda", "cpu")
 
-# Candidates per op and kernel family; ATen's runner is always first: the default.
-_DEFAULTS: dict[str, TunableRunner] = {
-    "linear": AtenLinearRunner(), "mm": AtenMMRunner(), "addmm": AtenAddmmRunner(),
-    "bmm": AtenBmmRunner(), "baddbmm": AtenBaddbmmRunner(),
-}
 _runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}
+
+
+def _candidates(op: str, kernels: frozenset) -> tuple[TunableRunner, ...]:
+    """ATen's runner first (the default; its variants only with "aten"), then each allowed family.
+    A runner that does not apply to a call's device or dtype offers no tactics and costs nothing."""
+    aten = {"linear": AtenLinearRunner, "mm": AtenMMRunner, "addmm": AtenAddmmRunner, "bmm": AtenBmmRunner,
+            "baddbmm": AtenBaddbmmRunner}[op](variants="aten" in kernels)
+    out: list[TunableRunner] = [aten]
+    if "triton" in kernels:
+        out.append(TritonGemmRunner(op))
+    if op == "linear" and "cuda" in kernels:
+        out.append(CudaSkinnyLinearRunner())
+    if op == "linear" and "cpu" in kernels:
+        out.append(CpuLinearRunner())
+    return tuple(out)
 
 
 def runners_for(op: str, kernels: Sequence[str]) -> tuple[TunableRunner, ...]:
     """The candidate runners of ``op`` restricted to ``kernels`` (same tuple object each time)."""
-    key = (op, tuple(sorted(kernels)))
+    key = (op, frozenset(kernels))
     found = _runner_sets.get(key)
     if found is None:
-        found = _runner_sets[key] = (_DEFAULTS[op],)
+        found = _runner_sets[key] = _candidates(op, key[1])
     return found
 
 

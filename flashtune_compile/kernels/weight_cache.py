@@ -1,0 +1,71 @@
+"""Re-laid-out copies of weights (transposed, packed, upcast), bounded in bytes, never stale.
+
+An entry is keyed by the weight's identity and the kind of copy, and is served only while the
+weight is the same live object with the same version counter, data pointer, shape, stride and
+dtype: an in-place update (``w.add_``, ``optimizer.step()``, ``load_state_dict``) bumps the
+version and the copy is made again. Least recently used entries are dropped past ``max_bytes``
+(default 2 GiB, ``$FLASHTUNE_WEIGHT_CACHE_MB``); entries of weights that die go with them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+
+class WeightCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.RLock()  # re-entrant: a weakref callback may fire inside it (GC)
+        self.nbytes = 0
+        self.made = 0  # copies made (a stale or evicted entry is made again)
+
+    @staticmethod
+    def cacheable(w: torch.Tensor) -> bool:
+        """Inference tensors have no version counter, so a copy of one could go stale unseen."""
+        return not w.is_inference()
+
+    def get(self, w: torch.Tensor, kind: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``make(w)``, from the cache when a valid copy of this kind exists."""
+        key = (id(w), kind)
+        meta = (w._version, w.data_ptr(), w.shape, w.stride(), w.dtype)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is w and entry[1] == meta:
+                self._entries.move_to_end(key)
+                return entry[2]
+        value = make(w)
+        size = value.numel() * value.element_size()
+        with self._lock:
+            self._drop(key)
+            self.made += 1
+            if size <= self.max_bytes:
+                ref = weakref.ref(w, lambda _, key=key: self._forget(key))
+                self._entries[key] = (ref, meta, value, size)
+                self.nbytes += size
+                while self.nbytes > self.max_bytes:
+                    self._drop(next(iter(self._entries)))
+        return value
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[3]
+
+    def _forget(self, key: tuple) -> None:
+        with self._lock:
+            self._drop(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+
+CACHE = WeightCache(int(os.environ.get("FLASHTUNE_WEIGHT_CACHE_MB", "2048")) * 2**20)

@@ -1,0 +1,185 @@
+"""Every matmul candidate against ATen: Triton (interpreted on CPU), CPU layouts, the weight cache."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flashtune_compile as ft
+from flashtune_compile.kernels.cpu import CpuLinearRunner
+from flashtune_compile.kernels.triton_runner import TritonGemmRunner
+from flashtune_compile.kernels.weight_cache import CACHE, WeightCache
+from flashtune_compile.ops.matmul import MATMUL_OPS, runners_for
+from flashtune_compile.tuner.check import mismatch
+from flashtune_compile.tuner.runner import BucketProfile
+
+needs_interpreter = pytest.mark.skipif(
+    not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("FLASHTUNE_TRITON_ON_CPU", "1")
+
+
+def dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(op, m, n, k, dtype, transposed=False, bias=True):
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(dtype=dtype, device=dev())
+
+    if op == "linear":
+        w = r(k, n).t() if transposed else r(n, k)
+        return (r(m, k), w, r(n) if bias else None)
+    if op == "mm":
+        return (r(k, m).t() if transposed else r(m, k), r(k, n))
+    if op == "addmm":
+        return (r(m, n) if transposed else r(n), r(m, k), r(k, n), 0.5, 2.0)
+    if op == "bmm":
+        return (r(3, m, k), r(3, n, k).transpose(1, 2) if transposed else r(3, k, n))
+    return (r(1, m, n), r(3, m, k), r(3, k, n), 0.25, 3.0)  # baddbmm
+
+
+def reference(op, inputs):
+    """ATen's answer in float64, cast back: the default runner's own result in higher precision."""
+    up = [x.double() if isinstance(x, torch.Tensor) else x for x in inputs]
+    out = runners_for(op, ["aten"])[0].forward(up, -1)
+    return out.to(inputs[1].dtype)
+
+
+def profile_for(inputs, op):
+    shapes = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs)
+    m = shapes[1][-2] if op in ("addmm", "baddbmm") else shapes[0][-2]
+    return BucketProfile((m,), shapes)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("m, n, k, transposed", [(1, 7, 9, False), (5, 33, 40, True), (17, 24, 1030, False)])
+def test_triton_gemm_matches_aten(triton_on_cpu, op, dtype, m, n, k, transposed):
+    inputs = make_inputs(op, m, n, k, dtype, transposed)
+    runner = TritonGemmRunner(op)
+    tactics = runner.get_valid_tactics(inputs, profile_for(inputs, op))
+    if k >= 1024 and op in ("linear", "mm", "addmm"):
+        tactics.append((16, 32, 64, 8, 4, 3, 4))  # split-K 4 over K=1030: a partial last tile
+    assert tactics
+    ref = reference(op, inputs)
+    for tactic in tactics:
+        out = runner.forward(inputs, tactic)
+        assert mismatch(out, ref) is None, (tactic, mismatch(out, ref))
+
+
+@needs_interpreter
+def test_triton_linear_without_bias_and_beta_zero_ignores_nan(triton_on_cpu):
+    x, w, _ = make_inputs("linear", 5, 8, 16, torch.float32, bias=False)
+    out = TritonGemmRunner("linear").forward((x, w, None), (16, 32, 32, 8, 4, 3, 1))
+    torch.testing.assert_close(out, F.linear(x, w))
+    bias = torch.full((8,), float("nan"), device=dev())
+    out = TritonGemmRunner("addmm").forward((bias, x, w.t(), 0.0, 1.0), (16, 32, 32, 8, 4, 3, 1))
+    torch.testing.assert_close(out, torch.addmm(bias, x, w.t(), beta=0.0))
+
+
+def test_triton_tactics_are_pruned_per_bucket():
+    from flashtune_compile.kernels.triton_gemm import tactics_for
+
+    decode, prefill = tactics_for(1, 4096, 4096, 2), tactics_for(4096, 4096, 4096, 2)
+    assert all(t[0] <= 16 for t in decode) and any(t[6] > 1 for t in decode)  # small tiles, split-K
+    assert all(t[6] == 1 for t in prefill) and max(t[0] for t in prefill) == 256
+    assert all((t[0] * t[2] + t[2] * t[1]) * 2 * t[5] <= 100 * 1024 for t in tactics_for(64, 4096, 4096, 2, 100 * 1024))
+    assert not any(t[6] > 1 for t in tactics_for(8, 4096, 512, 2))  # K too short to split
+
+
+def test_triton_not_offered_on_cpu_without_the_test_hook():
+    inputs = make_inputs("linear", 4, 8, 16, torch.float32)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA tensors are always eligible")
+    assert TritonGemmRunner("linear").get_valid_tactics(inputs, profile_for(inputs, "linear")) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_linear_variants_match_aten(dtype, bias):
+    x = torch.randn(9, 48, dtype=dtype)[:, :40]  # non-contiguous rows
+    w, b = torch.randn(24, 40, dtype=dtype), torch.randn(24, dtype=dtype) if bias else None
+    runner = CpuLinearRunner()
+    tactics = runner.get_valid_tactics((x, w, b), BucketProfile((16,), ((16, 40), (24, 40), (24,))))
+    assert tactics and ("wt_contig" in tactics) == (dtype == torch.float32)
+    assert "wt_contig" not in tactics or dtype == torch.float32  # 60x slower for bf16: never offered
+    ref = F.linear(x.double(), w.double(), b.double() if bias else None).to(dtype)
+    for tactic in tactics:
+        assert mismatch(runner.forward((x, w, b), tactic), ref) is None, tactic
+
+
+def test_weight_copies_are_reused_and_never_stale():
+    runner, x = CpuLinearRunner(), torch.randn(4, 16)
+    w = nn.Parameter(torch.randn(8, 16), requires_grad=False)
+    made = CACHE.made
+    y1 = runner.forward((x, w, None), "wt_contig")
+    runner.forward((x, w, None), "wt_contig")
+    assert CACHE.made == made + 1  # one copy, reused
+    with torch.no_grad():
+        w.mul_(2)  # in place: the version counter moves
+    y2 = runner.forward((x, w, None), "wt_contig")
+    torch.testing.assert_close(y2, 2 * y1)
+    assert CACHE.made == made + 2
+    with torch.no_grad():
+        w.data = torch.randn(8, 16)  # new storage behind the same Parameter
+    torch.testing.assert_close(runner.forward((x, w, None), "wt_contig"), F.linear(x, w))
+
+
+def test_weight_cache_is_bounded_and_forgets_dead_weights():
+    cache = WeightCache(max_bytes=3 * 64 * 4)  # room for three 64-float copies
+    ws = [torch.randn(8, 8) for _ in range(4)]
+    for w in ws:
+        cache.get(w, "t", lambda t: t.t().contiguous())
+    assert cache.nbytes == 3 * 64 * 4 and len(cache._entries) == 3  # the oldest was evicted
+    del ws[3], w
+    gc.collect()
+    assert cache.nbytes == 2 * 64 * 4
+    with torch.inference_mode():
+        frozen = torch.randn(8, 8)
+    assert not cache.cacheable(frozen)
+    assert CpuLinearRunner().get_valid_tactics((torch.randn(2, 8), frozen, None),
+                                               BucketProfile((2,), ((2, 8), (8, 8), None))) == []
+
+
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_every_cpu_candidate_of_every_op_matches_aten(op):
+    inputs = make_inputs(op, 6, 10, 12, torch.float32)
+    ref = reference(op, inputs)
+    checked = 0
+    for runner in runners_for(op, ["aten", "cpu", "cuda", "triton"]):
+        for tactic in runner.get_valid_tactics(inputs, profile_for(inputs, op)):
+            assert mismatch(runner.forward(inputs, tactic), ref) is None, (runner.name, tactic)
+            checked += 1
+    assert checked >= (1 if op == "mm" else 2)  # mm has only torch.mm on CPU
+
+
+def test_backend_tunes_cpu_candidates_end_to_end(tuner):
+    torch._dynamo.reset()
+    model = nn.Linear(32, 24)
+    compiled = torch.compile(model, backend="flashtune", options={"inner": "eager", "kernels": {"aten", "cpu"}})
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(compiled(x), model(x))
+    (rec,) = ft.tactics()
+    assert rec["candidates"] == ["aten_linear", "cpu_linear"]
+    assert rec["timed"] == 5  # F.linear, addmm, mm_add, wt_contig, mkldnn_packed
+
+
+@needs_interpreter
+def test_backend_tunes_triton_end_to_end(tuner, triton_on_cpu):
+    torch._dynamo.reset()
+    model = nn.Linear(16, 8)
+    compiled = torch.compile(model, backend="flashtune", options={"inner": "eager", "kernels": {"triton"}})
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(compiled(x), model(x))
+    (rec,) = ft.tactics()
+    assert rec["candidates"] == ["aten_linear_default", "triton_gemm"] and rec["timed"] >= 2
