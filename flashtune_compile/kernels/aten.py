@@ -53,10 +53,15 @@ class _NamedVariants(TunableRunner):
 
 
 class AtenLinearRunner(_NamedVariants):
-    """Tactic -1 is ``F.linear`` (fused bias epilogue on cuBLAS, oneDNN on CPU)."""
+    """Tactic -1 is ``F.linear`` (fused bias epilogue on cuBLAS, oneDNN on CPU). Without a bias
+    all three formulations are the same ``mm``, so only -1 is offered: timing identical kernels
+    would only let noise choose."""
 
     name = "aten_linear"
     VARIANTS = ("addmm", "mm_add")
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        return super().get_valid_tactics(inputs, profile) if inputs[2] is not None else [DEFAULT_TACTIC]
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         x, w, b = inputs
