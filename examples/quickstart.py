@@ -58,7 +58,7 @@ def main() -> None:
     cold, total = ft.stats(), time.perf_counter() - start
     table = Table(title="chosen per linear shape (K x N) and token bucket")
     for col in ("K x N", "bucket", "kernel [tactic]", "time us", "vs default"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for rec in sorted(ft.tactics(), key=lambda r: (str(r["shape_key"][1]), r["bucket"])):
         n, k = rec["shape_key"][1][1]
         bucket = str(rec["bucket"][0]) if rec["bucket"] else f"{rec['shape_key'][0][1][0]} (static)"

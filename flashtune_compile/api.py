@@ -9,8 +9,11 @@ from .tuner.autotuner import AutoTuner
 
 
 def stats() -> dict[str, Any]:
-    """Counters since the last reset: hits, misses, profiles, synthesized, tuning_seconds, ..."""
-    return AutoTuner.get().stats_dict()
+    """Counters since the last reset: hits, misses, profiles, synthesized, tuning_seconds, ...,
+    and ``weight_cache_bytes``: bytes held now by re-laid-out weight copies (kernels/weight_cache.py)."""
+    from .kernels.weight_cache import CACHE
+
+    return {**AutoTuner.get().stats_dict(), "weight_cache_bytes": CACHE.nbytes}
 
 
 def reset_stats() -> None:

@@ -125,6 +125,7 @@ def test_weight_copies_are_reused_and_never_stale():
     y1 = runner.forward((x, w, None), "wt_contig")
     runner.forward((x, w, None), "wt_contig")
     assert CACHE.made == made + 1  # one copy, reused
+    assert ft.stats()["weight_cache_bytes"] >= 8 * 16 * 4
     with torch.no_grad():
         w.mul_(2)  # in place: the version counter moves
     y2 = runner.forward((x, w, None), "wt_contig")
