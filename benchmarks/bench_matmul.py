@@ -50,7 +50,7 @@ def main() -> None:
     for dname in args.dtypes:
         logs = []
         for n, k in NKS:
-            w = torch.randn(n, k, device=device, dtype=DTYPES[dname])
+            w = torch.nn.Parameter(torch.randn(n, k, device=device, dtype=DTYPES[dname]), requires_grad=False)
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=DTYPES[dname])
                 tuner = ft.AutoTuner(cache_dir=None)

@@ -35,9 +35,9 @@ def make_inputs(op, m, n, k, dtype, transposed=False, bias=True):
     def r(*s):
         return torch.randn(*s, generator=g).to(dtype=dtype, device=dev())
 
-    if op == "linear":
-        w = r(k, n).t() if transposed else r(n, k)
-        return (r(m, k), w, r(n) if bias else None)
+    if op == "linear":  # weights and biases are parameters, as in a model
+        w = nn.Parameter(r(k, n).t() if transposed else r(n, k), requires_grad=False)
+        return (r(m, k), w, nn.Parameter(r(n), requires_grad=False) if bias else None)
     if op == "mm":
         return (r(k, m).t() if transposed else r(m, k), r(k, n))
     if op == "addmm":
@@ -108,9 +108,13 @@ def test_triton_not_offered_on_cpu_without_the_test_hook():
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_linear_variants_match_aten(dtype, bias):
     x = torch.randn(9, 48, dtype=dtype)[:, :40]  # non-contiguous rows
-    w, b = torch.randn(24, 40, dtype=dtype), torch.randn(24, dtype=dtype) if bias else None
+    w = nn.Parameter(torch.randn(24, 40, dtype=dtype), requires_grad=False)
+    b = nn.Parameter(torch.randn(24, dtype=dtype), requires_grad=False) if bias else None
     runner = CpuLinearRunner()
-    tactics = runner.get_valid_tactics((x, w, b), BucketProfile((16,), ((16, 40), (24, 40), (24,))))
+    profile = BucketProfile((16,), ((16, 40), (24, 40), (24,)))
+    tactics = runner.get_valid_tactics((x, w, b), profile)
+    # a weight computed in the graph is a new tensor each call: no copy could be reused
+    assert runner.get_valid_tactics((x, w.detach() * 1, b), profile) == []
     assert tactics and ("wt_contig" in tactics) == (dtype == torch.float32)
     assert "wt_contig" not in tactics or dtype == torch.float32  # 60x slower for bf16: never offered
     ref = F.linear(x.double(), w.double(), b.double() if bias else None).to(dtype)

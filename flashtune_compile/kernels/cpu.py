@@ -3,7 +3,8 @@
 Measured on a 2-core AVX2 machine (no bf16 FMA): oneDNN-packed fp32 weights ran 1.3-1.8x faster
 than ``F.linear``; for bf16, computing in fp32 from a cached fp32 copy of the weight ran 1.8-2.6x
 faster, while ``mm`` against a transposed bf16 copy ran 60x slower (so it is never offered for
-bf16). Copies live in the bounded, never-stale ``weight_cache.CACHE``.
+bf16). Copies live in the bounded, never-stale ``weight_cache.CACHE``, and are offered only for
+weights that are ``nn.Parameter``s (a weight computed inside the graph is new every call).
 """
 
 from __future__ import annotations

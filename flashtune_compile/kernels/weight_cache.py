@@ -28,8 +28,10 @@ class WeightCache:
 
     @staticmethod
     def cacheable(w: torch.Tensor) -> bool:
-        """Inference tensors have no version counter, so a copy of one could go stale unseen."""
-        return not w.is_inference()
+        """Whether copies of ``w`` are worth keeping: only parameters, which live across calls (a
+        weight computed inside the graph is a new tensor each call, so its copy would be remade
+        every time), and not inference tensors, which have no version counter to detect updates."""
+        return isinstance(w, torch.nn.Parameter) and not w.is_inference()
 
     def get(self, w: torch.Tensor, kind: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``make(w)``, from the cache when a valid copy of this kind exists."""
