@@ -91,32 +91,28 @@ class SiteSpec:
 _sites = AutoTuner.sites
 
 
-def _site(site: str) -> TunedSite:
-    found = _sites.get(site)
-    return found if found is not None else TunedSite.lookup(site, lambda: SiteSpec.decode(site).build())
-
-
 def _run(site: str, inputs: tuple) -> torch.Tensor:
-    runner, tactic = (_sites.get(site) or _site(site)).choose(inputs)
+    found = _sites.get(site) or TunedSite.lookup(site, lambda: SiteSpec.decode(site).build())
+    runner, tactic = found.choose(inputs)
     return runner.forward(inputs, tactic)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+def _run_rows(site: str, x: torch.Tensor, rest: tuple) -> torch.Tensor:
+    """Run with ``x`` flattened to [rows, K] the way ``F.linear`` does, and the result unflattened."""
+    if x.dim() == 2:
+        return _run(site, (x, *rest))
+    y = _run(site, (x.reshape(-1, x.shape[-1]), *rest))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 # -- implementations --------------------------------------------------------------------------
 
 def linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: str) -> torch.Tensor:
-    if x.dim() == 2:
-        return _run(site, (x, weight, bias))
-    y = _run(site, (x.reshape(-1, x.shape[-1]), weight, bias))
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return _run_rows(site, x, (weight, bias))
 
 
 def mm_impl(a: torch.Tensor, b: torch.Tensor, site: str) -> torch.Tensor:
-    y = _run(site, (_flat(a), b))
-    return y if a.dim() == 2 else y.view(*a.shape[:-1], y.shape[-1])
+    return _run_rows(site, a, (b,))
 
 
 def addmm_impl(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float, site: str):

@@ -183,9 +183,13 @@ class AutoTuner:
         environment). Returns the old one."""
         with cls._instance_lock:
             old, cls._instance = cls._instance, tuner
+        cls._clear_site_memos()
+        return old
+
+    @classmethod
+    def _clear_site_memos(cls) -> None:
         for site in list(cls.sites.values()):
             site.memo.clear()
-        return old
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -211,8 +215,7 @@ class AutoTuner:
         if hit is not None:
             self.stats.hits += 1
             return hit, True
-        result = self._choose_slow(alias, sig, inputs, tune)
-        return result, alias.memo.get(sig) is result
+        return self._choose_slow(alias, sig, inputs, tune)
 
     # -- everything else -----------------------------------------------------------------------
 
@@ -234,25 +237,28 @@ class AutoTuner:
             return tune
         return self.tune_mode == "auto"
 
+    def _fallback(self, runners: Sequence[TunableRunner]) -> tuple[tuple[TunableRunner, Tactic], bool]:
+        self.stats.misses += 1
+        self.stats.fallbacks += 1
+        return (runners[0], DEFAULT_TACTIC), False
+
     def _choose_slow(self, alias: _Alias, sig: tuple, inputs: Sequence[Any],
-                     tune: bool | None) -> tuple[TunableRunner, Tactic]:
+                     tune: bool | None) -> tuple[tuple[TunableRunner, Tactic], bool]:
+        """The choice for a signature not memoized yet, and whether it came from the cache (and was
+        memoized) rather than being the default's fallback."""
         ctx, runners = alias.ctx, alias.runners
         allowed = self._tuning_allowed(tune)
         if not allowed and sig in alias.missed:
-            self.stats.misses += 1
-            self.stats.fallbacks += 1
-            return runners[0], DEFAULT_TACTIC
+            return self._fallback(runners)
         bucket = ctx.config.bucket_of(inputs)
         if 0 in bucket:  # an empty call: nothing to tune, the default handles it
-            return runners[0], DEFAULT_TACTIC
+            return (runners[0], DEFAULT_TACTIC), False
         key = ctx.cache_key(inputs, bucket)
         choice = self._lookup(ctx, key, inputs, bucket)
         if choice is None:
             capturing = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs) and \
                 torch.cuda.is_current_stream_capturing()
             if not allowed or capturing:
-                self.stats.misses += 1
-                self.stats.fallbacks += 1
                 if not capturing:
                     _bounded_add(alias.missed, sig)
                 if key not in self._said:
@@ -260,7 +266,7 @@ class AutoTuner:
                     why = "a CUDA graph is being captured" if capturing else "tuning is off"
                     log.info("flashtune: %s bucket %s not in the cache and %s; using the default %s",
                              ctx.op, bucket, why, ctx.names[0])
-                return runners[0], DEFAULT_TACTIC
+                return self._fallback(runners)
             with self._profile_lock:
                 choice = self._lookup(ctx, key, inputs, bucket)  # another thread may have tuned it
                 if choice is None:
@@ -273,7 +279,7 @@ class AutoTuner:
         if len(alias.memo) >= _MEMO_LIMIT:
             alias.memo.clear()
         alias.memo[sig] = result
-        return result
+        return result, True
 
     def _lookup(self, ctx: _OpContext, key: Key, inputs: Sequence[Any],
                 bucket: tuple[int, ...]) -> tuple[int, Tactic] | None:
@@ -362,8 +368,7 @@ class AutoTuner:
         for ctx in list(self._contexts.values()):
             ctx.validated.clear()
         if AutoTuner._instance is self:
-            for site in list(AutoTuner.sites.values()):
-                site.memo.clear()
+            AutoTuner._clear_site_memos()
 
     # -- reporting -----------------------------------------------------------------------------
 

@@ -247,20 +247,26 @@ class TacticCache:
             if merge(self.entries, disk):
                 self._on_change()
 
+    def _write_through(self) -> None:
+        """Merge other processes' entries into memory and write all to disk (call under the lock).
+        A failure costs persistence only, and is said once."""
+        if self.path is None:
+            return
+        try:
+            with self._file_lock():
+                merge(self.entries, self._read_own())
+                write_document(self.path, self.env, self.entries)
+        except (OSError, filelock.Timeout) as e:
+            if not self._write_failed:
+                log.warning("flashtune: cannot write the tactic cache %s (%s); keeping winners in memory",
+                            self.path, e)
+                self._write_failed = True
+
     def put(self, key: Key, entry: Entry) -> None:
         """Record a winner and write it through (merging with other processes' entries)."""
         with self._lock:
             self.entries[key] = entry
-            if self.path is not None:
-                try:
-                    with self._file_lock():
-                        merge(self.entries, self._read_own())
-                        write_document(self.path, self.env, self.entries)
-                except (OSError, filelock.Timeout) as e:
-                    if not self._write_failed:
-                        log.warning("flashtune: cannot write the tactic cache %s (%s); keeping winners in memory",
-                                    self.path, e)
-                        self._write_failed = True
+            self._write_through()
         self._on_change()
 
     def save(self, path: Path | str) -> int:
@@ -279,13 +285,8 @@ class TacticCache:
             if not self._loaded:
                 self._load_disk()
             changed = merge(self.entries, incoming)
-            if self.path is not None and incoming:
-                try:
-                    with self._file_lock():
-                        merge(self.entries, self._read_own())
-                        write_document(self.path, self.env, self.entries)
-                except (OSError, filelock.Timeout) as e:
-                    log.warning("flashtune: cannot write the tactic cache %s (%s)", self.path, e)
+            if incoming:
+                self._write_through()
         if changed:
             self._on_change()
         return len(incoming)
