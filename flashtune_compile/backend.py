@@ -1,6 +1,7 @@
 """The Dynamo backend: ``torch.compile(model, backend="flashtune", options={...})``.
 
-Given the FX graph Dynamo captured, it routes matmul-family nodes to tunable ``flashtune`` ops and
+Given the FX graph Dynamo captured, it routes MoE layers and matmul-family nodes to tunable
+``flashtune`` ops and
 hands the graph to the inner compiler (Inductor by default, so its fusions around our ops
 survive; or eager FX). Registered through the ``torch_dynamo_backends`` entry point, so
 ``backend="flashtune"`` works after ``pip install`` without importing this package.
@@ -15,10 +16,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .ops.matmul import DIRECT, KERNEL_FAMILIES
+from .ops import DIRECT, KERNEL_FAMILIES
 from .passes.matmul import RouteSettings, rewrite_matmuls
+from .passes.moe import rewrite_moe
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
+from .tuner.routing import ROUTINGS
 
 log = logging.getLogger("flashtune")
 
@@ -38,6 +41,7 @@ class Options:
     buckets: Any = "hybrid"
     max_tokens: int = 8192
     kernels: frozenset = frozenset(KERNEL_FAMILIES)
+    moe_routing: str = "zipf"
 
 
 def _subset(name: str, value: Any, valid: Sequence[str]) -> frozenset:
@@ -82,6 +86,11 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
         if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
             raise ValueError(f"flashtune option 'max_tokens' must be a positive int, got {mt!r}")
         kw["max_tokens"] = mt
+    if "moe_routing" in options:
+        if options["moe_routing"] not in ROUTINGS:
+            raise ValueError(f"flashtune option 'moe_routing' must be one of {list(ROUTINGS)}, "
+                             f"got {options['moe_routing']!r}")
+        kw["moe_routing"] = options["moe_routing"]
     if "buckets" in options:
         b = options["buckets"]
         if isinstance(b, str) and b not in LADDERS:
@@ -99,8 +108,13 @@ def _direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Point flashtune op nodes at their kernels as plain callables: nothing traces this graph
     any more, so the dispatcher's round trip buys nothing."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in DIRECT:
-            node.target = DIRECT[node.target]
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverloadPacket) and hasattr(target, "default"):
+            target = target.default  # user code calling torch.ops.flashtune.moe(...) records the packet
+        if target in DIRECT:
+            node.target = DIRECT[target]
     gm.recompile()
     return gm
 
@@ -113,8 +127,9 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, options:
     if opts.cache_dir is not _UNSET:
         tuner.use_cache_dir(opts.cache_dir)
     settings = RouteSettings(ops=opts.ops, kernels=tuple(sorted(opts.kernels)), ladder=opts.buckets,
-                             max_tokens=opts.max_tokens, tune=opts.tune)
-    routed = rewrite_matmuls(gm, settings)
+                             max_tokens=opts.max_tokens, tune=opts.tune, routing=opts.moe_routing)
+    routed = rewrite_moe(gm, settings)  # first: its batched pattern holds bmm nodes
+    routed += rewrite_matmuls(gm, settings)
     tuner.stats.routed_ops += routed
     tuner.stats.compiles += 1
     log.info("flashtune: routed %d op(s) of a %d-node graph; inner compiler %s", routed, len(gm.graph.nodes),

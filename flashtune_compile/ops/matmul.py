@@ -1,17 +1,13 @@
 """The tunable matmul family: ``torch.ops.flashtune.{linear, mm, addmm, bmm, baddbmm}``.
 
-Each op takes the usual tensors plus ``site``, a JSON string the graph pass bakes into the call:
-which dims of the op's tuning inputs are dynamic (with the bounds of their bucket ladder), the
-tuning mode and the kernel families allowed. At run time an op looks its site up (built once per
-process), asks the site for a (runner, tactic) and runs it. ``linear`` and ``mm`` accept N-D
+Each op takes the usual tensors plus ``site`` (see ``ops/site.py``). ``linear`` and ``mm`` accept N-D
 activations (``[..., K]``) and flatten them to 2-D the way ``F.linear`` does.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -19,16 +15,12 @@ from ..kernels.aten import AtenAddmmRunner, AtenBaddbmmRunner, AtenBmmRunner, At
 from ..kernels.cpu import CpuLinearRunner
 from ..kernels.cuda.runner import CudaSkinnyLinearRunner
 from ..kernels.triton_runner import TritonGemmRunner
-from ..tuner.autotuner import AutoTuner
-from ..tuner.buckets import DynamicDim, TuningConfig
 from ..tuner.runner import TunableRunner
-from ..tuner.site import TunedSite
+from .site import CANDIDATES, KERNEL_FAMILIES, SiteSpec, runners_for  # noqa: F401  (re-exported)
+from .site import run as _run
 
 MATMUL_OPS = ("linear", "mm", "addmm", "bmm", "baddbmm")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KERNEL_FAMILIES = ("aten", "triton", "cuda", "cpu")
-
-_runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}
 
 
 def _candidates(op: str, kernels: frozenset) -> tuple[TunableRunner, ...]:
@@ -46,55 +38,8 @@ def _candidates(op: str, kernels: frozenset) -> tuple[TunableRunner, ...]:
     return tuple(out)
 
 
-def runners_for(op: str, kernels: Sequence[str]) -> tuple[TunableRunner, ...]:
-    """The candidate runners of ``op`` restricted to ``kernels`` (same tuple object each time)."""
-    key = (op, frozenset(kernels))
-    found = _runner_sets.get(key)
-    if found is None:
-        found = _runner_sets[key] = _candidates(op, key[1])
-    return found
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """What the graph pass knows of one call site, serialized into the op's ``site`` argument.
-
-    ``axes``: per dynamic axis, the (input, dim) positions it occupies in the op's tuning inputs
-    and the (min, max) sizes bounding its bucket ladder. ``sig``: the static signature (shapes with
-    -1 for dynamic dims, dtypes), which keeps sites of different shapes apart.
-    """
-
-    op: str
-    axes: tuple[tuple[tuple[tuple[int, int], ...], int, int], ...]
-    sig: tuple
-    ladder: Any = "hybrid"
-    tune: str | None = None
-    kernels: tuple[str, ...] = ("aten",)
-
-    def encode(self) -> str:
-        return json.dumps([self.op, self.axes, self.sig, self.ladder, self.tune, list(self.kernels)],
-                          separators=(",", ":"))
-
-    @classmethod
-    def decode(cls, text: str) -> "SiteSpec":
-        op, axes, sig, ladder, tune, kernels = json.loads(text)
-        axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
-        return cls(op, axes, sig, ladder if isinstance(ladder, str) else tuple(ladder), tune, tuple(kernels))
-
-    def build(self) -> TunedSite:
-        dyn = tuple(DynamicDim(input_idx=tuple(i for i, _ in dims), dim_idx=tuple(d for _, d in dims),
-                               buckets=self.ladder, min_size=lo, max_size=hi) for dims, lo, hi in self.axes)
-        tune = None if self.tune is None else self.tune == "auto"
-        return TunedSite(self.op, runners_for(self.op, self.kernels), TuningConfig(dynamic=dyn), tune)
-
-
-_sites = AutoTuner.sites
-
-
-def _run(site: str, inputs: tuple) -> torch.Tensor:
-    found = _sites.get(site) or TunedSite.lookup(site, lambda: SiteSpec.decode(site).build())
-    runner, tactic = found.choose(inputs)
-    return runner.forward(inputs, tactic)
+for _op in MATMUL_OPS:
+    CANDIDATES[_op] = partial(_candidates, _op)
 
 
 def _run_rows(site: str, x: torch.Tensor, rest: tuple) -> torch.Tensor:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..ops.matmul import SUPPORTED_DTYPES, SiteSpec
+from ..ops.matmul import SUPPORTED_DTYPES
+from ..ops.site import SiteSpec
 from .symbolic import dynamic_axes, static_signature
 
 log = logging.getLogger("flashtune")
@@ -35,6 +36,7 @@ class RouteSettings:
     ladder: Any
     max_tokens: int
     tune: str | None
+    routing: str = "zipf"    # synthetic MoE routing for profiling (tuner/routing.py)
 
 
 @dataclass

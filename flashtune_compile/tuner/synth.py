@@ -19,7 +19,8 @@ from .buckets import TuningConfig
 _generators: dict[torch.device, torch.Generator] = {}
 
 
-def _generator(device: torch.device) -> torch.Generator:
+def private_generator(device: torch.device) -> torch.Generator:
+    """This module's generator for ``device`` (seeded once; never the user's stream)."""
     gen = _generators.get(device)
     if gen is None:
         gen = _generators[device] = torch.Generator(device=device)
@@ -51,7 +52,7 @@ def _random_like(real: torch.Tensor, shape: tuple) -> torch.Tensor:
     out = _empty_like_layout(real, shape)
     if out.numel() == 0:
         return out
-    gen = _generator(out.device)
+    gen = private_generator(out.device)
     if out.is_floating_point() or out.is_complex():
         return out.normal_(generator=gen)
     pool = real.reshape(-1)

@@ -1,0 +1,441 @@
+"""Rewrite Mixture-of-Experts patterns in a Dynamo graph into ``flashtune.moe`` / ``grouped_mm``.
+
+Three patterns, tried in this order (each node is rewritten at most once):
+
+1. *Sorted tokens* (transformers 5, ``experts_implementation="grouped_mm"``): sort of the
+   flattened top-k ids, gather of hidden rows by ``perm // k``, histc/bincount + cumsum offsets,
+   grouped GEMM of [gate; up], ``chunk(2)``, ``act(gate) * up``, grouped GEMM down, scaling by
+   the sorted routing weights, scatter back by the inverse permutation, ``view(T, k, H).sum(1)``.
+2. *Batched* (``experts_implementation="batched_mm"``): ``repeat_interleave`` of hidden rows,
+   expert weights gathered by id, two ``bmm``, gate, weight scaling, ``view(T, k, H).sum(1)``.
+3. Any remaining ``torch._grouped_mm`` / ``F.grouped_mm`` / ``transformers::grouped_mm_fallback``
+   call becomes ``flashtune.grouped_mm``.
+
+A pattern is rewritten only when every link checks out (the same ``perm``, ``offs`` and ids feed
+every step, ``histc`` has ``E`` bins, the activation is SiLU or GELU, dtypes agree, no gradient is
+needed); anything else is left as it was. The replaced nodes die and are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+
+from ..ops.matmul import SUPPORTED_DTYPES
+from ..ops.site import SiteSpec
+from .matmul import RouteSettings, _val
+from .symbolic import dynamic_axes, static_signature
+
+log = logging.getLogger("flashtune")
+Node = torch.fx.Node
+
+
+def _grouped_targets() -> set:
+    out: set = set()
+    if hasattr(torch, "_grouped_mm"):
+        out.add(torch._grouped_mm)
+    if hasattr(F, "grouped_mm"):
+        out.add(F.grouped_mm)
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:
+        out |= {fallback, fallback.default}
+    return out
+
+
+# -- node predicates --------------------------------------------------------------------------
+
+def _fn(node: Any, *targets: Any) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _method(node: Any, *names: str) -> bool:
+    return isinstance(node, Node) and node.op == "call_method" and node.target in names
+
+
+def _call(node: Any, name: str, *fns: Any) -> bool:
+    """A call of tensor method ``name`` or of one of the functions ``fns``."""
+    return _method(node, name) or _fn(node, *fns)
+
+
+def _arg(node: Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _getitem(node: Any, index: Any = None) -> Any:
+    """(source, index) of ``source[index]``; None if ``node`` is not an indexing."""
+    if _fn(node, operator.getitem) and (index is None or node.args[1] == index):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _strip_to(node: Any) -> Any:
+    """Skip ``.to(dtype)`` / ``.type_as`` casts that do not change the dtype."""
+    while _method(node, "to") and len(node.args) == 2 and not node.kwargs:
+        src = node.args[0]
+        if not (isinstance(_val(src), torch.Tensor) and _val(src).dtype == node.args[1]):
+            break
+        node = src
+    return node
+
+
+def _flat(node: Any) -> Any:
+    """The tensor ``node`` flattens with ``reshape(-1)`` / ``view(-1)``, else None."""
+    if _call(node, "reshape", torch.reshape) or _method(node, "view"):
+        shape = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
+        if list(shape) == [-1]:
+            return node.args[0]
+    return None
+
+
+def _is_dims(node: Node, first: int, second: int) -> bool:
+    dims = tuple(node.args[1:3])
+    rank = _val(node.args[0]).dim()
+    return tuple(d % rank for d in dims) in ((first % rank, second % rank), (second % rank, first % rank))
+
+
+def _transposed_param(node: Any) -> Any:
+    """``w`` when ``node`` is ``w.transpose(-2, -1)`` of a 3-D ``w``, else None."""
+    if _call(node, "transpose", torch.transpose) and _val(node.args[0]).dim() == 3 and _is_dims(node, -2, -1):
+        return node.args[0]
+    return None
+
+
+def _unsqueezed(node: Any, dim: int) -> Any:
+    if _call(node, "unsqueeze", torch.unsqueeze) and _arg(node, 1, "dim") in (dim, _val(node).dim() + dim):
+        return node.args[0]
+    return None
+
+
+def _squeezed(node: Any, dim: int) -> Any:
+    if _call(node, "squeeze", torch.squeeze) and _arg(node, 1, "dim") in (dim, _val(node.args[0]).dim() + dim):
+        return node.args[0]
+    return None
+
+
+def _mul_operands(node: Any) -> tuple | None:
+    if _fn(node, operator.mul, torch.mul) or _method(node, "mul"):
+        if len(node.args) == 2 and not node.kwargs:
+            return node.args[0], node.args[1]
+    return None
+
+
+def _activation(node: Any) -> tuple[str, Any] | None:
+    """(activation name, its input) for F.silu / F.gelu calls."""
+    if _fn(node, F.silu, torch.nn.functional.silu) and not node.kwargs.get("inplace", False) and len(node.args) == 1:
+        return "silu", node.args[0]
+    if _fn(node, F.gelu) and len(node.args) == 1:
+        approx = node.kwargs.get("approximate", "none")
+        if set(node.kwargs) <= {"approximate"} and approx in ("none", "tanh"):
+            return ("gelu" if approx == "none" else "gelu_tanh"), node.args[0]
+    return None
+
+
+def _gated(node: Any) -> tuple[str, Any] | None:
+    """(activation, g) when ``node`` is ``act(g.chunk(2, -1)[0]) * g.chunk(2, -1)[1]``."""
+    ops = _mul_operands(node)
+    if ops is None:
+        return None
+    for a, b in (ops, ops[::-1]):
+        act = _activation(a)
+        if act is None:
+            continue
+        gate, up = _getitem(act[1], 0), _getitem(b, 1)
+        if gate is None or up is None or gate[0] is not up[0]:
+            continue
+        chunk = gate[0]
+        if _call(chunk, "chunk", torch.chunk) and _arg(chunk, 1, "chunks") == 2 and \
+                _arg(chunk, 2, "dim", 0) in (-1, _val(chunk.args[0]).dim() - 1):
+            return act[0], chunk.args[0]
+    return None
+
+
+def _grouped_call(node: Any, targets: set) -> tuple | None:
+    """(x, w, offs) of a plain grouped GEMM call (no bias, output in the input's dtype)."""
+    if not _fn(node, *targets):
+        return None
+    extra = {k: v for k, v in node.kwargs.items() if k not in ("input", "mat_a", "mat_b", "weight", "offs")}
+    if any(v is not None for v in extra.values()) or len(node.args) > 3:
+        return None
+    x = _arg(node, 0, "input", node.kwargs.get("mat_a"))
+    w = _arg(node, 1, "weight", node.kwargs.get("mat_b"))
+    offs = _arg(node, 2, "offs")
+    return (x, w, offs) if all(isinstance(t, Node) for t in (x, w, offs)) else None
+
+
+def _sum_over_picks(node: Node) -> tuple | None:
+    """(flat pair outputs, top_k) when ``node`` is ``pairs.view(T, k, H).sum(dim=1)``."""
+    if not _call(node, "sum", torch.sum) or _arg(node, 1, "dim") not in (1, (1,), [1]) or \
+            node.kwargs.get("keepdim", False) or node.kwargs.get("dtype") is not None:
+        return None
+    view = node.args[0]
+    if not (_method(view, "view", "reshape") and _val(view).dim() == 3):
+        return None
+    return view.args[0], _val(view).shape[1]
+
+
+# -- the two MoE patterns ---------------------------------------------------------------------
+
+class _Moe:
+    """The pieces of one matched MoE layer."""
+
+    def __init__(self, hidden, weights, ids, w1, w2, activation, nodes):
+        self.hidden, self.weights, self.ids, self.w1, self.w2 = hidden, weights, ids, w1, w2
+        self.activation, self.nodes = activation, nodes
+
+
+def _match_sorted(out: Node, targets: set) -> _Moe | None:
+    found = _sum_over_picks(out)
+    if found is None:
+        return None
+    pairs, top_k = found
+    unsorted = _getitem(pairs)
+    if unsorted is None:
+        return None
+    weighted, inv_perm = unsorted
+    if not _call(inv_perm, "empty_like", torch.empty_like):
+        return None
+    perm = inv_perm.args[0]
+    scatters = [u for u in inv_perm.users if _fn(u, operator.setitem)]
+    if len(scatters) != 1 or scatters[0].args[1] is not perm or not _fn(scatters[0].args[2], torch.arange):
+        return None
+    ops = _mul_operands(weighted)
+    if ops is None:
+        return None
+    for y2, sw in (ops, ops[::-1]):
+        sw_src = _getitem(_unsqueezed(sw, -1))
+        if sw_src is not None and sw_src[1] is perm and _flat(sw_src[0]) is not None:
+            break
+    else:
+        return None
+    weights = _flat(sw_src[0])
+    gemm2 = _grouped_call(y2, targets)
+    if gemm2 is None:
+        return None
+    h, w2t, offs = gemm2
+    gated = _gated(_strip_to(h))
+    if gated is None:
+        return None
+    activation, g = gated
+    gemm1 = _grouped_call(g, targets)
+    if gemm1 is None or gemm1[2] is not offs:
+        return None
+    xg, w1t, _ = gemm1
+    # perm comes from sorting the flattened ids; offs counts them per expert
+    if not (_getitem(perm, 1) and _call(perm.args[0], "sort", torch.sort)):
+        return None
+    sort = perm.args[0]
+    ids = _flat(sort.args[0])
+    if ids is None or len(sort.args) > 1 or sort.kwargs.get("descending", False) or sort.kwargs.get("dim", -1) != -1:
+        return None
+    num_experts = _val(w2t).shape[0]
+    if not _counts_per_expert(offs, sort, num_experts):
+        return None
+    gathered = _getitem(_strip_to(xg))
+    if gathered is None or not (_fn(gathered[1], operator.floordiv) and gathered[1].args == (perm, top_k)):
+        return None
+    hidden = gathered[0]
+    w1, w2 = _weight(w1t), _weight(w2t)
+    nodes = [out, pairs, weighted, sw, sw.args[0], inv_perm, scatters[0], scatters[0].args[2], y2, h, g, xg,
+             gathered[1], perm, sort, offs]
+    return _Moe(hidden, weights, ids, w1, w2, activation, nodes)
+
+
+def _counts_per_expert(offs: Node, sort: Node, num_experts: int) -> bool:
+    """``offs`` is ``cumsum(histc(sorted ids, bins=E, min=0, max=E-1))`` or the bincount form."""
+    if not (_call(offs, "cumsum", torch.cumsum) and _arg(offs, 1, "dim") == 0):
+        return False
+    counts = offs.args[0]
+    if _fn(counts, torch.histc):
+        src = counts.args[0]
+        ok = (_arg(counts, 1, "bins") == num_experts and _arg(counts, 2, "min") == 0
+              and _arg(counts, 3, "max") == num_experts - 1)
+    elif _fn(counts, torch.bincount):
+        src = counts.args[0]
+        ok = _arg(counts, 2, "minlength", 0) == num_experts and counts.kwargs.get("weights") is None
+    else:
+        return False
+    while _method(src, "float", "int", "long") or (_method(src, "to") and len(src.args) == 2):
+        src = src.args[0]
+    return ok and _getitem(src, 0) is not None and src.args[0] is sort
+
+
+def _weight(effective: Node) -> Any:
+    """The [E, N, K] weight whose per-expert transpose the grouped GEMM multiplies by: the
+    parameter itself when the graph transposes it, else a marker to transpose ``effective``."""
+    w = _transposed_param(effective)
+    return w if w is not None else ("transpose", effective)
+
+
+def _match_batched(out: Node) -> _Moe | None:
+    found = _sum_over_picks(out)
+    if found is None:
+        return None
+    weighted, top_k = found
+    ops = _mul_operands(weighted)
+    if ops is None:
+        return None
+    for y2, sw in (ops, ops[::-1]):
+        weights = _flat(_unsqueezed(sw, -1))
+        if weights is not None:
+            break
+    else:
+        return None
+    step2 = _batched_linear(y2)
+    if step2 is None:
+        return None
+    w2, ids, h = step2
+    gated = _gated(h)
+    if gated is None:
+        return None
+    activation, g = gated
+    step1 = _batched_linear(g)
+    if step1 is None or step1[1] is not ids:
+        return None
+    w1, _, x_rep = step1
+    if not (_call(x_rep, "repeat_interleave", torch.repeat_interleave) and _arg(x_rep, 1, "repeats") == top_k
+            and _arg(x_rep, 2, "dim") == 0):
+        return None
+    flat_ids = _flat(ids)
+    if flat_ids is None:
+        return None
+    return _Moe(x_rep.args[0], weights, flat_ids, w1, w2, activation, [out, weighted, sw, y2, h, g, x_rep])
+
+
+def _batched_linear(node: Any) -> tuple | None:
+    """(w, ids, x) when ``node`` is ``bmm(w[ids], x.unsqueeze(-1)).squeeze(-1)``."""
+    bmm = _squeezed(node, -1)
+    if not (_fn(bmm, torch.bmm) or _method(bmm, "bmm")) or len(bmm.args) != 2:
+        return None
+    picked, col = bmm.args
+    sel = _getitem(picked)
+    x = _unsqueezed(col, -1)
+    if sel is None or x is None or not isinstance(sel[1], Node) or _val(sel[0]).dim() != 3:
+        return None
+    return sel[0], sel[1], x
+
+
+# -- rewriting --------------------------------------------------------------------------------
+
+def _eligible(vals: list) -> str | None:
+    hidden, weights, ids, w1, w2 = vals
+    if any(type(v) is not FakeTensor for v in vals):
+        return "an operand is not a plain tensor"
+    if not (hidden.dtype == w1.dtype == w2.dtype and hidden.dtype in SUPPORTED_DTYPES):
+        return f"dtypes {hidden.dtype}, {w1.dtype}, {w2.dtype} not served"
+    if not weights.is_floating_point() or ids.is_floating_point() or ids.dim() != 2 or hidden.dim() != 2:
+        return "routing tensors"
+    if len({v.device for v in vals}) != 1 or hidden.device.type not in ("cpu", "cuda"):
+        return "devices"
+    if torch.is_grad_enabled() and any(v.requires_grad for v in vals):
+        return "a gradient is needed (MoE is routed for inference only)"
+    return None
+
+
+def _site(op: str, shapes: list, dtypes: list, settings: RouteSettings) -> str:
+    ladder = settings.ladder if isinstance(settings.ladder, str) else list(settings.ladder)
+    return SiteSpec(op, dynamic_axes(shapes, settings.max_tokens), static_signature(shapes, dtypes), ladder,
+                    settings.tune, settings.kernels, settings.routing).encode()
+
+
+def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: _Moe, settings: RouteSettings) -> bool:
+    graph = gm.graph
+    with graph.inserting_before(out):
+        w = []
+        for spec in (m.w1, m.w2):
+            if isinstance(spec, tuple):  # transpose the effective [E, K, N] weight to [E, N, K]
+                node = graph.call_method("transpose", (spec[1], -2, -1))
+                node.meta["example_value"] = _val(spec[1]).transpose(-2, -1)
+                spec = node
+            w.append(spec)
+    vals = [_val(n) for n in (m.hidden, m.weights, m.ids, *w)]
+    why = _eligible(vals)
+    if why is None and _val(out).dtype != vals[0].dtype:
+        why = "output dtype differs from the hidden states'"
+    if why is not None:
+        log.debug("flashtune: leaving the MoE layer ending at %s: %s", out.format_node(), why)
+        return False
+    shapes = [tuple(v.shape) for v in vals] + [None]
+    dtypes = [v.dtype for v in vals] + [None]
+    with graph.inserting_before(out):
+        new = graph.call_function(torch.ops.flashtune.moe.default,
+                                  (m.hidden, m.weights, m.ids, *w, m.activation,
+                                   _site("moe", shapes, dtypes, settings)))
+    new.meta = dict(out.meta)
+    out.replace_all_uses_with(new)
+    _erase_dead(graph, m.nodes)
+    return True
+
+
+def _erase_dead(graph: torch.fx.Graph, roots: list) -> None:
+    """Erase the matched nodes (and what only they used) now that nothing reads them; the
+    inverse-permutation scatter goes with the permutation buffer it writes."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users:
+                continue
+            if node.op == "call_function" and node.target is operator.setitem:
+                buf = node.args[0]
+                if not (node in roots and all(u is node for u in buf.users)):
+                    continue
+            elif node.is_impure():
+                continue
+            graph.erase_node(node)
+            changed = True
+
+
+def _output_of(out: Node) -> Node:
+    """The node whose value the layer hands on: the ``sum``, or a ``.to`` of it to the hidden dtype."""
+    users = list(out.users)
+    if len(users) == 1 and _method(users[0], "to") and len(users[0].args) == 2 and not users[0].kwargs:
+        return users[0]
+    return out
+
+
+def rewrite_moe(gm: torch.fx.GraphModule, settings: RouteSettings) -> int:
+    """Route MoE layers to ``flashtune.moe`` and other grouped GEMMs to ``flashtune.grouped_mm``;
+    returns how many ops were routed."""
+    if "moe" not in settings.ops:
+        return 0
+    graph, targets, routed = gm.graph, _grouped_targets(), 0
+    alive = set(graph.nodes)
+    for node in list(graph.nodes):
+        if node not in alive or not _call(node, "sum", torch.sum):
+            continue
+        m = _match_sorted(node, targets) or _match_batched(node)
+        if m is None:
+            continue
+        out = _output_of(node)
+        if out is not node:
+            m.nodes.insert(0, node)
+        if _replace_moe(gm, out, m, settings):
+            routed += 1
+            alive = set(graph.nodes)
+    for node in list(graph.nodes):
+        call = _grouped_call(node, targets)
+        if call is None:
+            continue
+        vals = [_val(t) for t in call]
+        x, w, offs = vals
+        if (any(type(v) is not FakeTensor for v in vals) or x.dtype != w.dtype or x.dtype not in SUPPORTED_DTYPES
+                or x.dim() != 2 or w.dim() != 3 or offs.dim() != 1 or offs.dtype != torch.int32
+                or _val(node).dtype != x.dtype or x.device.type not in ("cpu", "cuda")
+                or (torch.is_grad_enabled() and any(v.requires_grad for v in vals))):
+            log.debug("flashtune: leaving %s", node.format_node())
+            continue
+        site = _site("grouped_mm", [tuple(v.shape) for v in vals], [v.dtype for v in vals], settings)
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.flashtune.grouped_mm.default, (*call, site))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        routed += 1
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return routed
