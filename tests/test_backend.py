@@ -280,3 +280,22 @@ def test_cache_dir_option_persists_winners_there(tuner, tmp_path):
     compiled = torch.compile(model, backend="flashtune", options={**EAGER, "cache_dir": None})
     compiled(r(3, 8))  # memory-only: the entry tuned above is not known here
     assert ft.AutoTuner.get().cache.directory is None and ft.stats()["misses"] == 2
+
+
+class InPlaceUnusedResult(torch.nn.Module):
+    """An in-place method whose result is unused (DeepSeek-V3's router does this with scatter_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        mask = torch.zeros(x.shape[0], 4)
+        mask.scatter_(1, torch.zeros(x.shape[0], 1, dtype=torch.long), 1.0)
+        return self.lin(x) * mask
+
+
+def test_in_place_methods_with_unused_results_survive_routing(tuner):
+    mod, x = InPlaceUnusedResult(), torch.randn(3, 8)
+    out = torch.compile(mod, backend="flashtune", options={"inner": "eager"})(x)
+    assert torch.equal(out, mod(x)) and ft.stats()["routed_ops"] == 1

@@ -216,6 +216,5 @@ def rewrite_matmuls(gm: torch.fx.GraphModule, settings: RouteSettings) -> int:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         routed += 1
-    graph.eliminate_dead_code()
-    gm.recompile()
+    gm.recompile()  # no eliminate_dead_code(): it drops in-place methods whose result is unused
     return routed

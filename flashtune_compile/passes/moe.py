@@ -367,27 +367,54 @@ def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: _Moe, settings: RouteSe
                                    _site("moe", shapes, dtypes, settings)))
     new.meta = dict(out.meta)
     out.replace_all_uses_with(new)
-    _erase_dead(graph, m.nodes)
+    _erase_dead(graph, out, m.nodes)
     return True
 
 
-def _erase_dead(graph: torch.fx.Graph, roots: list) -> None:
-    """Erase the matched nodes (and what only they used) now that nothing reads them; the
-    inverse-permutation scatter goes with the permutation buffer it writes."""
+_PURE_OPERATORS = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub,
+                   operator.truediv, operator.neg}
+
+
+def _pure(node: Node) -> bool:
+    """Whether erasing ``node`` when nothing reads it changes nothing: no in-place method or
+    function (``x.scatter_(...)``, ``operator.setitem``, ``out=``), no side effect."""
+    if "out" in node.kwargs:
+        return False
+    if node.op == "call_method":
+        return not node.target.endswith("_")
+    if node.op != "call_function":
+        return False
+    if node.target in _PURE_OPERATORS:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return getattr(node.target, "__module__", "") != "_operator" and not name.endswith("_") and not node.is_impure()
+
+
+def _erase_dead(graph: torch.fx.Graph, out: Node, matched: list) -> None:
+    """Erase what the replaced layer computed and nothing reads any more: pure ancestors of
+    ``out`` left without users, and the inverse-permutation scatter the pattern matched (with the
+    buffer it writes, once nothing else reads that)."""
+    region: set = set()
+    stack = [out]
+    while stack:
+        node = stack.pop()
+        if node in region or not isinstance(node, Node):
+            continue
+        region.add(node)
+        stack.extend(node.all_input_nodes)
+    region.update(n for n in matched if _fn(n, operator.setitem))
     changed = True
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            if node.op in ("placeholder", "output") or node.users:
+            if node not in region or node.users or node.op in ("placeholder", "output", "get_attr"):
                 continue
-            if node.op == "call_function" and node.target is operator.setitem:
-                buf = node.args[0]
-                if not (node in roots and all(u is node for u in buf.users)):
-                    continue
-            elif node.is_impure():
-                continue
-            graph.erase_node(node)
-            changed = True
+            scatter = _fn(node, operator.setitem) and node in matched and \
+                all(u is node for u in node.args[0].users)
+            if scatter or _pure(node):
+                graph.erase_node(node)
+                region.discard(node)
+                changed = True
 
 
 def _output_of(out: Node) -> Node:
@@ -436,6 +463,5 @@ def rewrite_moe(gm: torch.fx.GraphModule, settings: RouteSettings) -> int:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         routed += 1
-    graph.eliminate_dead_code()
     gm.recompile()
     return routed

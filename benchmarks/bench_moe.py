@@ -1,0 +1,178 @@
+"""One Mixtral MoE layer's expert computation: eager vs Inductor vs flashtune, side by side in one run.
+
+Module: transformers' ``MixtralExperts`` with ``experts_implementation="grouped_mm"`` (sort tokens
+by expert, two grouped GEMMs, SiLU gate, weighted scatter back), E=8 experts, top-k=2,
+H=I=1024, called as ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k] fp32)``.
+Routing is skewed like a trained router's and deterministic: softmax(randn + Zipf-like per-expert
+bias), top-k, renormalized (Mixtral's router, whose weights stay fp32).
+Contenders, all on the same module object and the same inputs, under ``torch.no_grad()``:
+  eager      the module as is
+  inductor   torch.compile(backend="inductor", dynamic=True, fullgraph=True)
+  flashtune  torch.compile(backend="flashtune", dynamic=True, fullgraph=True), whose graph pass
+             rewrites the whole layer into ``flashtune.moe``; warmed once per T so each bucket is
+             tuned before timing (total tuning time and the chosen tactics are printed).
+The top-k dim of the routing tensors is marked static (``torch._dynamo.mark_static``), as it is
+inside a whole model where k is a constant of ``topk``; ``--dynamic-topk`` leaves it symbolic (the
+flashtune MoE pattern then does not match and only the two grouped GEMMs get routed).
+Both compiled outputs are checked against eager first. Timing: per (dtype, T) the three are
+interleaved over ``--rounds`` rounds in shuffled order; a sample is the mean of n calls, n chosen
+so a sample takes >= ``--ms`` ms; the median over rounds is reported.
+
+Run: python benchmarks/bench_moe.py [--dtypes bf16,fp32] [--tokens 1,4,16,64,256] [--rounds 15] [--ms 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+import flashtune_compile as ft
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}  # rtol, and atol relative to max |ref|
+NAMES = ("eager", "inductor", "flashtune")
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",")]
+
+
+def make_experts(args, dtype: torch.dtype) -> MixtralExperts:
+    config = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.inter, num_local_experts=args.experts,
+                           num_experts_per_tok=args.topk)
+    config._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    experts = MixtralExperts(config)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0.0, 0.02)
+    return experts.to(dtype).eval()
+
+
+def routing_inputs(args, t: int, dtype: torch.dtype) -> tuple:
+    """hidden [T, H] in dtype; top-k ids [T, k] int64 and weights [T, k] fp32, skewed like a trained router."""
+    g = torch.Generator().manual_seed(1000 + t)
+    popularity = torch.arange(1, args.experts + 1, dtype=torch.float32) ** -1.2  # Zipf-like
+    bias = popularity.log()[torch.randperm(args.experts, generator=g)]  # fixed shuffle of who is popular
+    logits = torch.randn(t, args.experts, generator=g) + bias
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), args.topk, dim=-1)
+    weights /= weights.sum(dim=-1, keepdim=True)
+    if not args.dynamic_topk:
+        for x in (ids, weights):
+            torch._dynamo.mark_static(x, 1)
+    return torch.randn(t, args.hidden, generator=g).to(dtype), ids, weights
+
+
+def sample(fn, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def time_contenders(calls: dict, rounds: int, ms: float, rng: random.Random) -> dict[str, float]:
+    ns = {}
+    for name, fn in calls.items():  # calls per sample so one sample takes >= ms
+        once = min(sample(fn, 1) for _ in range(3))
+        ns[name] = max(1, math.ceil(ms / max(once, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        order = list(calls)
+        rng.shuffle(order)
+        for name in order:
+            samples[name].append(sample(calls[name], ns[name]))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="bf16,fp32", help=f"comma-separated, of {list(DTYPES)}")
+    ap.add_argument("--tokens", type=ints, default=[1, 4, 16, 64, 256])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--inter", type=int, default=1024)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--ms", type=float, default=20.0, help="minimum milliseconds per sample")
+    ap.add_argument("--cache-dir", default=None, help="flashtune tactic cache (default: a fresh temp dir)")
+    ap.add_argument("--dynamic-topk", action="store_true", help="leave the top-k dim symbolic")
+    args = ap.parse_args()
+    dtypes = {d: DTYPES[d] for d in args.dtypes.split(",")}
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="flashtune-bench-moe-")
+    print(f"MoE experts (MixtralExperts, grouped_mm): E={args.experts} top-k={args.topk} H={args.hidden} "
+          f"I={args.inter}; {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {args.rounds} interleaved rounds, >= {args.ms:g} ms/sample, "
+          f"top-k dim {'symbolic' if args.dynamic_topk else 'static'}")
+    rng, results = random.Random(0), {}
+    ft.reset_stats()
+    with torch.no_grad():
+        for dname, dtype in dtypes.items():
+            experts = make_experts(args, dtype)
+            compiled = {
+                "inductor": torch.compile(experts, backend="inductor", dynamic=True, fullgraph=True),
+                "flashtune": torch.compile(experts, backend="flashtune", dynamic=True, fullgraph=True,
+                                           options={"cache_dir": cache_dir}),
+            }
+            inputs = {}
+            for t in args.tokens:  # compile, warm (flashtune tunes the bucket of t here) and check
+                print(f"[{dname}] T={t}: compile, tune, check", file=sys.stderr, flush=True)
+                inputs[t] = x = routing_inputs(args, t, dtype)
+                ref = experts(*x)
+                tol = TOL[dtype]
+                for name, fn in compiled.items():
+                    try:
+                        torch.testing.assert_close(fn(*x), ref, rtol=tol, atol=tol * ref.abs().max().item())
+                    except AssertionError as e:
+                        print(f"FAIL: {name} differs from eager at {dname}, T={t}:\n{e}")
+                        sys.exit(1)
+            calls = {"eager": experts, **compiled}
+            for t in args.tokens:
+                print(f"[{dname}] T={t}: timing", file=sys.stderr, flush=True)
+                x = inputs[t]
+                results[dtype, t] = time_contenders({n: (lambda f=f: f(*x)) for n, f in calls.items()},
+                                                    args.rounds, args.ms, rng)
+    print(f"flashtune tuning time, all buckets: {ft.stats()['tuning_seconds']:.1f} s")
+    worse = []
+    for dname, dtype in dtypes.items():
+        print(f"\n{dname}")
+        print(f"{'T':>5} {'eager ms':>9} {'inductor ms':>11} {'flashtune ms':>12} {'vs eager':>9} {'vs inductor':>11}"
+              f" {'vs best':>8}")
+        logs = []
+        for t in args.tokens:
+            r = results[dtype, t]
+            gain = min(r["eager"], r["inductor"]) / r["flashtune"]
+            logs.append(math.log(gain))
+            if gain < 1:
+                worse.append(f"{dname} T={t} ({gain:.2f}x)")
+            print(f"{t:>5} {r['eager']:>9.3f} {r['inductor']:>11.3f} {r['flashtune']:>12.3f} "
+                  f"{r['eager'] / r['flashtune']:>8.2f}x {r['inductor'] / r['flashtune']:>10.2f}x {gain:>7.2f}x")
+        print(f"{'geomean gain over best of eager/inductor':>51} {math.exp(sum(logs) / len(logs)):>7.2f}x")
+    moe = [e for e in ft.tactics() if e["op"] == "moe"]
+    print("\nflashtune moe tactics (dtype, bucket: kernel[tactic], tuned time vs default):")
+    if not moe:
+        print("  none: the MoE pattern was not routed to flashtune.moe "
+              f"(ops tuned: {sorted({e['op'] for e in ft.tactics()})})")
+    dtype_of = lambda e: e["shape_key"][0][2] if isinstance(e["shape_key"][0], tuple) else "?"  # noqa: E731
+    for e in sorted(moe, key=lambda e: (dtype_of(e), len(e["bucket"]), e["bucket"])):
+        dt = dtype_of(e)
+        print(f"  {dt:<9} {str(e['bucket']):<8} {e['kernel']}[{e['tactic']}]  {e['time_s'] * 1e3:.3f} ms "
+              f"vs {e['default_s'] * 1e3:.3f} ms ({e['speedup']:.2f}x, {e['timed']} timed)")
+    print("flashtune slower than the best of eager/inductor at: " + (", ".join(worse) if worse else "nowhere"))
+
+
+if __name__ == "__main__":
+    main()
