@@ -48,7 +48,8 @@ class Spy:
                     names[name] = names.get(name, 0) + 1
         self.counts.append(names)
         self.leftover |= {str(n.target) for n in gm.graph.nodes if n.op != "placeholder"} & \
-            {str(torch.sort), str(torch.histc), str(torch.bmm), str(torch.repeat_interleave), "repeat_interleave"}
+            {str(torch.sort), str(torch.histc), str(torch.bmm), str(torch.repeat_interleave), "repeat_interleave",
+             str(torch.arange), str(torch.empty_like)}
         return fn
 
 
@@ -225,3 +226,18 @@ def test_transformers_integration_rejects_unknown_options():
 
     with pytest.raises(ValueError, match="inner"):
         ft_hf.register({"inner": "eager"})
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_experts_module_with_symbolic_top_k_is_routed(tuner, impl):
+    """A standalone experts module under dynamic=True sees top-k as a symbol (``perm // s1``)."""
+    experts = _block("mixtral", impl, torch.float32).experts
+    spy = Spy()
+    compiled = torch.compile(experts, backend=spy, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t, k in ((3, 2), (5, 2), (6, 3)):
+            x, ids = torch.randn(t, H, generator=g), torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(t)])
+            weights = torch.rand(t, k, generator=g)
+            assert close(compiled(x, ids, weights), experts(x, ids, weights), torch.float32)
+    assert spy.counts and all(c.get("moe") == 1 for c in spy.counts)

@@ -16,8 +16,10 @@ Picks outside ``[0, E)`` contribute nothing. Formulations (tactics):
   for this device and dtype;
 - ``"bmm"``: gather each pair's expert weights and run two ``bmm`` (no sort; copies ``S`` weight
   matrices, so offered only while that is small: it wins only for a few tokens);
-- ``cpu_moe``'s ``"fp32_loop"``: for bf16/fp16 on CPU, the loop in fp32 from cached fp32 copies
-  of the expert weights (CPUs without bf16 FMA run fp32 GEMMs several times faster).
+- ``"pairs"``: for at most ``PAIRS_MAX`` (token, pick) pairs, read the ids on the host and run
+  each used expert on its rows (decode: no sort, gather or scatter);
+- ``cpu_moe``: the loop from re-laid-out expert weights: fp32 copies for bf16/fp16 (CPUs without
+  bf16 FMA run fp32 GEMMs several times faster) and oneDNN-packed per-expert weights.
 
 The default (tactic -1) is ``"grouped"`` where available, else ``"loop"``.
 """
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
+from .cpu import _mkldnn_pack, _mkldnn_packs
 from .weight_cache import CACHE
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -77,18 +80,22 @@ def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, 
     return pairs.view(tokens, top_k, hidden).sum(dim=1).to(out_dtype)
 
 
-def _expert_loop(xs: torch.Tensor, counts: list[int], w: Callable[[int], torch.Tensor],
+def _expert_loop(xs: torch.Tensor, counts: list[int], mm: Callable[[int, torch.Tensor], torch.Tensor],
                  out_cols: int, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """``fn(xs[rows of e] @ w(e).T)`` for every expert with rows, into one [rows, out_cols] tensor
-    (rows after the counted ones are zero)."""
+    """``fn(mm(e, rows of e))`` for every expert with rows, into one [rows, out_cols] tensor (rows
+    after the counted ones are zero); ``mm(e, x)`` is ``x @ w[e].T``."""
     out = xs.new_zeros((xs.shape[0], out_cols))
     start = 0
     for e, n in enumerate(counts):
         if n:
-            y = F.linear(xs[start:start + n], w(e))
+            y = mm(e, xs[start:start + n])
             out[start:start + n] = fn(y) if fn is not None else y
             start += n
     return out
+
+
+def _slices(w: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    return lambda e, x: F.linear(x, w[e])
 
 
 def gate(act: Callable, g: torch.Tensor) -> torch.Tensor:
@@ -96,8 +103,9 @@ def gate(act: Callable, g: torch.Tensor) -> torch.Tensor:
     return act(gate_part) * up
 
 
-def moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=None):
-    """The loop formulation, computing in ``compute_dtype`` (default: the inputs' dtype)."""
+def moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=None, mm1=None, mm2=None):
+    """The loop formulation, computing in ``compute_dtype`` (default: the inputs' dtype) with
+    ``mm1``/``mm2`` (default: ``F.linear`` against each expert's slice of ``w1``/``w2``)."""
     tokens, top_k = ids.shape
     order, counts, valid = sort_pairs(ids, w1.shape[0])
     xs = hidden[order // top_k]
@@ -105,8 +113,8 @@ def moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=None):
         xs = xs.to(compute_dtype)
     act = ACTIVATIONS[activation]
     n = counts.tolist()
-    h = _expert_loop(xs, n, w1.__getitem__, w2.shape[2], partial(gate, act))
-    y = _expert_loop(h, n, w2.__getitem__, w2.shape[1])
+    h = _expert_loop(xs, n, mm1 or _slices(w1), w2.shape[2], partial(gate, act))
+    y = _expert_loop(h, n, mm2 or _slices(w2), w2.shape[1])
     y = y.to(hidden.dtype)
     return combine(y, order, weights, valid, tokens, hidden.dtype)
 
@@ -136,6 +144,36 @@ def moe_bmm(hidden, weights, ids, w1, w2, activation):
     return combine(y, order, weights, valid, tokens, hidden.dtype)
 
 
+def moe_pairs(hidden, weights, ids, w1, w2, activation):
+    """For a few (token, pick) pairs: read the ids on the host and run each used expert on its
+    rows directly (no sort, gather or scatter of the whole batch)."""
+    tokens, top_k = ids.shape
+    num_experts = w1.shape[0]
+    act = ACTIVATIONS[activation]
+    out = torch.zeros(hidden.shape, dtype=torch.result_type(hidden, weights), device=hidden.device)
+    flat_w = weights.reshape(-1)
+    rows: dict[int, list[int]] = {}
+    for pair, e in enumerate(ids.reshape(-1).tolist()):
+        if 0 <= e < num_experts:
+            rows.setdefault(e, []).append(pair)
+    for e, pairs in rows.items():
+        if len(pairs) == 1:
+            p = pairs[0]
+            x, w, at = hidden[p // top_k:p // top_k + 1], flat_w[p:p + 1], None
+        else:
+            at = torch.tensor([p // top_k for p in pairs], device=hidden.device)
+            x, w = hidden[at], flat_w[torch.tensor(pairs, device=hidden.device)]
+        y = F.linear(gate(act, F.linear(x, w1[e])), w2[e]) * w[:, None]
+        if at is None:
+            out[pairs[0] // top_k] += y[0]
+        else:
+            out.index_add_(0, at, y.to(out.dtype))
+    return out.to(hidden.dtype)
+
+
+PAIRS_MAX = 16  # the "pairs" tactic is offered up to this many (token, pick) pairs
+
+
 def _bmm_bytes(shapes: Sequence[Any], elem_bytes: int) -> int:
     (tokens, _), (_, top_k), (_, n1, hdim), (_, _, inter) = shapes[0], shapes[2], shapes[3], shapes[4]
     return tokens * top_k * (n1 * hdim + hdim * inter) * elem_bytes
@@ -145,16 +183,44 @@ def _as_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
-def _fp32_copy(w: torch.Tensor) -> torch.Tensor | None:
-    """A cached fp32 copy of a parameter, or of a parameter's transpose(-2, -1) view."""
+def _parameter_of(w: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """(parameter, transposed) when ``w`` is a parameter or its ``transpose(-2, -1)`` view: what
+    cached copies can be keyed on (a view is a new object every call)."""
     if CACHE.cacheable(w):
-        return CACHE.get(w, "fp32", _as_fp32)
+        return w, False
     base = w._base
     if (base is not None and CACHE.cacheable(base) and base.dim() == 3 and w.dim() == 3
             and w.shape == base.transpose(-2, -1).shape and w.stride() == base.transpose(-2, -1).stride()
             and w.storage_offset() == base.storage_offset()):
-        return CACHE.get(base, "fp32", _as_fp32).transpose(-2, -1)
+        return base, True
     return None
+
+
+def _fp32_copy(w: torch.Tensor) -> torch.Tensor | None:
+    """A cached fp32 copy of a parameter, or of a parameter's transpose(-2, -1) view."""
+    found = _parameter_of(w)
+    if found is None:
+        return None
+    copy = CACHE.get(found[0], "fp32", _as_fp32)
+    return copy.transpose(-2, -1) if found[1] else copy
+
+
+def _packed(w: torch.Tensor, fp32: bool) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``mm(e, x) = x @ w[e].T`` from oneDNN-packed per-expert weights (fp32 copies if ``fp32``),
+    packed on first use of each expert and cached against the parameter ``w`` stems from."""
+    param, transposed = _parameter_of(w)
+    kind = f"mkldnn_packed{'_fp32' if fp32 else ''}{'_t' if transposed else ''}"
+
+    def make(e: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def pack(p: torch.Tensor) -> torch.Tensor:
+            m = p[e].t() if transposed else p[e]
+            return _mkldnn_pack(m.float() if fp32 else m)
+        return pack
+
+    def mm(e: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), CACHE.get(param, f"{kind}[{e}]", make(e)), None,
+                                                  "none", [], "")
+    return mm
 
 
 # -- runners: flashtune.moe -------------------------------------------------------------------
@@ -177,36 +243,49 @@ class AtenMoeRunner(TunableRunner):
             tactics.append("loop")  # the default is "grouped" here
         if _bmm_bytes(profile.shapes, hidden.element_size()) <= BMM_MAX_BYTES:
             tactics.append("bmm")
+        if profile.shapes[2][0] * profile.shapes[2][1] <= PAIRS_MAX:
+            tactics.append("pairs")
         return tactics
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         hidden = inputs[0]
         if tactic == DEFAULT_TACTIC:
             tactic = "grouped" if grouped_mm_available(hidden.device, hidden.dtype) else "loop"
-        fn = {"loop": moe_loop, "grouped": moe_grouped, "bmm": moe_bmm}.get(tactic)
+        fn = {"loop": moe_loop, "grouped": moe_grouped, "bmm": moe_bmm, "pairs": moe_pairs}.get(tactic)
         if fn is None:
             raise ValueError(f"unknown aten_moe tactic {tactic!r}")
         return fn(*inputs)
 
 
 class CpuMoeRunner(TunableRunner):
-    """bf16/fp16 MoE on CPU computed in fp32 from cached fp32 expert weights (parameters only)."""
+    """The loop on CPU from re-laid-out expert weights (parameters only): ``"fp32_loop"`` (bf16/fp16
+    computed in fp32 from cached fp32 copies: CPUs without bf16 FMA run fp32 GEMMs several times
+    faster), ``"mkldnn_packed"`` (fp32: oneDNN-packed per-expert weights) and ``"fp32_packed"``
+    (bf16/fp16: packed fp32 copies)."""
 
     name = "cpu_moe"
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         hidden, _, _, w1, w2, _ = inputs
-        if (hidden.device.type != "cpu" or hidden.dtype not in (torch.bfloat16, torch.float16)
-                or _fp32_copy(w1) is None or _fp32_copy(w2) is None):
+        if hidden.device.type != "cpu" or _parameter_of(w1) is None or _parameter_of(w2) is None:
             return []
-        return ["fp32_loop"]
+        packs = _mkldnn_packs(torch.float32)
+        if hidden.dtype == torch.float32:
+            return ["mkldnn_packed"] if packs else []
+        if hidden.dtype in (torch.bfloat16, torch.float16):
+            return ["fp32_loop", "fp32_packed"] if packs else ["fp32_loop"]
+        return []
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
-        if tactic != "fp32_loop":
-            raise ValueError(f"unknown cpu_moe tactic {tactic!r}")
         hidden, weights, ids, w1, w2, activation = inputs
-        w1f, w2f = _fp32_copy(w1), _fp32_copy(w2)
-        return moe_loop(hidden, weights, ids, w1f, w2f, activation, compute_dtype=torch.float32)
+        if tactic == "fp32_loop":
+            return moe_loop(hidden, weights, ids, _fp32_copy(w1), _fp32_copy(w2), activation,
+                            compute_dtype=torch.float32)
+        if tactic in ("mkldnn_packed", "fp32_packed"):
+            fp32 = tactic == "fp32_packed"
+            return moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=torch.float32 if fp32 else None,
+                            mm1=_packed(w1, fp32), mm2=_packed(w2, fp32))
+        raise ValueError(f"unknown cpu_moe tactic {tactic!r}")
 
 
 # -- runners: flashtune.grouped_mm ------------------------------------------------------------
@@ -216,7 +295,7 @@ def grouped_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, compute_d
     ends = offs.tolist()
     counts = [b - a for a, b in zip([0, *ends[:-1]], ends)]
     xs = x if compute_dtype is None else x.to(compute_dtype)
-    out = _expert_loop(xs, counts, lambda e: w[e].t(), w.shape[2])
+    out = _expert_loop(xs, counts, lambda e, rows: rows @ w[e], w.shape[2])
     return out.to(x.dtype)
 
 

@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..ops.matmul import SUPPORTED_DTYPES
 from ..ops.site import SiteSpec
-from .matmul import RouteSettings, _val
+from .matmul import RouteSettings, _same_size, _val
 from .symbolic import dynamic_axes, static_signature
 
 log = logging.getLogger("flashtune")
@@ -236,7 +236,8 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     if not _counts_per_expert(offs, sort, num_experts):
         return None
     gathered = _getitem(_strip_to(xg))
-    if gathered is None or not (_fn(gathered[1], operator.floordiv) and gathered[1].args == (perm, top_k)):
+    if gathered is None or not (_fn(gathered[1], operator.floordiv) and gathered[1].args[0] is perm
+                                and _same_size(_val(gathered[1].args[1]), top_k)):
         return None
     hidden = gathered[0]
     w1, w2 = _weight(w1t), _weight(w2t)
@@ -297,7 +298,7 @@ def _match_batched(out: Node) -> _Moe | None:
     if step1 is None or step1[1] is not ids:
         return None
     w1, _, x_rep = step1
-    if not (_call(x_rep, "repeat_interleave", torch.repeat_interleave) and _arg(x_rep, 1, "repeats") == top_k
+    if not (_call(x_rep, "repeat_interleave", torch.repeat_interleave) and _same_size(_val(_arg(x_rep, 1, "repeats")), top_k)
             and _arg(x_rep, 2, "dim") == 0):
         return None
     flat_ids = _flat(ids)
@@ -395,14 +396,13 @@ def _erase_dead(graph: torch.fx.Graph, out: Node, matched: list) -> None:
     ``out`` left without users, and the inverse-permutation scatter the pattern matched (with the
     buffer it writes, once nothing else reads that)."""
     region: set = set()
-    stack = [out]
+    stack = [out, *(n for n in matched if _fn(n, operator.setitem))]
     while stack:
         node = stack.pop()
         if node in region or not isinstance(node, Node):
             continue
         region.add(node)
         stack.extend(node.all_input_nodes)
-    region.update(n for n in matched if _fn(n, operator.setitem))
     changed = True
     while changed:
         changed = False
