@@ -18,6 +18,7 @@ need no gradient, so compiled training graphs never trace these ops.
 
 from __future__ import annotations
 
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -38,30 +39,20 @@ from .site import CANDIDATES, ROUTED_INPUTS, SiteSpec, run, site_of
 MOE_OPS = ("grouped_mm", "moe")
 
 
-def _moe_candidates(kernels: frozenset) -> tuple[TunableRunner, ...]:
-    out: list[TunableRunner] = [AtenMoeRunner(variants="aten" in kernels)]
+def _candidates(aten: type, triton_name: str, cpu: type, kernels: frozenset) -> tuple[TunableRunner, ...]:
+    """ATen's runner first (its variants only with "aten"), then each allowed family."""
+    out: list[TunableRunner] = [aten(variants="aten" in kernels)]
     if "triton" in kernels:
-        from ..kernels.triton_moe import TritonMoeRunner
+        from ..kernels import triton_moe  # imports triton: only when asked for
 
-        out.append(TritonMoeRunner())
+        out.append(getattr(triton_moe, triton_name)())
     if "cpu" in kernels:
-        out.append(CpuMoeRunner())
+        out.append(cpu())
     return tuple(out)
 
 
-def _grouped_candidates(kernels: frozenset) -> tuple[TunableRunner, ...]:
-    out: list[TunableRunner] = [AtenGroupedMMRunner(variants="aten" in kernels)]
-    if "triton" in kernels:
-        from ..kernels.triton_moe import TritonGroupedMMRunner
-
-        out.append(TritonGroupedMMRunner())
-    if "cpu" in kernels:
-        out.append(CpuGroupedMMRunner())
-    return tuple(out)
-
-
-CANDIDATES["moe"] = _moe_candidates
-CANDIDATES["grouped_mm"] = _grouped_candidates
+CANDIDATES["moe"] = partial(_candidates, AtenMoeRunner, "TritonMoeRunner", CpuMoeRunner)
+CANDIDATES["grouped_mm"] = partial(_candidates, AtenGroupedMMRunner, "TritonGroupedMMRunner", CpuGroupedMMRunner)
 ROUTED_INPUTS["moe"] = (2, 1)  # topk_ids, topk_weights
 
 
@@ -84,18 +75,19 @@ def _check_moe(hidden, topk_weights, topk_ids, w1, w2, activation) -> None:
 
 # -- implementations --------------------------------------------------------------------------
 
-_learns: dict[str, bool] = {}  # site -> whether it profiles with routing learned from real calls
+@lru_cache(maxsize=None)
+def _learns_routing(site: str) -> bool:
+    """Whether this site profiles with routing learned from real calls."""
+    return SiteSpec.decode(site).routing == "learned"
 
 
 def moe_impl(hidden, topk_weights, topk_ids, w1, w2, activation: str, site: str) -> torch.Tensor:
-    _check_moe(hidden, topk_weights, topk_ids, w1, w2, activation)
     inputs = (hidden, topk_weights, topk_ids, w1, w2, activation)
     tuned = site_of(site)
-    learns = _learns.get(site)
-    if learns is None:
-        learns = _learns[site] = SiteSpec.decode(site).routing == "learned"
-    if learns and hidden.shape[0] not in tuned.memo:
-        routing.observe(topk_ids, w1.shape[0])  # calls that reach the tuner teach "learned" routing
+    if not tuned.knows(inputs):  # first call of this size (a site's static shapes are fixed)
+        _check_moe(*inputs)
+        if _learns_routing(site):
+            routing.observe(topk_ids, w1.shape[0])  # calls that reach the tuner teach "learned" routing
     runner, tactic = tuned.choose(inputs)
     return runner.forward(inputs, tactic)
 

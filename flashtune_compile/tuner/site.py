@@ -36,6 +36,11 @@ class TunedSite:
             site = AutoTuner.sites[key] = build()
         return site
 
+    def knows(self, inputs: Sequence[Any]) -> bool:
+        """Whether ``choose(inputs)`` would be answered from the memo (a size seen before)."""
+        sizes = tuple([inputs[i].shape[d] for i, d in self._readers])
+        return (sizes[0] if len(sizes) == 1 else sizes) in self.memo
+
     def choose(self, inputs: Sequence[Any]) -> tuple[TunableRunner, Tactic]:
         readers = self._readers
         if len(readers) == 1:

@@ -1,0 +1,107 @@
+"""Small predicates over FX nodes that graph patterns are written with: "is this a call of f",
+"what does this node flatten / transpose / unsqueeze", and whether a dead node may be erased."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from .matmul import _val
+
+Node = torch.fx.Node
+
+
+def _fn(node: Any, *targets: Any) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _method(node: Any, *names: str) -> bool:
+    return isinstance(node, Node) and node.op == "call_method" and node.target in names
+
+
+def _call(node: Any, name: str, *fns: Any) -> bool:
+    """A call of tensor method ``name`` or of one of the functions ``fns``."""
+    return _method(node, name) or _fn(node, *fns)
+
+
+def _arg(node: Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _getitem(node: Any, index: Any = None) -> Any:
+    """(source, index) of ``source[index]``; None if ``node`` is not an indexing."""
+    if _fn(node, operator.getitem) and (index is None or node.args[1] == index):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _strip_to(node: Any) -> Any:
+    """Skip ``.to(dtype)`` / ``.type_as`` casts that do not change the dtype."""
+    while _method(node, "to") and len(node.args) == 2 and not node.kwargs:
+        src = node.args[0]
+        if not (isinstance(_val(src), torch.Tensor) and _val(src).dtype == node.args[1]):
+            break
+        node = src
+    return node
+
+
+def _flat(node: Any) -> Any:
+    """The tensor ``node`` flattens with ``reshape(-1)`` / ``view(-1)``, else None."""
+    if _call(node, "reshape", torch.reshape) or _method(node, "view"):
+        shape = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
+        if list(shape) == [-1]:
+            return node.args[0]
+    return None
+
+
+def _is_dims(node: Node, first: int, second: int) -> bool:
+    dims = tuple(node.args[1:3])
+    rank = _val(node.args[0]).dim()
+    return tuple(d % rank for d in dims) in ((first % rank, second % rank), (second % rank, first % rank))
+
+
+def _transposed_param(node: Any) -> Any:
+    """``w`` when ``node`` is ``w.transpose(-2, -1)`` of a 3-D ``w``, else None."""
+    if _call(node, "transpose", torch.transpose) and _val(node.args[0]).dim() == 3 and _is_dims(node, -2, -1):
+        return node.args[0]
+    return None
+
+
+def _unsqueezed(node: Any, dim: int) -> Any:
+    if _call(node, "unsqueeze", torch.unsqueeze) and _arg(node, 1, "dim") in (dim, _val(node).dim() + dim):
+        return node.args[0]
+    return None
+
+
+def _squeezed(node: Any, dim: int) -> Any:
+    if _call(node, "squeeze", torch.squeeze) and _arg(node, 1, "dim") in (dim, _val(node.args[0]).dim() + dim):
+        return node.args[0]
+    return None
+
+
+def _mul_operands(node: Any) -> tuple | None:
+    if _fn(node, operator.mul, torch.mul) or _method(node, "mul"):
+        if len(node.args) == 2 and not node.kwargs:
+            return node.args[0], node.args[1]
+    return None
+
+
+_PURE_OPERATORS = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub,
+                   operator.truediv, operator.neg}
+
+
+def _pure(node: Node) -> bool:
+    """Whether erasing ``node`` when nothing reads it changes nothing: no in-place method or
+    function (``x.scatter_(...)``, ``operator.setitem``, ``out=``), no side effect."""
+    if "out" in node.kwargs:
+        return False
+    if node.op == "call_method":
+        return not node.target.endswith("_")
+    if node.op != "call_function":
+        return False
+    if node.target in _PURE_OPERATORS:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return getattr(node.target, "__module__", "") != "_operator" and not name.endswith("_") and not node.is_impure()
