@@ -8,10 +8,15 @@ Library use without the compiler::
 
 __version__ = "0.1.0"
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.flashtune.*)
-from .api import clear_cache, load_cache, reset_stats, save_cache, stats, tactics
-from .backend import backend
-from .tuner import (
+from .logs import configure_from_env as _configure_logging
+
+_configure_logging()
+
+from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.flashtune.*)
+from .api import clear_cache, load_cache, reset_stats, save_cache, stats, tactics  # noqa: E402
+from .artifacts import ArtifactError, load_artifacts, save_artifacts  # noqa: E402
+from .backend import backend  # noqa: E402
+from .tuner import (  # noqa: E402
     DEFAULT_TACTIC,
     AutoTuner,
     BucketProfile,
@@ -23,7 +28,9 @@ from .tuner import (
     TuningConfig,
     autotune,
 )
+from .warmup import WarmupReport, warmup  # noqa: E402
 
-__all__ = ["__version__", "backend", "AutoTuner", "BucketProfile", "CacheFileError", "ConstraintSpec", "DEFAULT_TACTIC",
-           "DynamicDim", "ProfilerSettings", "TunableRunner", "TuningConfig", "autotune", "clear_cache",
-           "load_cache", "reset_stats", "save_cache", "stats", "tactics"]
+__all__ = ["__version__", "backend", "ArtifactError", "AutoTuner", "BucketProfile", "CacheFileError", "ConstraintSpec",
+           "DEFAULT_TACTIC", "DynamicDim", "ProfilerSettings", "TunableRunner", "TuningConfig", "WarmupReport",
+           "autotune", "clear_cache", "load_artifacts", "load_cache", "reset_stats", "save_artifacts", "save_cache",
+           "stats", "tactics", "warmup"]

@@ -16,7 +16,7 @@ import time
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -156,6 +156,9 @@ class AutoTuner:
         self._contexts: dict[tuple, _OpContext] = {}
         self._profile_lock = threading.RLock()
         self._said: set[Key] = set()
+        # Called as fn(op, bucket, entry) when a bucket starts tuning (entry None) and when its winner
+        # is cached; e.g. ft.warmup's progress bar. A listener must not raise.
+        self.listeners: list[Callable[[str, tuple, Entry | None], None]] = []
 
     def use_cache_dir(self, cache_dir: Path | str | None) -> None:
         """Switch to the tactic cache in ``cache_dir`` (None: memory only); no-op if already there."""
@@ -275,6 +278,8 @@ class AutoTuner:
                     self.stats.hits += 1
         else:
             self.stats.hits += 1
+            log.debug("flashtune: %s bucket %s from the cache: %s[%r]", ctx.op, bucket, ctx.names[choice[0]],
+                      choice[1])
         result = (runners[choice[0]], choice[1])
         if len(alias.memo) >= _MEMO_LIMIT:
             alias.memo.clear()
@@ -312,6 +317,8 @@ class AutoTuner:
         """Profile every valid (runner, tactic) of this bucket, cache and return the winner."""
         start = time.perf_counter()
         self.stats.misses += 1
+        for listener in list(self.listeners):
+            listener(ctx.op, bucket, None)
         synth, shapes, made = synthesize(inputs, ctx.config, bucket)
         self.stats.synthesized += made
         profile = BucketProfile(bucket, shapes)
@@ -345,6 +352,9 @@ class AutoTuner:
             device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
             times = time_candidates(fns, device, self.settings)
             self.stats.profiles += len(candidates)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(
+                    f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for (i, t), tm in zip(candidates, times)))
         # The default is replaced only by a candidate that beats it by more than min_gain and by
         # more than the measured noise; among those, the fastest median wins.
         winners = [i for i in range(1, len(candidates)) if times[i].clearly_faster_than(times[0], self.min_gain)]
@@ -359,6 +369,8 @@ class AutoTuner:
         log.info("flashtune: tuned %s bucket %s in %.2fs: %s[%r] %.1f us (default %.1f us, %d timed)",
                  ctx.op, bucket, elapsed, entry.runner, tactic, entry.time_s * 1e6, entry.default_s * 1e6,
                  len(candidates))
+        for listener in list(self.listeners):
+            listener(ctx.op, bucket, entry)
         return idx, tactic
 
     def _forget_memos(self) -> None:

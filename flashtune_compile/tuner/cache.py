@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import filelock
 import torch
@@ -139,37 +139,59 @@ def read_document(path: Path, env: dict[str, Any] | None) -> dict[Key, Entry]:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheFileError(f"{path}: not a readable JSON document ({e})") from None
+    return parse_document(doc, str(path), env)
+
+
+def env_diff(theirs: Any, ours: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields where environment ``theirs`` differs from ``ours``, as {field: (theirs, ours)}."""
+    theirs = theirs if isinstance(theirs, dict) else {}
+    return {k: (theirs.get(k), ours.get(k)) for k in sorted(set(ours) | set(theirs))
+            if theirs.get(k) != ours.get(k)}
+
+
+def parse_document(doc: Any, source: str, env: dict[str, Any] | None) -> dict[Key, Entry]:
+    """Entries of a parsed cache document (``source`` names it in errors); see ``read_document``."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("entries"), list):
-        raise CacheFileError(f"{path}: not a flashtune tactic cache (format {FORMAT})")
+        raise CacheFileError(f"{source}: not a flashtune tactic cache (format {FORMAT})")
     if env is not None and doc.get("env") != env:
-        theirs = doc.get("env") if isinstance(doc.get("env"), dict) else {}
-        diff = {k: (theirs.get(k), v) for k, v in env.items() if theirs.get(k) != v}
-        raise CacheFileError(f"{path}: made under another environment; differs in (file, here): {diff}")
+        raise CacheFileError(f"{source}: made under another environment; differs in (file, here): "
+                             f"{env_diff(doc.get('env'), env)}")
     out: dict[Key, Entry] = {}
     for i, obj in enumerate(doc["entries"]):
         try:
             key, entry = _entry_from_json(obj)
         except (TypeError, ValueError) as e:
-            log.warning("flashtune cache %s: dropping entry %d: %s", path, i, e)
+            log.warning("flashtune cache %s: dropping entry %d: %s", source, i, e)
             continue
         out[key] = entry
     return out
 
 
-def write_document(path: Path, env: dict[str, Any], entries: dict[Key, Entry]) -> None:
-    """Atomically replace ``path`` with a document holding ``entries``."""
-    doc = {"format": FORMAT, "env": env, "entries": [_entry_to_json(k, e) for k, e in entries.items()]}
+def to_document(env: dict[str, Any], entries: dict[Key, Entry]) -> dict[str, Any]:
+    """The JSON document holding ``entries`` measured under ``env``."""
+    return {"format": FORMAT, "env": env, "entries": [_entry_to_json(k, e) for k, e in entries.items()]}
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Replace ``path`` with what ``write`` writes to a binary file: readers see the old file or
+    the whole new one, never a part; on any error the old file stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_document(path: Path, env: dict[str, Any], entries: dict[Key, Entry]) -> None:
+    """Atomically replace ``path`` with a document holding ``entries``."""
+    text = json.dumps(to_document(env, entries), indent=1)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def merge(into: dict[Key, Entry], other: dict[Key, Entry]) -> bool:
@@ -269,18 +291,27 @@ class TacticCache:
             self._write_through()
         self._on_change()
 
-    def save(self, path: Path | str) -> int:
-        """Write every entry to ``path`` (one document); returns how many."""
+    def snapshot(self) -> dict[Key, Entry]:
+        """A copy of every entry, including what is on disk."""
         with self._lock:
             if not self._loaded:
                 self._load_disk()
-            write_document(Path(path), self.env, dict(self.entries))
-            return len(self.entries)
+            return dict(self.entries)
+
+    def save(self, path: Path | str) -> int:
+        """Write every entry to ``path`` (one document); returns how many."""
+        entries = self.snapshot()
+        write_document(Path(path), self.env, entries)
+        return len(entries)
 
     def load(self, path: Path | str) -> int:
         """Merge a document saved by ``save`` into memory (and write it through). CacheFileError if
         it is unreadable or from another environment. Returns how many entries it held."""
-        incoming = read_document(Path(path), self.env)
+        return self.merge_in(read_document(Path(path), self.env))
+
+    def merge_in(self, incoming: dict[Key, Entry]) -> int:
+        """Merge entries measured under this cache's environment (newer wins), writing them
+        through; returns how many were given."""
         with self._lock:
             if not self._loaded:
                 self._load_disk()
