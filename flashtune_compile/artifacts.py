@@ -10,19 +10,25 @@ The file is a zip archive:
   triton, CUDA, GPU or CPU, timing mode: ``tuner.cache.environment``), counts, creation time;
 - ``tactics.json``: the tactic cache document (``tuner/cache.py``'s format);
 - ``inductor.bin``: ``torch.compiler.save_cache_artifacts()``'s bytes (absent when nothing was
-  compiled by Inductor, e.g. with ``inner="eager"``).
+  compiled by Inductor, e.g. with ``inner="eager"``);
+- ``cpp/<path>``: the C++ kernel libraries Inductor built or loaded in this process, at their path
+  in Inductor's cache dir. Inductor's own artifacts hold the kernels' source but not the built
+  libraries, so without these a CPU process that hits Inductor's cache still spends seconds in the
+  C++ compiler. Each library is named by a hash of its source and full compile command, so one
+  is only ever loaded by an identical compile request; elsewhere it is simply not found.
 
 Guarantees: ``load_artifacts`` checks the whole manifest and parses the tactics before it uses
 anything; a file made under another environment, or damaged, raises ``ArtifactError`` (naming the
-differing fields) and nothing of it is used. Nothing in the file is executed or unpickled by
-flashtune; Inductor's bytes are handed to ``torch.compiler.load_cache_artifacts``, so load only
-artifacts you made or trust, as with any compile cache.
+differing fields) and nothing of it is used. flashtune itself executes and unpickles nothing from
+the file, but Inductor's artifacts and the kernel libraries are compiled code that Inductor will
+run: load only artifacts you made or trust, as with any compile cache.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -37,6 +43,8 @@ log = logging.getLogger("flashtune")
 
 KIND = "flashtune-artifacts"
 VERSION = 1
+_IMPORTED_AT = time.time()
+_LIBRARY = re.compile(r"[a-z0-9]{2}/c[a-z0-9]{16,}(\.main)?\.so")  # Inductor's "<key[1:3]>/<key>[.main].so"
 
 
 class ArtifactError(CacheFileError):
@@ -60,16 +68,51 @@ def _is_tactic_document(path: Path) -> bool:
         return False
 
 
+def _inductor_libraries() -> dict[str, bytes]:
+    """The C++ libraries Inductor loaded in this process, and those built in its cache dir since
+    flashtune was imported (e.g. the CPU-ISA probe it builds once per cache dir), by path relative
+    to that dir. Best effort: {} (and a debug line) where Inductor's layout is not the one expected."""
+    try:
+        from torch._inductor import codecache
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        keys = set(codecache.CppCodeCache.cache) | set(codecache.CppPythonBindingsCodeCache.cache) | \
+            set(codecache.CppWrapperCodeCache.cache)
+        root = Path(cache_dir())
+        files = {f for key in keys for f in (root / key[1:3]).glob(f"{key}*.so")}
+        files |= {f for f in root.glob("*/c*.so") if f.stat().st_mtime >= _IMPORTED_AT}
+        found = {f.relative_to(root).as_posix(): f for f in files}
+        return {rel: f.read_bytes() for rel, f in sorted(found.items()) if _LIBRARY.fullmatch(rel)}
+    except Exception as e:  # an Inductor internal moved: the artifact just lacks the libraries
+        log.debug("flashtune: not bundling Inductor's C++ libraries (%s: %s)", type(e).__name__, e)
+        return {}
+
+
+def _restore_libraries(libraries: dict[str, bytes]) -> int:
+    """Put bundled libraries into Inductor's cache dir where absent; returns how many were written."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    root, written = Path(cache_dir()), 0
+    for rel, data in libraries.items():
+        target = root / rel
+        if not target.exists():
+            atomic_write(target, lambda f, data=data: f.write(data))
+            written += 1
+    return written
+
+
 def save_artifacts(path: str | Path) -> dict[str, Any]:
     """Write every cached tactic and this process's Inductor compile artifacts to ``path`` (one
-    file, replaced atomically). Returns counts: ``tactics``, ``inductor`` (artifacts) and ``bytes``."""
+    file, replaced atomically), with the C++ kernel libraries Inductor built for them. Returns counts:
+    ``tactics``, ``inductor`` (artifacts), ``libraries`` and ``bytes``."""
     path = Path(path)
     tuner = AutoTuner.get()
     entries = tuner.cache.snapshot()
     saved = torch.compiler.save_cache_artifacts()
     blob, inductor = (saved[0], sum(len(v) for v in saved[1].artifacts.values())) if saved else (b"", 0)
+    libraries = _inductor_libraries() if inductor else {}
     manifest = {"kind": KIND, "version": VERSION, "env": tuner.cache.env, "created": time.time(),
-                "tactics": len(entries), "inductor": inductor}
+                "tactics": len(entries), "inductor": inductor, "libraries": len(libraries)}
 
     def write(f) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -77,19 +120,22 @@ def save_artifacts(path: str | Path) -> dict[str, Any]:
             zf.writestr("tactics.json", json.dumps(to_document(tuner.cache.env, entries)))
             if blob:
                 zf.writestr("inductor.bin", blob)
+            for rel, data in libraries.items():
+                zf.writestr(f"cpp/{rel}", data)
 
     atomic_write(path, write)
     size = path.stat().st_size
-    log.info("flashtune: saved %d tactics and %d Inductor artifacts to %s (%d bytes)", len(entries), inductor,
-             path, size)
+    log.info("flashtune: saved %d tactics, %d Inductor artifacts and %d kernel libraries to %s (%d bytes)",
+             len(entries), inductor, len(libraries), path, size)
     if not inductor:
         log.info("flashtune: no Inductor artifacts in this process (nothing compiled by Inductor yet, or "
                  "inner='eager'); %s holds tactics only", path)
-    return {"tactics": len(entries), "inductor": inductor, "bytes": size}
+    return {"tactics": len(entries), "inductor": inductor, "libraries": len(libraries), "bytes": size}
 
 
-def _read(path: Path) -> tuple[dict[str, Any], Any, bytes]:
-    """(manifest, tactics document, Inductor bytes); ArtifactError if the archive is not one of ours."""
+def _read(path: Path) -> tuple[dict[str, Any], Any, bytes, dict[str, bytes]]:
+    """(manifest, tactics document, Inductor bytes, kernel libraries); ArtifactError if the archive
+    is not one of ours."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
@@ -99,6 +145,7 @@ def _read(path: Path) -> tuple[dict[str, Any], Any, bytes]:
             manifest = json.loads(zf.read("manifest.json"))
             doc = json.loads(zf.read("tactics.json"))
             blob = zf.read("inductor.bin") if "inductor.bin" in names else b""
+            libraries = {n.removeprefix("cpp/"): zf.read(n) for n in names if n.startswith("cpp/")}
     except ArtifactError:
         raise
     except FileNotFoundError:
@@ -113,17 +160,20 @@ def _read(path: Path) -> tuple[dict[str, Any], Any, bytes]:
     if manifest.get("version") != VERSION:
         raise ArtifactError(f"{path}: artifact format version {manifest.get('version')!r}; this flashtune "
                             f"reads version {VERSION}")
-    return manifest, doc, blob
+    bad = sorted(rel for rel in libraries if not _LIBRARY.fullmatch(rel))
+    if bad:
+        raise ArtifactError(f"{path}: holds files that are not Inductor kernel libraries: {bad[:3]}")
+    return manifest, doc, blob, libraries
 
 
 def load_artifacts(path: str | Path) -> dict[str, Any]:
     """Use an artifact file made by ``save_artifacts``: its Inductor artifacts go into Inductor's
     caches and its tactics into the tactic cache (written through to disk). Call it before the
     first compile. Raises ArtifactError, using nothing, if the file is damaged or was made under
-    another environment. Returns counts: ``tactics`` and ``inductor``."""
+    another environment. Returns counts: ``tactics``, ``inductor`` and ``libraries``."""
     path = Path(path)
     tuner = AutoTuner.get()
-    manifest, doc, blob = _read(path)
+    manifest, doc, blob, libraries = _read(path)
     here = tuner.cache.env
     if manifest.get("env") != here:
         diff = env_diff(manifest.get("env"), here)
@@ -146,6 +196,8 @@ def load_artifacts(path: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{path}: Inductor refused its compile artifacts "
                                 f"({type(e).__name__}: {e}); nothing was loaded") from None
         inductor = sum(len(v) for v in info.artifacts.values()) if info else 0
+    restored = _restore_libraries(libraries) if libraries else 0
     tuner.cache.merge_in(entries)
-    log.info("flashtune: loaded %d tactics and %d Inductor artifacts from %s", len(entries), inductor, path)
-    return {"tactics": len(entries), "inductor": inductor}
+    log.info("flashtune: loaded %d tactics, %d Inductor artifacts and %d kernel libraries (%d new here) "
+             "from %s", len(entries), inductor, len(libraries), restored, path)
+    return {"tactics": len(entries), "inductor": inductor, "libraries": len(libraries)}

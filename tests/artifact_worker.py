@@ -7,7 +7,9 @@ fresh directories per process, so a cache hit can only come from the artifact fi
 """
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
@@ -19,6 +21,15 @@ mode, path = sys.argv[1], sys.argv[2]
 ft.AutoTuner.reset(ft.AutoTuner(settings=ProfilerSettings(block_seconds=2e-4, rounds=3, prune_after=2)))
 loaded = ft.load_artifacts(path) if mode == "use" else None
 
+
+def libraries():
+    """Inductor's built C++ libraries in this process's cache dir: relative path -> mtime."""
+    root = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return {str(f.relative_to(root)): f.stat().st_mtime_ns for f in root.glob("*/*.so")}
+
+
+before = libraries()
+
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
 compiled = torch.compile(model, backend="flashtune", dynamic=True, options={"kernels": ["aten", "cpu"]})
@@ -28,5 +39,7 @@ with torch.no_grad():
     for x in inputs.values():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 saved = ft.save_artifacts(path) if mode == "make" else None
-print(json.dumps({"stats": ft.stats(), "loaded": loaded, "saved": saved, "tuned": report.tuned,
+after = libraries()
+built = sorted(rel for rel, mtime in after.items() if before.get(rel) != mtime)
+print(json.dumps({"stats": ft.stats(), "loaded": loaded, "saved": saved, "tuned": report.tuned, "built": built,
                   "counters": {k: dict(counters[k]) for k in ("inductor", "aot_autograd")}}))

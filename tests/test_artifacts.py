@@ -39,9 +39,12 @@ def test_artifacts_round_trip_into_a_fresh_process_that_profiles_and_recompiles_
     assert made["stats"]["profiles"] > 0 and made["tuned"] == 8  # 2 linears x (static 1, buckets 2, 4, 8)
     assert made["saved"]["tactics"] == 8 and made["saved"]["inductor"] >= 2
     assert made["counters"]["inductor"].get("fxgraph_cache_miss", 0) >= 2
+    assert made["saved"]["libraries"] == len(made["built"]) >= 1  # the C++ kernels it compiled
 
     used = _worker("use", path, tmp_path)
-    assert used["loaded"] == {"tactics": 8, "inductor": made["saved"]["inductor"]}
+    assert used["loaded"] == {"tactics": 8, "inductor": made["saved"]["inductor"],
+                              "libraries": made["saved"]["libraries"]}
+    assert used["built"] == []  # no C++ compiler run: every kernel library came from the artifact
     s = used["stats"]
     assert s["profiles"] == 0 and s["synthesized"] == 0 and s["misses"] == 0 and used["tuned"] == 0
     assert s["compiles"] == made["stats"]["compiles"]  # the same graphs, no extra recompiles
@@ -118,7 +121,7 @@ def test_tactics_only_artifact_makes_a_fresh_tuner_profile_nothing(tuner, tmp_pa
     ft.AutoTuner.reset(fresh)
     ft.AutoTuner.sites.clear()
     torch._dynamo.reset()
-    assert ft.load_artifacts(tmp_path / "a.ftart") == {"tactics": 2, "inductor": 0}
+    assert ft.load_artifacts(tmp_path / "a.ftart") == {"tactics": 2, "inductor": 0, "libraries": 0}
     assert (tmp_path / "elsewhere").glob("tactics-*.json")  # written through to the new cache dir
     model = torch.nn.Linear(16, 8)
     compiled = torch.compile(model, backend="flashtune", dynamic=True, options={"inner": "eager"})
