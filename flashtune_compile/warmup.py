@@ -83,6 +83,9 @@ class WarmupReport:
         return out.getvalue()
 
 
+_WRAPPER_ATTRS = ("callback", "_torchdynamo_orig_backend", "_inner_convert")
+
+
 def backend_options(compiled: Any) -> Options | None:
     """The options given to ``torch.compile(..., backend="flashtune", options=...)`` for
     ``compiled``, found by walking Dynamo's wrappers; None when they cannot be found (a compiled
@@ -99,10 +102,11 @@ def backend_options(compiled: Any) -> Options | None:
                 return parse_options(kwargs.get("options"))
             except ValueError:
                 return None
-        for attr in ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_inner_convert"):
-            nxt = getattr(obj, attr, None) if not isinstance(obj, torch.nn.Module) or attr == "dynamo_ctx" else None
-            if nxt is not None:
-                todo.append(nxt)
+        # torch 2.7-2.13: OptimizedModule.dynamo_ctx.callback, then _torchdynamo_orig_backend (twice)
+        # reach torch's wrapper holding compiler_name and kwargs["options"]. A module forwards
+        # unknown attribute names to the model it wraps, so from a module only dynamo_ctx is read.
+        attrs = ("dynamo_ctx",) if isinstance(obj, torch.nn.Module) else _WRAPPER_ATTRS
+        todo.extend(nxt for nxt in (getattr(obj, a, None) for a in attrs) if nxt is not None)
     return None
 
 
@@ -110,6 +114,8 @@ def token_axis(compiled: Any, max_tokens: int | None = None, buckets: Any = None
     """The token-count axis ``compiled`` tunes on: its ladder is every bucket up to ``max_tokens``.
     Unset arguments come from the options ``compiled`` was compiled with, else the backend's
     defaults (hybrid ladder up to 8192)."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"ft.warmup: max_tokens must be a positive int, got {max_tokens!r}")
     opts = backend_options(compiled) or Options()
     return DynamicDim(0, 0, buckets=buckets if buckets is not None else opts.buckets,
                       max_size=max_tokens if max_tokens is not None else opts.max_tokens)

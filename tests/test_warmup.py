@@ -86,6 +86,13 @@ def test_bad_token_counts_are_named(bad):
         ft.warmup(lambda x: x, lambda n: (torch.randn(n, 4),), num_tokens=bad, progress=False)
 
 
+@pytest.mark.parametrize("kw,name", [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "8"}, "max_tokens"),
+                                     ({"buckets": "fib"}, "ladder")])
+def test_bad_ladder_arguments_are_named(kw, name):
+    with pytest.raises(ValueError, match=name):
+        ft.warmup(lambda x: x, lambda n: (torch.randn(n, 4),), progress=False, **kw)
+
+
 def test_progress_bar_names_bucket_and_tuned_ops_and_a_summary_table_closes(tuner, capfd):
     compiled = torch.compile(_model(), backend="flashtune", dynamic=True, options={"inner": "eager"})
     ft.warmup(compiled, lambda n: torch.randn(n, 16), num_tokens=[1, 2, 4])
