@@ -117,6 +117,9 @@ def test_damaged_or_wrong_files_are_refused_with_a_clear_error(tuner, tmp_path, 
 def test_tactics_only_artifact_makes_a_fresh_tuner_profile_nothing(tuner, tmp_path):
     _eager_artifact(tuner, tmp_path / "a.ftart")
     assert artifacts.is_artifact(tmp_path / "a.ftart") and not artifacts.is_artifact(HERE / "conftest.py")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.ftart").stat().st_mode & 0o777 == 0o666 & ~umask  # shippable, not owner-only
     fresh = ft.AutoTuner(cache_dir=tmp_path / "elsewhere", settings=tuner.settings)
     ft.AutoTuner.reset(fresh)
     ft.AutoTuner.sites.clear()

@@ -31,6 +31,8 @@ from .runner import Tactic, canonical_tactic
 log = logging.getLogger("flashtune")
 
 FORMAT = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 Key = tuple  # (op, runner names, static key, extras, bucket)
 
 
@@ -178,6 +180,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would make it: mkstemp's files are owner-only
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
