@@ -61,6 +61,7 @@ def is_artifact(path: str | Path) -> bool:
 
 
 def _is_tactic_document(path: Path) -> bool:
+    """Whether ``path`` holds a valid tactic cache document (of any environment)."""
     try:
         parse_document(json.loads(path.read_text()), str(path), None)
         return True
