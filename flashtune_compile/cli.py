@@ -23,7 +23,7 @@ from rich.table import Table
 
 from . import __version__, artifacts
 from .tuner.autotuner import AutoTuner
-from .tuner.cache import CacheFileError, Entry, Key, env_diff, merge, read_document, write_document
+from .tuner.cache import CacheFileError, Entry, Key, env_diff, merge, parse_document, read_json, write_document
 
 REPORT_EXTRA = "flashtune report needs matplotlib: pip install 'flashtune_compile[report]'"
 
@@ -44,9 +44,9 @@ def _documents(directory: Path | None) -> list[Path]:
 def _read(path: Path) -> tuple[dict[str, Any], dict[Key, Entry]]:
     """(environment, entries) of any valid document, whatever its environment; CacheFileError if
     it is not one."""
-    entries = read_document(path, None)
-    env = json.loads(path.read_text()).get("env")
-    return (env if isinstance(env, dict) else {}), entries
+    doc = read_json(path)
+    entries = parse_document(doc, str(path), None)
+    return (doc["env"] if isinstance(doc.get("env"), dict) else {}), entries
 
 
 def _env_text(env: dict[str, Any]) -> str:

@@ -160,18 +160,16 @@ def warmup(compiled: Callable[..., Any], make_inputs: Callable[[int], Any], num_
     stats = tuner.stats
     report = WarmupReport()
     bar = tqdm(total=len(sizes), desc="flashtune warmup", unit="size", disable=not progress, dynamic_ncols=True)
-    state = {"tuned": 0, "now": ""}
+    done, now = 0, ""  # buckets tuned so far; the op being tuned, or the last one tuned
 
     def show(n: int) -> None:
-        bar.set_postfix_str(f"tokens={n} bucket={axis.bucket(n)} "
-                            f"tuned={state['tuned']}{state['now']}", refresh=True)
+        bar.set_postfix_str(f"tokens={n} bucket={axis.bucket(n)} tuned={done}{now}", refresh=True)
 
     def on_tune(op: str, bucket: tuple, entry: Any) -> None:
-        if entry is None:
-            state["now"] = f" | tuning {op} {list(bucket) or 'static'}"
-        else:
-            state["tuned"] += 1
-            state["now"] = f" | {op} {list(bucket) or 'static'}: {entry.runner} {entry.speedup:.2f}x"
+        nonlocal done, now
+        where = f"{op} {list(bucket) or 'static'}"
+        done += entry is not None
+        now = f" | tuning {where}" if entry is None else f" | {where}: {entry.runner} {entry.speedup:.2f}x"
         show(current)
 
     start = time.perf_counter()

@@ -18,7 +18,7 @@ need no gradient, so compiled training graphs never trace these ops.
 
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from ..kernels.moe import (
 )
 from ..tuner import routing
 from ..tuner.runner import TunableRunner
-from .site import CANDIDATES, ROUTED_INPUTS, SiteSpec, run, site_of
+from .site import CANDIDATES, ON_NEW_SIZE, ROUTED_INPUTS, SiteSpec, run
 
 MOE_OPS = ("grouped_mm", "moe")
 
@@ -75,21 +75,19 @@ def _check_moe(hidden, topk_weights, topk_ids, w1, w2, activation) -> None:
 
 # -- implementations --------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
-def _learns_routing(site: str) -> bool:
-    """Whether this site profiles with routing learned from real calls."""
-    return SiteSpec.decode(site).routing == "learned"
+def _first_call_of_size(spec: SiteSpec, inputs: tuple) -> None:
+    """Once per size of a site (its static shapes are fixed): check the inputs, and let calls that
+    reach the tuner teach "learned" routing."""
+    _check_moe(*inputs)
+    if spec.routing == "learned":
+        routing.observe(inputs[2], inputs[3].shape[0])
+
+
+ON_NEW_SIZE["moe"] = _first_call_of_size
 
 
 def moe_impl(hidden, topk_weights, topk_ids, w1, w2, activation: str, site: str) -> torch.Tensor:
-    inputs = (hidden, topk_weights, topk_ids, w1, w2, activation)
-    tuned = site_of(site)
-    if not tuned.knows(inputs):  # first call of this size (a site's static shapes are fixed)
-        _check_moe(*inputs)
-        if _learns_routing(site):
-            routing.observe(topk_ids, w1.shape[0])  # calls that reach the tuner teach "learned" routing
-    runner, tactic = tuned.choose(inputs)
-    return runner.forward(inputs, tactic)
+    return run(site, (hidden, topk_weights, topk_ids, w1, w2, activation))
 
 
 def grouped_mm_impl(x, w, offs, site: str) -> torch.Tensor:

@@ -8,6 +8,7 @@ looks its site up (built once per process), asks it for a (runner, tactic) and r
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -27,6 +28,8 @@ KERNEL_FAMILIES = ("aten", "triton", "cuda", "cpu")
 CANDIDATES: dict[str, Callable[[frozenset], tuple[TunableRunner, ...]]] = {}
 # op -> (index of topk_ids, index of topk_weights) among its inputs, for ops tuned on synthetic routing
 ROUTED_INPUTS: dict[str, tuple[int, int]] = {}
+# op -> fn(spec, inputs) run on a site's first call of each size (TunedSite.on_new)
+ON_NEW_SIZE: dict[str, Callable[["SiteSpec", Sequence[Any]], None]] = {}
 _runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}
 
 
@@ -78,8 +81,9 @@ class SiteSpec:
             inits = _routing.initializers(self.routing, num_experts, ids_at, weights_at,
                                           lambda: private_generator(torch.device("cpu")))
         tune = None if self.tune is None else self.tune == "auto"
+        hook = ON_NEW_SIZE.get(self.op)
         return TunedSite(self.op, runners_for(self.op, self.kernels), TuningConfig(dynamic=dyn, initializers=inits),
-                         tune)
+                         tune, functools.partial(hook, self) if hook else None)
 
 
 _sites = AutoTuner.sites

@@ -137,11 +137,15 @@ class CacheFileError(ValueError):
 def read_document(path: Path, env: dict[str, Any] | None) -> dict[Key, Entry]:
     """Entries of a cache document. Raises CacheFileError if the file is not a valid document or
     (when ``env`` is given) was made under another environment; drops bad entries with a warning."""
+    return parse_document(read_json(path), str(path), env)
+
+
+def read_json(path: Path) -> Any:
+    """The parsed JSON in ``path``; CacheFileError if it cannot be read or parsed."""
     try:
-        doc = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheFileError(f"{path}: not a readable JSON document ({e})") from None
-    return parse_document(doc, str(path), env)
 
 
 def env_diff(theirs: Any, ours: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

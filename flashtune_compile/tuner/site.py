@@ -19,11 +19,13 @@ class TunedSite:
     """``choose(inputs)`` for one site. Requires every call to have the same static metadata
     (shapes outside the dynamic dims, dtypes, devices); runners must be correct for any strides."""
 
-    __slots__ = ("op", "runners", "config", "tune", "_readers", "memo", "_stats")
+    __slots__ = ("op", "runners", "config", "tune", "on_new", "_readers", "memo", "_stats")
 
     def __init__(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig,
-                 tune: bool | None = None) -> None:
-        self.op, self.runners, self.config, self.tune = op, tuple(runners), config, tune
+                 tune: bool | None = None, on_new: Callable[[Sequence[Any]], None] | None = None) -> None:
+        """``on_new(inputs)`` runs on each call of a size not answered from the memo, before the
+        tuner is asked (e.g. input checks that a site's fixed static shapes make once-per-size)."""
+        self.op, self.runners, self.config, self.tune, self.on_new = op, tuple(runners), config, tune, on_new
         self._readers = tuple((spec.input_idx[0], spec.dim_idx[0]) for spec in config.dynamic)
         self.memo: dict[Any, tuple[TunableRunner, Tactic]] = {}
         self._stats = AutoTuner.get().stats
@@ -36,11 +38,6 @@ class TunedSite:
             site = AutoTuner.sites[key] = build()
         return site
 
-    def knows(self, inputs: Sequence[Any]) -> bool:
-        """Whether ``choose(inputs)`` would be answered from the memo (a size seen before)."""
-        sizes = tuple([inputs[i].shape[d] for i, d in self._readers])
-        return (sizes[0] if len(sizes) == 1 else sizes) in self.memo
-
     def choose(self, inputs: Sequence[Any]) -> tuple[TunableRunner, Tactic]:
         readers = self._readers
         if len(readers) == 1:
@@ -52,6 +49,8 @@ class TunedSite:
         if hit is not None:
             self._stats.hits += 1  # a memo entry implies this tuner's stats: a new tuner clears memos
             return hit
+        if self.on_new is not None:
+            self.on_new(inputs)
         tuner = AutoTuner.get()
         self._stats = tuner.stats
         result, cached = tuner.choose_cached(self.op, self.runners, self.config, inputs, tune=self.tune)
