@@ -79,21 +79,25 @@ def main() -> None:
         samples: dict[tuple, list[float]] = {k: [] for k in calls}
         for r in range(args.rounds):
             keys = list(calls)
-            for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
                 samples[key].append(timeit.timeit(calls[key], number=args.number) / args.number * 1e6)
     s = ft.stats()
     assert s["misses"] == 0 and s["profiles"] == 0, s  # every timed call was a warm hit
     med = {k: statistics.median(v) for k, v in samples.items()}
     lo, hi = SIZES
     slope = {name: (med[(name, hi)] - med[(name, lo)]) / (hi - lo) for name, _ in calls if _ == lo}
-    print(f"backend overhead: L x Linear({DIM}, {DIM}) + ReLU, 1 token, fp32, {platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    print(
+        f"backend overhead: L x Linear({DIM}, {DIM}) + ReLU, 1 token, fp32, {platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds"
+    )
     print(f"{'contender':<16} {'L=4 us':>8} {'L=12 us':>8} {'per op us':>10}")
     for name in slope:
         print(f"{name:<16} {med[(name, lo)]:>8.1f} {med[(name, hi)]:>8.1f} {slope[name]:>10.1f}")
-    print(f"routing overhead per op: flashtune - inductor = {slope['flashtune'] - slope['inductor']:+.1f} us; "
-          f"flashtune_eager - functional = {slope['flashtune_eager'] - slope['functional']:+.1f} us; "
-          f"dispatcher floor (custom_op_floor - functional) = {slope['custom_op_floor'] - slope['functional']:+.1f} us")
+    print(
+        f"routing overhead per op: flashtune - inductor = {slope['flashtune'] - slope['inductor']:+.1f} us; "
+        f"flashtune_eager - functional = {slope['flashtune_eager'] - slope['functional']:+.1f} us; "
+        f"dispatcher floor (custom_op_floor - functional) = {slope['custom_op_floor'] - slope['functional']:+.1f} us"
+    )
 
 
 if __name__ == "__main__":

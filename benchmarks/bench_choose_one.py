@@ -51,13 +51,15 @@ def main() -> None:
     samples: dict[str, list[float]] = {k: [] for k in contenders}
     for r in range(args.rounds):
         names = list(contenders)
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(timeit.timeit(contenders[name], number=args.number) / args.number * 1e9)
     assert tuner.stats.misses == 1 and tuner.stats.profiles == 3  # every timed call above was a hit
 
     base = statistics.median(samples["dict_lookup"])
-    print(f"choose_one warm path, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.rounds} interleaved rounds x {args.number} calls")
+    print(
+        f"choose_one warm path, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{args.rounds} interleaved rounds x {args.number} calls"
+    )
     print(f"{'contender':<16} {'median ns':>10} {'min ns':>8} {'x dict':>8}")
     for name, s in samples.items():
         med = statistics.median(s)

@@ -45,8 +45,10 @@ def main() -> None:
     config = ft.TuningConfig(dynamic=(ft.DynamicDim(0, 0, buckets="pow2"),))
     careful = ProfilerSettings(rounds=9, min_rounds=5, max_seconds=20.0)
     ms = [m for m in (args.ms or MS) if m <= args.max_m]
-    print(f"{'dtype':<5} {'M':>5} {'N':>6} {'K':>6}  {'chosen':<34} {'default ms':>10} {'tuned ms':>9} {'speedup':>7}"
-          f" {'tune s':>6}")
+    print(
+        f"{'dtype':<5} {'M':>5} {'N':>6} {'K':>6}  {'chosen':<34} {'default ms':>10} {'tuned ms':>9} {'speedup':>7}"
+        f" {'tune s':>6}"
+    )
     for dname in args.dtypes:
         logs = []
         for n, k in NKS:
@@ -57,17 +59,22 @@ def main() -> None:
                 start = time.perf_counter()
                 runner, tactic = tuner.choose_one("linear", runners, config, (x, w, None))
                 tune_s = time.perf_counter() - start
-                default = lambda: runners[0].forward((x, w, None), -1)  # noqa: E731
-                tuned = lambda: runner.forward((x, w, None), tactic)  # noqa: E731
+                default = lambda x=x, w=w: runners[0].forward((x, w, None), -1)  # noqa: E731
+                tuned = lambda x=x, w=w, r=runner, t=tactic: r.forward((x, w, None), t)  # noqa: E731
                 default(), tuned()
                 t_def, t_tun = time_candidates([default, tuned], device, careful)
                 speedup = t_def.median / t_tun.median
                 logs.append(math.log(speedup))
                 chosen = f"{runner.name}[{tactic}]"
-                print(f"{dname:<5} {m:>5} {n:>6} {k:>6}  {chosen:<34} {t_def.median * 1e3:>10.3f} "
-                      f"{t_tun.median * 1e3:>9.3f} {speedup:>6.2f}x {tune_s:>6.1f}", flush=True)
-        print(f"{dname}: geometric-mean speedup {math.exp(sum(logs) / len(logs)):.3f}x over {len(logs)} shapes, "
-              f"min {math.exp(min(logs)):.3f}x")
+                print(
+                    f"{dname:<5} {m:>5} {n:>6} {k:>6}  {chosen:<34} {t_def.median * 1e3:>10.3f} "
+                    f"{t_tun.median * 1e3:>9.3f} {speedup:>6.2f}x {tune_s:>6.1f}",
+                    flush=True,
+                )
+        print(
+            f"{dname}: geometric-mean speedup {math.exp(sum(logs) / len(logs)):.3f}x over {len(logs)} shapes, "
+            f"min {math.exp(min(logs)):.3f}x"
+        )
     if cuda:
         from flashtune_compile.kernels.triton_runner import TritonGemmRunner
 
@@ -79,10 +86,14 @@ def main() -> None:
         for f in fns:
             f()
         best = min(zip(time_candidates(fns, device), tactics), key=lambda p: p[0].median)[1]
-        t_cublas, t_triton = time_candidates([lambda: runners[0].forward((x, w, None), -1),
-                                              lambda: tri.forward((x, w, None), best)], device, careful)
-        print(f"Triton GEMM vs cuBLAS, bf16 4096^3: {t_cublas.median / t_triton.median:.3f}x "
-              f"(best of {len(tactics)} tactics: {best})")
+        t_cublas, t_triton = time_candidates(
+            [lambda: runners[0].forward((x, w, None), -1), lambda: tri.forward((x, w, None), best)], device, careful
+        )
+        print(
+            f"Triton GEMM vs cuBLAS, bf16 4096^3: {t_cublas.median / t_triton.median:.3f}x "
+            f"(best of {len(tactics)} tactics: {best})"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -50,8 +50,12 @@ def ints(s: str) -> list[int]:
 
 
 def make_experts(args, dtype: torch.dtype) -> MixtralExperts:
-    config = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.inter, num_local_experts=args.experts,
-                           num_experts_per_tok=args.topk)
+    config = MixtralConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.inter,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.topk,
+    )
     config._experts_implementation = "grouped_mm"
     torch.manual_seed(0)
     experts = MixtralExperts(config)
@@ -113,10 +117,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="flashtune-bench-moe-")
-    print(f"MoE experts (MixtralExperts, grouped_mm): E={args.experts} top-k={args.topk} H={args.hidden} "
-          f"I={args.inter}; {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {args.rounds} interleaved rounds, >= {args.ms:g} ms/sample, "
-          f"top-k dim {'symbolic' if args.dynamic_topk else 'static'}")
+    print(
+        f"MoE experts (MixtralExperts, grouped_mm): E={args.experts} top-k={args.topk} H={args.hidden} "
+        f"I={args.inter}; {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {args.rounds} interleaved rounds, >= {args.ms:g} ms/sample, "
+        f"top-k dim {'symbolic' if args.dynamic_topk else 'static'}"
+    )
     rng, results = random.Random(0), {}
     ft.reset_stats()
     with torch.no_grad():
@@ -124,8 +130,9 @@ def main() -> None:
             experts = make_experts(args, dtype)
             compiled = {
                 "inductor": torch.compile(experts, backend="inductor", dynamic=True, fullgraph=True),
-                "flashtune": torch.compile(experts, backend="flashtune", dynamic=True, fullgraph=True,
-                                           options={"cache_dir": cache_dir}),
+                "flashtune": torch.compile(
+                    experts, backend="flashtune", dynamic=True, fullgraph=True, options={"cache_dir": cache_dir}
+                ),
             }
             inputs = {}
             for t in args.tokens:  # compile, warm (flashtune tunes the bucket of t here) and check
@@ -143,14 +150,17 @@ def main() -> None:
             for t in args.tokens:
                 print(f"[{dname}] T={t}: timing", file=sys.stderr, flush=True)
                 x = inputs[t]
-                results[dtype, t] = time_contenders({n: (lambda f=f: f(*x)) for n, f in calls.items()},
-                                                    args.rounds, args.ms, rng)
+                results[dtype, t] = time_contenders(
+                    {n: (lambda f=f, x=x: f(*x)) for n, f in calls.items()}, args.rounds, args.ms, rng
+                )
     print(f"flashtune tuning time, all buckets: {ft.stats()['tuning_seconds']:.1f} s")
     worse = []
     for dname, dtype in dtypes.items():
         print(f"\n{dname}")
-        print(f"{'T':>5} {'eager ms':>9} {'inductor ms':>11} {'flashtune ms':>12} {'vs eager':>9} {'vs inductor':>11}"
-              f" {'vs best':>8}")
+        print(
+            f"{'T':>5} {'eager ms':>9} {'inductor ms':>11} {'flashtune ms':>12} {'vs eager':>9} {'vs inductor':>11}"
+            f" {'vs best':>8}"
+        )
         logs = []
         for t in args.tokens:
             r = results[dtype, t]
@@ -158,19 +168,25 @@ def main() -> None:
             logs.append(math.log(gain))
             if gain < 1:
                 worse.append(f"{dname} T={t} ({gain:.2f}x)")
-            print(f"{t:>5} {r['eager']:>9.3f} {r['inductor']:>11.3f} {r['flashtune']:>12.3f} "
-                  f"{r['eager'] / r['flashtune']:>8.2f}x {r['inductor'] / r['flashtune']:>10.2f}x {gain:>7.2f}x")
+            print(
+                f"{t:>5} {r['eager']:>9.3f} {r['inductor']:>11.3f} {r['flashtune']:>12.3f} "
+                f"{r['eager'] / r['flashtune']:>8.2f}x {r['inductor'] / r['flashtune']:>10.2f}x {gain:>7.2f}x"
+            )
         print(f"{'geomean gain over best of eager/inductor':>51} {math.exp(sum(logs) / len(logs)):>7.2f}x")
     moe = [e for e in ft.tactics() if e["op"] == "moe"]
     print("\nflashtune moe tactics (dtype, bucket: kernel[tactic], tuned time vs default):")
     if not moe:
-        print("  none: the MoE pattern was not routed to flashtune.moe "
-              f"(ops tuned: {sorted({e['op'] for e in ft.tactics()})})")
+        print(
+            "  none: the MoE pattern was not routed to flashtune.moe "
+            f"(ops tuned: {sorted({e['op'] for e in ft.tactics()})})"
+        )
     dtype_of = lambda e: e["shape_key"][0][2] if isinstance(e["shape_key"][0], tuple) else "?"  # noqa: E731
     for e in sorted(moe, key=lambda e: (dtype_of(e), len(e["bucket"]), e["bucket"])):
         dt = dtype_of(e)
-        print(f"  {dt:<9} {str(e['bucket']):<8} {e['kernel']}[{e['tactic']}]  {e['time_s'] * 1e3:.3f} ms "
-              f"vs {e['default_s'] * 1e3:.3f} ms ({e['speedup']:.2f}x, {e['timed']} timed)")
+        print(
+            f"  {dt:<9} {str(e['bucket']):<8} {e['kernel']}[{e['tactic']}]  {e['time_s'] * 1e3:.3f} ms "
+            f"vs {e['default_s'] * 1e3:.3f} ms ({e['speedup']:.2f}x, {e['timed']} timed)"
+        )
     print("flashtune slower than the best of eager/inductor at: " + (", ".join(worse) if worse else "nowhere"))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import multiprocessing as mp
-import time
 
 import torch
 
@@ -53,7 +52,7 @@ def main() -> None:
             _, tactic = tuner.choose_one("linear", runners, cfg, (x, w, b))
             picks[tactic] += 1
         careful = ProfilerSettings(rounds=41, prune_after=10**9, block_seconds=5e-3)
-        fns = [lambda t=t: runner.forward((x, w, b), t) for t in tactics]
+        fns = [lambda t=t, x=x, w=w, b=b: runner.forward((x, w, b), t) for t in tactics]
         for f in fns:
             f()
         truth = {t: timing.median for t, timing in zip(tactics, time_cpu(fns, careful))}

@@ -35,9 +35,9 @@ from rich.table import Table  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decoder import Decoder, DecoderConfig  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 import flashtune_compile as ft  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
@@ -49,8 +49,13 @@ def winners_table() -> Table:
     for rec in sorted(ft.tactics(), key=lambda r: (str(r["shape_key"][1]), r["bucket"])):
         n, k = rec["shape_key"][1][1]
         bucket = str(rec["bucket"][0]) if rec["bucket"] else "1 (static)"
-        table.add_row(f"{k} x {n}", bucket, f"{rec['kernel']} [{rec['tactic']}]", f"{rec['time_s'] * 1e6:.1f}",
-                      f"{rec['speedup']:.2f}x")
+        table.add_row(
+            f"{k} x {n}",
+            bucket,
+            f"{rec['kernel']} [{rec['tactic']}]",
+            f"{rec['time_s'] * 1e6:.1f}",
+            f"{rec['speedup']:.2f}x",
+        )
     return table
 
 
@@ -62,8 +67,9 @@ def child(phase: str, artifact: Path, metrics: Path) -> None:
         t = time.perf_counter()
         loaded = ft.load_artifacts(artifact)
         load_s = time.perf_counter() - t
-        console.print(f"loaded {loaded['tactics']} tactics and {loaded['inductor']} Inductor artifacts "
-                      f"in {load_s:.2f}s")
+        console.print(
+            f"loaded {loaded['tactics']} tactics and {loaded['inductor']} Inductor artifacts in {load_s:.2f}s"
+        )
     torch.manual_seed(0)
     model = Decoder(DecoderConfig()).eval()
     compiled = torch.compile(model, backend="flashtune", dynamic=True)
@@ -79,14 +85,27 @@ def child(phase: str, artifact: Path, metrics: Path) -> None:
         Console().print(winners_table())
         ft.save_artifacts(artifact)
     inductor = counters["inductor"]
-    metrics.write_text(json.dumps({
-        **ft.stats(), "load_s": load_s, "first_output_s": load_s + first_output, "ready_s": load_s + report.seconds,
-        "startup_s": started, "fx_hits": inductor["fxgraph_cache_hit"], "fx_misses": inductor["fxgraph_cache_miss"]}))
+    metrics.write_text(
+        json.dumps(
+            {
+                **ft.stats(),
+                "load_s": load_s,
+                "first_output_s": load_s + first_output,
+                "ready_s": load_s + report.seconds,
+                "startup_s": started,
+                "fx_hits": inductor["fxgraph_cache_hit"],
+                "fx_misses": inductor["fxgraph_cache_miss"],
+            }
+        )
+    )
 
 
 def run_child(phase: str, work: Path, artifact: Path) -> dict:
-    env = {**os.environ, "FLASHTUNE_CACHE_DIR": str(work / phase / "tactics"),
-           "TORCHINDUCTOR_CACHE_DIR": str(work / phase / "inductor")}
+    env = {
+        **os.environ,
+        "FLASHTUNE_CACHE_DIR": str(work / phase / "tactics"),
+        "TORCHINDUCTOR_CACHE_DIR": str(work / phase / "inductor"),
+    }
     env.pop("FLASHTUNE_TUNE", None)
     metrics = work / f"{phase}.json"
     start = time.perf_counter()
@@ -102,6 +121,7 @@ def compare(cold: dict, warm: dict) -> Table:
     def row(name: str, key: str, fmt: str = "{:.2f}s") -> None:
         c, w = cold[key], warm[key]
         table.add_row(name, fmt.format(c), fmt.format(w), f"{w / c:.0%}" if c else "")
+
     row("first output (compile + tune/load, 1 token)", "first_output_s")
     row("ready: all 9 token counts run", "ready_s")
     row("  of which tuning", "tuning_seconds")
@@ -124,8 +144,10 @@ def main() -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         artifact = work / "decoder.ftart"
-        console.print(f"[bold]flashtune quickstart[/]: decoder {DecoderConfig()}, fp32, "
-                      f"{'CUDA' if torch.cuda.is_available() else 'CPU'}")
+        console.print(
+            f"[bold]flashtune quickstart[/]: decoder {DecoderConfig()}, fp32, "
+            f"{'CUDA' if torch.cuda.is_available() else 'CPU'}"
+        )
         console.rule("cold process: compile, tune every bucket, save the artifact")
         cold = run_child("cold", work, artifact)
         console.print(f"artifact: {artifact} ({artifact.stat().st_size / 1e3:.0f} kB)")

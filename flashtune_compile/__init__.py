@@ -30,7 +30,28 @@ from .tuner import (  # noqa: E402
 )
 from .warmup import WarmupReport, warmup  # noqa: E402
 
-__all__ = ["__version__", "backend", "ArtifactError", "AutoTuner", "BucketProfile", "CacheFileError", "ConstraintSpec",
-           "DEFAULT_TACTIC", "DynamicDim", "ProfilerSettings", "TunableRunner", "TuningConfig", "WarmupReport",
-           "autotune", "clear_cache", "load_artifacts", "load_cache", "reset_stats", "save_artifacts", "save_cache",
-           "stats", "tactics", "warmup"]
+__all__ = [
+    "__version__",
+    "backend",
+    "ArtifactError",
+    "AutoTuner",
+    "BucketProfile",
+    "CacheFileError",
+    "ConstraintSpec",
+    "DEFAULT_TACTIC",
+    "DynamicDim",
+    "ProfilerSettings",
+    "TunableRunner",
+    "TuningConfig",
+    "WarmupReport",
+    "autotune",
+    "clear_cache",
+    "load_artifacts",
+    "load_cache",
+    "reset_stats",
+    "save_artifacts",
+    "save_cache",
+    "stats",
+    "tactics",
+    "warmup",
+]

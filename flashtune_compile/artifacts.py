@@ -77,8 +77,11 @@ def _inductor_libraries() -> dict[str, bytes]:
         from torch._inductor import codecache
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        keys = set(codecache.CppCodeCache.cache) | set(codecache.CppPythonBindingsCodeCache.cache) | \
-            set(codecache.CppWrapperCodeCache.cache)
+        keys = (
+            set(codecache.CppCodeCache.cache)
+            | set(codecache.CppPythonBindingsCodeCache.cache)
+            | set(codecache.CppWrapperCodeCache.cache)
+        )
         root = Path(cache_dir())
         files = {f for key in keys for f in (root / key[1:3]).glob(f"{key}*.so")}
         files |= {f for f in root.glob("*/c*.so") if f.stat().st_mtime >= _IMPORTED_AT}
@@ -112,8 +115,15 @@ def save_artifacts(path: str | Path) -> dict[str, Any]:
     saved = torch.compiler.save_cache_artifacts()
     blob, inductor = (saved[0], sum(len(v) for v in saved[1].artifacts.values())) if saved else (b"", 0)
     libraries = _inductor_libraries() if inductor else {}
-    manifest = {"kind": KIND, "version": VERSION, "env": tuner.cache.env, "created": time.time(),
-                "tactics": len(entries), "inductor": inductor, "libraries": len(libraries)}
+    manifest = {
+        "kind": KIND,
+        "version": VERSION,
+        "env": tuner.cache.env,
+        "created": time.time(),
+        "tactics": len(entries),
+        "inductor": inductor,
+        "libraries": len(libraries),
+    }
 
     def write(f) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -126,11 +136,20 @@ def save_artifacts(path: str | Path) -> dict[str, Any]:
 
     atomic_write(path, write)
     size = path.stat().st_size
-    log.info("flashtune: saved %d tactics, %d Inductor artifacts and %d kernel libraries to %s (%d bytes)",
-             len(entries), inductor, len(libraries), path, size)
+    log.info(
+        "flashtune: saved %d tactics, %d Inductor artifacts and %d kernel libraries to %s (%d bytes)",
+        len(entries),
+        inductor,
+        len(libraries),
+        path,
+        size,
+    )
     if not inductor:
-        log.info("flashtune: no Inductor artifacts in this process (nothing compiled by Inductor yet, or "
-                 "inner='eager'); %s holds tactics only", path)
+        log.info(
+            "flashtune: no Inductor artifacts in this process (nothing compiled by Inductor yet, or "
+            "inner='eager'); %s holds tactics only",
+            path,
+        )
     return {"tactics": len(entries), "inductor": inductor, "libraries": len(libraries), "bytes": size}
 
 
@@ -141,8 +160,9 @@ def _read(path: Path) -> tuple[dict[str, Any], Any, bytes, dict[str, bytes]]:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if "manifest.json" not in names or "tactics.json" not in names:
-                raise ArtifactError(f"{path}: not a flashtune artifact file (a zip archive without a "
-                                    f"flashtune manifest and tactics)")
+                raise ArtifactError(
+                    f"{path}: not a flashtune artifact file (a zip archive without a flashtune manifest and tactics)"
+                )
             manifest = json.loads(zf.read("manifest.json"))
             doc = json.loads(zf.read("tactics.json"))
             blob = zf.read("inductor.bin") if "inductor.bin" in names else b""
@@ -153,14 +173,17 @@ def _read(path: Path) -> tuple[dict[str, Any], Any, bytes, dict[str, bytes]]:
         raise ArtifactError(f"{path}: no such artifact file") from None
     except (OSError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
         if _is_tactic_document(path):
-            raise ArtifactError(f"{path}: is a tactic cache document, not an artifact file; load it with "
-                                f"ft.load_cache or `flashtune cache import`") from None
+            raise ArtifactError(
+                f"{path}: is a tactic cache document, not an artifact file; load it with "
+                f"ft.load_cache or `flashtune cache import`"
+            ) from None
         raise ArtifactError(f"{path}: not a readable flashtune artifact file ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise ArtifactError(f"{path}: not a flashtune artifact file (manifest kind {manifest!r:.80})")
     if manifest.get("version") != VERSION:
-        raise ArtifactError(f"{path}: artifact format version {manifest.get('version')!r}; this flashtune "
-                            f"reads version {VERSION}")
+        raise ArtifactError(
+            f"{path}: artifact format version {manifest.get('version')!r}; this flashtune reads version {VERSION}"
+        )
     bad = sorted(rel for rel in libraries if not _LIBRARY.fullmatch(rel))
     if bad:
         raise ArtifactError(f"{path}: holds files that are not Inductor kernel libraries: {bad[:3]}")
@@ -179,26 +202,39 @@ def load_artifacts(path: str | Path) -> dict[str, Any]:
     if manifest.get("env") != here:
         diff = env_diff(manifest.get("env"), here)
         said = ", ".join(f"{k} {theirs!r} (here {ours!r})" for k, (theirs, ours) in diff.items())
-        raise ArtifactError(f"{path}: made under another environment, so none of it is used: {said}. "
-                            f"Make the artifact again on this machine and software (ft.warmup, then "
-                            f"ft.save_artifacts).")
+        raise ArtifactError(
+            f"{path}: made under another environment, so none of it is used: {said}. "
+            f"Make the artifact again on this machine and software (ft.warmup, then "
+            f"ft.save_artifacts)."
+        )
     try:
         entries = parse_document(doc, f"{path}:tactics.json", here)
     except CacheFileError as e:
         raise ArtifactError(str(e)) from None
     if tuner.stats.compiles:
-        log.warning("flashtune: load_artifacts(%s) after %d graph(s) were compiled in this process: those "
-                    "keep their compiled code; call it before the first compile", path, tuner.stats.compiles)
+        log.warning(
+            "flashtune: load_artifacts(%s) after %d graph(s) were compiled in this process: those "
+            "keep their compiled code; call it before the first compile",
+            path,
+            tuner.stats.compiles,
+        )
     inductor = 0
     if blob:
         try:
             info = torch.compiler.load_cache_artifacts(blob)
         except Exception as e:  # Inductor's own format check: the bytes are damaged or foreign
-            raise ArtifactError(f"{path}: Inductor refused its compile artifacts "
-                                f"({type(e).__name__}: {e}); nothing was loaded") from None
+            raise ArtifactError(
+                f"{path}: Inductor refused its compile artifacts ({type(e).__name__}: {e}); nothing was loaded"
+            ) from None
         inductor = sum(len(v) for v in info.artifacts.values()) if info else 0
     restored = _restore_libraries(libraries) if libraries else 0
     tuner.cache.merge_in(entries)
-    log.info("flashtune: loaded %d tactics, %d Inductor artifacts and %d kernel libraries (%d new here) "
-             "from %s", len(entries), inductor, len(libraries), restored, path)
+    log.info(
+        "flashtune: loaded %d tactics, %d Inductor artifacts and %d kernel libraries (%d new here) from %s",
+        len(entries),
+        inductor,
+        len(libraries),
+        restored,
+        path,
+    )
     return {"tactics": len(entries), "inductor": inductor, "libraries": len(libraries)}

@@ -10,9 +10,10 @@ survive; or eager FX). Registered through the ``torch_dynamo_backends`` entry po
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -35,8 +36,8 @@ class Options:
     """The backend's options, validated. See DESIGN.md for what each means."""
 
     inner: str = "inductor"
-    tune: str | None = None                # None: the tuner's mode ($FLASHTUNE_TUNE, else "auto")
-    cache_dir: Any = _UNSET                # _UNSET: the tuner's ($FLASHTUNE_CACHE_DIR, else user cache)
+    tune: str | None = None  # None: the tuner's mode ($FLASHTUNE_TUNE, else "auto")
+    cache_dir: Any = _UNSET  # _UNSET: the tuner's ($FLASHTUNE_CACHE_DIR, else user cache)
     ops: frozenset = frozenset(OP_FAMILIES)
     buckets: Any = "hybrid"
     max_tokens: int = 8192
@@ -88,14 +89,16 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
         kw["max_tokens"] = mt
     if "moe_routing" in options:
         if options["moe_routing"] not in ROUTINGS:
-            raise ValueError(f"flashtune option 'moe_routing' must be one of {list(ROUTINGS)}, "
-                             f"got {options['moe_routing']!r}")
+            raise ValueError(
+                f"flashtune option 'moe_routing' must be one of {list(ROUTINGS)}, got {options['moe_routing']!r}"
+            )
         kw["moe_routing"] = options["moe_routing"]
     if "buckets" in options:
         b = options["buckets"]
         if isinstance(b, str) and b not in LADDERS:
-            raise ValueError(f"flashtune option 'buckets' must be one of {list(LADDERS)} or a sorted list "
-                             f"of ints, got {b!r}")
+            raise ValueError(
+                f"flashtune option 'buckets' must be one of {list(LADDERS)} or a sorted list of ints, got {b!r}"
+            )
         try:
             make_ladder(b, kw.get("max_tokens", 8192))
         except (ValueError, TypeError) as e:
@@ -119,21 +122,33 @@ def _direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, options: Mapping[str, Any] | None = None,
-            mode: str | None = None) -> Callable[..., Any]:
+def backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
     """Route the graph's matmul family to tunable ops, then compile it with the inner compiler."""
     opts = parse_options(options)
     tuner = AutoTuner.get()
     if opts.cache_dir is not _UNSET:
         tuner.use_cache_dir(opts.cache_dir)
-    settings = RouteSettings(ops=opts.ops, kernels=tuple(sorted(opts.kernels)), ladder=opts.buckets,
-                             max_tokens=opts.max_tokens, tune=opts.tune, routing=opts.moe_routing)
+    settings = RouteSettings(
+        ops=opts.ops,
+        kernels=tuple(sorted(opts.kernels)),
+        ladder=opts.buckets,
+        max_tokens=opts.max_tokens,
+        tune=opts.tune,
+        routing=opts.moe_routing,
+    )
     routed = rewrite_moe(gm, settings)  # first: its batched pattern holds bmm nodes
     routed += rewrite_matmuls(gm, settings)
     tuner.stats.routed_ops += routed
     tuner.stats.compiles += 1
-    log.info("flashtune: routed %d op(s) of a %d-node graph; inner compiler %s", routed, len(gm.graph.nodes),
-             opts.inner)
+    log.info(
+        "flashtune: routed %d op(s) of a %d-node graph; inner compiler %s", routed, len(gm.graph.nodes), opts.inner
+    )
     if opts.inner == "eager":
         return _direct_calls(gm).forward
     from torch._inductor import list_mode_options

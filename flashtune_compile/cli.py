@@ -13,10 +13,10 @@ command line keeps argparse's exit status 2. Nothing here writes a cache documen
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -33,6 +33,7 @@ class UserError(Exception):
 
 
 # -- reading and formatting documents ------------------------------------------------------------
+
 
 def _documents(directory: Path | None) -> list[Path]:
     """Every tactic document in ``directory``, sorted by name (none if it does not exist)."""
@@ -99,12 +100,21 @@ def _table(title: str, entries: dict[Key, Entry]) -> Table:
     for key in sorted(entries, key=_sort_key):
         e = entries[key]
         timed = e.time_s > 0  # a bucket with a single candidate is recorded untimed
-        table.add_row(key[0], _shapes(key[2]), _dtypes(key[2]), _bucket(key[4]), e.runner, _tactic(e.tactic),
-                      f"{e.time_s * 1e6:.1f}" if timed else "untimed", f"{e.speedup:.2f}x" if timed else "-")
+        table.add_row(
+            key[0],
+            _shapes(key[2]),
+            _dtypes(key[2]),
+            _bucket(key[4]),
+            e.runner,
+            _tactic(e.tactic),
+            f"{e.time_s * 1e6:.1f}" if timed else "untimed",
+            f"{e.speedup:.2f}x" if timed else "-",
+        )
     return table
 
 
 # -- commands ------------------------------------------------------------------------------------
+
 
 def cmd_show(args: argparse.Namespace, out: Console) -> int:
     """Print one table per document; 1 if any document was unreadable (the others still shown)."""
@@ -145,8 +155,10 @@ def cmd_import(args: argparse.Namespace, out: Console) -> int:
         raise UserError(f"{path}: no such file")
     if artifacts.is_artifact(path):
         loaded = artifacts.load_artifacts(path)
-        out.print(f"imported {loaded['tactics']} tactic entries, {loaded['inductor']} Inductor artifacts and "
-                  f"{loaded['libraries']} kernel libraries from {path}")
+        out.print(
+            f"imported {loaded['tactics']} tactic entries, {loaded['inductor']} Inductor artifacts and "
+            f"{loaded['libraries']} kernel libraries from {path}"
+        )
     else:
         n = AutoTuner.get().cache.load(path)
         out.print(f"imported {n} entries from {path} into {AutoTuner.get().cache.path}")
@@ -165,9 +177,11 @@ def cmd_merge(args: argparse.Namespace, out: Console) -> int:
         if env is None:
             env, first = their_env, path
         elif their_env != env:
-            raise UserError(f"{path}: made under another environment than {first}; differs in "
-                            f"({path} vs {first}): "
-                            + "; ".join(f"{k}: {a} vs {b}" for k, (a, b) in env_diff(their_env, env).items()))
+            raise UserError(
+                f"{path}: made under another environment than {first}; differs in "
+                f"({path} vs {first}): "
+                + "; ".join(f"{k}: {a} vs {b}" for k, (a, b) in env_diff(their_env, env).items())
+            )
         merge(merged, entries)
         out.print(f"{path}: {len(entries)} entries")
     assert env is not None
@@ -242,18 +256,21 @@ def cmd_report(args: argparse.Namespace, out: Console) -> int:
         fig.savefig(args.png, dpi=120)
     finally:
         plt.close(fig)
-    out.print(f"wrote {args.png} ({len(bucketed)} entries, {len(ops)} ops); "
-              f"skipped {skipped} static-shape entries")
+    out.print(f"wrote {args.png} ({len(bucketed)} entries, {len(ops)} ops); skipped {skipped} static-shape entries")
     return 0
 
 
 # -- entry point ---------------------------------------------------------------------------------
 
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashtune", description="Inspect and move flashtune's tactic cache.")
     p.add_argument("--version", action="version", version=f"flashtune {__version__}")
-    p.add_argument("--cache-dir", metavar="DIR", help="the cache directory (default: $FLASHTUNE_CACHE_DIR, "
-                   "else the user cache dir)")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="the cache directory (default: $FLASHTUNE_CACHE_DIR, else the user cache dir)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     cache = sub.add_parser("cache", help="show, export, import, merge or clear tactic documents")
     csub = cache.add_subparsers(dest="action", required=True)
@@ -262,8 +279,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--op", help="only entries of this op")
     show.set_defaults(run=cmd_show)
     csub.add_parser("export", help="write this environment's entries to FILE").set_defaults(run=cmd_export)
-    csub.add_parser("import", help="merge FILE (a tactic document or an artifact bundle) into the cache") \
-        .set_defaults(run=cmd_import)
+    csub.add_parser("import", help="merge FILE (a tactic document or an artifact bundle) into the cache").set_defaults(
+        run=cmd_import
+    )
     for name in ("export", "import"):
         csub.choices[name].add_argument("file", metavar="FILE")
     mrg = csub.add_parser("merge", help="merge documents of one environment into OUT")

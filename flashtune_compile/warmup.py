@@ -13,8 +13,9 @@ import io
 import logging
 import operator
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -34,12 +35,12 @@ class WarmupStep:
     """What one warmup call did."""
 
     num_tokens: int
-    bucket: int        # the ladder bucket the token count maps to
-    seconds: float     # wall time of the call, compiling and tuning included
-    tuned: int         # buckets profiled (one per op shape that had not seen this bucket)
-    timings: int       # candidate timings run
-    hits: int          # tactic-cache hits
-    compiles: int      # graphs the flashtune backend compiled during the call
+    bucket: int  # the ladder bucket the token count maps to
+    seconds: float  # wall time of the call, compiling and tuning included
+    tuned: int  # buckets profiled (one per op shape that had not seen this bucket)
+    timings: int  # candidate timings run
+    hits: int  # tactic-cache hits
+    compiles: int  # graphs the flashtune backend compiled during the call
 
 
 @dataclass
@@ -62,16 +63,32 @@ class WarmupReport:
         return sum(s.compiles for s in self.steps)
 
     def table(self) -> Table:
-        t = Table(title=f"flashtune warmup: {len(self.steps)} token counts, {self.tuned} buckets tuned, "
-                        f"{self.timings} timings, {self.seconds:.1f}s", show_footer=True)
-        cols = [("tokens", "total"), ("bucket", ""), ("seconds", f"{self.seconds:.2f}"),
-                ("buckets tuned", str(self.tuned)), ("timings", str(self.timings)),
-                ("cache hits", str(sum(s.hits for s in self.steps))), ("graphs compiled", str(self.compiles))]
+        t = Table(
+            title=f"flashtune warmup: {len(self.steps)} token counts, {self.tuned} buckets tuned, "
+            f"{self.timings} timings, {self.seconds:.1f}s",
+            show_footer=True,
+        )
+        cols = [
+            ("tokens", "total"),
+            ("bucket", ""),
+            ("seconds", f"{self.seconds:.2f}"),
+            ("buckets tuned", str(self.tuned)),
+            ("timings", str(self.timings)),
+            ("cache hits", str(sum(s.hits for s in self.steps))),
+            ("graphs compiled", str(self.compiles)),
+        ]
         for name, footer in cols:
             t.add_column(name, footer=footer, justify="right")
         for s in self.steps:
-            t.add_row(str(s.num_tokens), str(s.bucket), f"{s.seconds:.2f}", str(s.tuned), str(s.timings),
-                      str(s.hits), str(s.compiles))
+            t.add_row(
+                str(s.num_tokens),
+                str(s.bucket),
+                f"{s.seconds:.2f}",
+                str(s.tuned),
+                str(s.timings),
+                str(s.hits),
+                str(s.compiles),
+            )
         return t
 
     def __rich__(self) -> Table:
@@ -117,8 +134,12 @@ def token_axis(compiled: Any, max_tokens: int | None = None, buckets: Any = None
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"ft.warmup: max_tokens must be a positive int, got {max_tokens!r}")
     opts = backend_options(compiled) or Options()
-    return DynamicDim(0, 0, buckets=buckets if buckets is not None else opts.buckets,
-                      max_size=max_tokens if max_tokens is not None else opts.max_tokens)
+    return DynamicDim(
+        0,
+        0,
+        buckets=buckets if buckets is not None else opts.buckets,
+        max_size=max_tokens if max_tokens is not None else opts.max_tokens,
+    )
 
 
 def _call(compiled: Callable[..., Any], inputs: Any) -> Any:
@@ -141,9 +162,16 @@ def _check_sizes(num_tokens: Iterable[int]) -> list[int]:
     return sorted(set(sizes))
 
 
-def warmup(compiled: Callable[..., Any], make_inputs: Callable[[int], Any], num_tokens: Iterable[int] | None = None,
-           *, max_tokens: int | None = None, buckets: Any = None, grad: bool = False,
-           progress: bool = True) -> WarmupReport:
+def warmup(
+    compiled: Callable[..., Any],
+    make_inputs: Callable[[int], Any],
+    num_tokens: Iterable[int] | None = None,
+    *,
+    max_tokens: int | None = None,
+    buckets: Any = None,
+    grad: bool = False,
+    progress: bool = True,
+) -> WarmupReport:
     """Call ``compiled(*make_inputs(n))`` once per token count ``n``, tuning every unseen bucket.
 
     ``make_inputs(n)`` returns the call's positional args (a tuple; a dict is passed as keyword
@@ -187,8 +215,7 @@ def warmup(compiled: Callable[..., Any], make_inputs: Callable[[int], Any], num_
                 seconds = time.perf_counter() - t0
                 after = (stats.misses - stats.fallbacks, stats.profiles, stats.hits, stats.compiles)
                 delta = [a - b for a, b in zip(after, before)]
-                report.steps.append(WarmupStep(current, axis.bucket(current), seconds,
-                                               *delta))
+                report.steps.append(WarmupStep(current, axis.bucket(current), seconds, *delta))
                 bar.update(1)
     finally:
         tuner.listeners.remove(on_tune)
@@ -198,6 +225,11 @@ def warmup(compiled: Callable[..., Any], make_inputs: Callable[[int], Any], num_
         log.warning("flashtune: warmup ran no flashtune op; was the model compiled with backend='flashtune'?")
     if progress:
         Console(stderr=True).print(report.table())
-    log.info("flashtune: warmup of %d token counts took %.1fs: %d buckets tuned, %d timings", len(sizes),
-             report.seconds, report.tuned, report.timings)
+    log.info(
+        "flashtune: warmup of %d token counts took %.1fs: %d buckets tuned, %d timings",
+        len(sizes),
+        report.seconds,
+        report.tuned,
+        report.timings,
+    )
     return report

@@ -41,5 +41,15 @@ with torch.no_grad():
 saved = ft.save_artifacts(path) if mode == "make" else None
 after = libraries()
 built = sorted(rel for rel, mtime in after.items() if before.get(rel) != mtime)
-print(json.dumps({"stats": ft.stats(), "loaded": loaded, "saved": saved, "tuned": report.tuned, "built": built,
-                  "counters": {k: dict(counters[k]) for k in ("inductor", "aot_autograd")}}))
+print(
+    json.dumps(
+        {
+            "stats": ft.stats(),
+            "loaded": loaded,
+            "saved": saved,
+            "tuned": report.tuned,
+            "built": built,
+            "counters": {k: dict(counters[k]) for k in ("inductor", "aot_autograd")},
+        }
+    )
+)

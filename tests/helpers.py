@@ -42,7 +42,7 @@ class MMChunked(ft.TunableRunner):
         self.calls[tactic] += 1
         x, w = inputs[0], inputs[1]
         step = x.shape[0] if tactic == -1 else tactic
-        return torch.cat([x[i:i + step] @ w for i in range(0, x.shape[0], max(step, 1))]) if x.shape[0] else x @ w
+        return torch.cat([x[i : i + step] @ w for i in range(0, x.shape[0], max(step, 1))]) if x.shape[0] else x @ w
 
 
 class MMWrong(ft.TunableRunner):

@@ -24,11 +24,19 @@ def fresh_dynamo():
 
 
 def _worker(mode, path, tmp_path):
-    env = {**os.environ, "FLASHTUNE_CACHE_DIR": str(tmp_path / f"{mode}-tactics"),
-           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"{mode}-inductor")}
+    env = {
+        **os.environ,
+        "FLASHTUNE_CACHE_DIR": str(tmp_path / f"{mode}-tactics"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"{mode}-inductor"),
+    }
     env.pop("FLASHTUNE_TUNE", None)
-    out = subprocess.run([sys.executable, str(HERE / "artifact_worker.py"), mode, str(path)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(HERE / "artifact_worker.py"), mode, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -42,8 +50,11 @@ def test_artifacts_round_trip_into_a_fresh_process_that_profiles_and_recompiles_
     assert made["saved"]["libraries"] == len(made["built"]) >= 1  # the C++ kernels it compiled
 
     used = _worker("use", path, tmp_path)
-    assert used["loaded"] == {"tactics": 8, "inductor": made["saved"]["inductor"],
-                              "libraries": made["saved"]["libraries"]}
+    assert used["loaded"] == {
+        "tactics": 8,
+        "inductor": made["saved"]["inductor"],
+        "libraries": made["saved"]["libraries"],
+    }
     assert used["built"] == []  # no C++ compiler run: every kernel library came from the artifact
     s = used["stats"]
     assert s["profiles"] == 0 and s["synthesized"] == 0 and s["misses"] == 0 and used["tuned"] == 0
@@ -80,6 +91,7 @@ def test_artifact_from_another_environment_is_refused_and_nothing_is_used(tuner,
     def foreign(m):
         m["env"]["torch"] = "2.0.0+cu118"
         m["env"]["gpu"] = "NVIDIA A100-SXM4-80GB"
+
     _rewrite(tmp_path / "a.ftart", tmp_path / "foreign.ftart", foreign, extra={"inductor.bin": b"\x00" * 64})
     calls = []
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda blob: calls.append(blob))
@@ -106,9 +118,13 @@ def test_damaged_or_wrong_files_are_refused_with_a_clear_error(tuner, tmp_path, 
     elif damage == "new_version":
         _rewrite(good, bad, lambda m: m.update(version=99))
     ft.clear_cache()
-    expect = {"truncated": "not a readable flashtune artifact", "not_zip": "not a readable flashtune artifact",
-              "tactic_document": "ft.load_cache", "missing": "no such artifact file",
-              "new_version": "format version 99"}[damage]
+    expect = {
+        "truncated": "not a readable flashtune artifact",
+        "not_zip": "not a readable flashtune artifact",
+        "tactic_document": "ft.load_cache",
+        "missing": "no such artifact file",
+        "new_version": "format version 99",
+    }[damage]
     with pytest.raises(ft.ArtifactError, match=expect):
         ft.load_artifacts(bad)
     assert ft.tactics() == []

@@ -57,8 +57,11 @@ CASES = {
     "addmm_method_2d_bias": (lambda w, b, x: b.addmm(x, w), (r(16, 8),), (r(5, 8), r(5, 16))),
     "bmm": (lambda x, y: torch.bmm(x, y), (), (r(3, 5, 16), r(3, 16, 4))),
     "bmm_transposed": (lambda x, y: torch.bmm(x, y.transpose(1, 2)), (), (r(3, 5, 16), r(3, 4, 16))),
-    "baddbmm": (lambda b, x, y: torch.baddbmm(b, x, y, beta=0.25, alpha=3.0), (r(1, 5, 4),),
-                (r(3, 5, 16), r(3, 16, 4))),
+    "baddbmm": (
+        lambda b, x, y: torch.baddbmm(b, x, y, beta=0.25, alpha=3.0),
+        (r(1, 5, 4),),
+        (r(3, 5, 16), r(3, 16, 4)),
+    ),
 }
 
 
@@ -202,16 +205,19 @@ def test_training_gradients_match_eager(tuner, inner):
     assert ft.stats()["routed_ops"] == 2
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"innr": "eager"}, "unknown option.*'innr'.*valid options"),
-    ({"inner": "tvm"}, "'inner' must be one of"),
-    ({"tune": "sometimes"}, "'tune' must be one of"),
-    ({"ops": {"linear", "conv"}}, "unknown \\['conv'\\]; valid"),
-    ({"kernels": "cudnn"}, "unknown \\['cudnn'\\]"),
-    ({"buckets": "fib"}, "'buckets' must be one of"),
-    ({"buckets": [8, 4]}, "strictly increasing"),
-    ({"max_tokens": 0}, "positive int"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"innr": "eager"}, "unknown option.*'innr'.*valid options"),
+        ({"inner": "tvm"}, "'inner' must be one of"),
+        ({"tune": "sometimes"}, "'tune' must be one of"),
+        ({"ops": {"linear", "conv"}}, "unknown \\['conv'\\]; valid"),
+        ({"kernels": "cudnn"}, "unknown \\['cudnn'\\]"),
+        ({"buckets": "fib"}, "'buckets' must be one of"),
+        ({"buckets": [8, 4]}, "strictly increasing"),
+        ({"max_tokens": 0}, "positive int"),
+    ],
+)
 def test_bad_options_are_named(options, message):
     model = nn.Linear(4, 4)
     with pytest.raises(Exception, match=message):
@@ -265,8 +271,11 @@ def test_warm_calls_profile_and_synthesize_nothing(tuner):
         for t in (3, 4, 5, 6, 7, 8, 9):  # all in buckets tuned above (4, 8, 16)
             compiled(torch.randint(0, 128, (1, t)))
     after = ft.stats()
-    assert (after["profiles"], after["synthesized"], after["misses"]) == \
-        (before["profiles"], before["synthesized"], before["misses"])
+    assert (after["profiles"], after["synthesized"], after["misses"]) == (
+        before["profiles"],
+        before["synthesized"],
+        before["misses"],
+    )
     assert after["hits"] > before["hits"]
 
 

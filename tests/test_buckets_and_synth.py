@@ -23,8 +23,9 @@ def test_ladders():
 
 
 @settings(max_examples=300, deadline=None)
-@given(size=st.integers(1, 100_000), ladder=st.sampled_from(["pow2", "hybrid", (3, 17, 100)]),
-       top=st.integers(1, 10_000))
+@given(
+    size=st.integers(1, 100_000), ladder=st.sampled_from(["pow2", "hybrid", (3, 17, 100)]), top=st.integers(1, 10_000)
+)
 def test_a_size_maps_to_the_smallest_bucket_at_least_as_large(size, ladder, top):
     spec = ft.DynamicDim(0, 0, buckets=ladder, max_size=top)
     b = spec.bucket(size)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MMChunked, MMDefault, mm_config
 
 import flashtune_compile as ft
 from flashtune_compile.tuner.cache import env_id
-from helpers import MMChunked, MMDefault, mm_config
 
 HERE = Path(__file__).parent
 
@@ -55,7 +55,7 @@ def test_winners_are_written_through_and_a_second_process_profiles_nothing(cache
 
 
 def test_two_processes_writing_one_directory_lose_no_entries(cache_dir):
-    sizes = [1] + [2 ** k + 1 for k in range(12)]  # 13 distinct pow2 buckets, each a write
+    sizes = [1] + [2**k + 1 for k in range(12)]  # 13 distinct pow2 buckets, each a write
     a = run_worker(cache_dir, "mm_a", sizes, background=True)
     b = run_worker(cache_dir, "mm_b", sizes, background=True)
     ra, rb = finish(a), finish(b)
@@ -65,8 +65,9 @@ def test_two_processes_writing_one_directory_lose_no_entries(cache_dir):
     assert ops.count("mm_a") == ops.count("mm_b") == 13
 
 
-@pytest.mark.parametrize("content", ["{\"format\": 1, \"entries\": [", "\x00\xff garbage", "[]",
-                                     "{\"format\": 99, \"env\": {}, \"entries\": []}"])
+@pytest.mark.parametrize(
+    "content", ['{"format": 1, "entries": [', "\x00\xff garbage", "[]", '{"format": 99, "env": {}, "entries": []}']
+)
 def test_corrupt_or_foreign_file_is_set_aside_with_one_warning(tuner, cache_dir, caplog, content):
     cache_dir.mkdir(parents=True)
     path = cache_dir / f"tactics-{env_id(tuner.cache.env)}.json"

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from conftest import FAST
 from PIL import Image
 
 import flashtune_compile as ft
-from conftest import FAST
 from flashtune_compile import cli
 from flashtune_compile.tuner.cache import env_id, read_document, write_document
 
@@ -107,8 +107,9 @@ def test_show_lists_every_tuned_bucket_with_its_kernel(capsys, cache, runs):
     assert rc == 0, err
     assert str(cache) in out and "(this environment)" in out and "torch " + torch.__version__ in out
     shown = {(r[0], r[1], r[3], r[4]) for r in rows(out)}
-    expected = {(r["op"], cli._shapes(r["shape_key"]), cli._bucket(r["bucket"]), r["kernel"])
-                for r in runs["a"]["records"]}
+    expected = {
+        (r["op"], cli._shapes(r["shape_key"]), cli._bucket(r["bucket"]), r["kernel"]) for r in runs["a"]["records"]
+    }
     assert shown == expected and len(rows(out)) == len(runs["a"]["records"]) == 8
     for op, shape in SHAPES.items():
         assert {b for o, s, b, _ in shown if (o, s) == (op, shape)} == {"4", "8", "32"}
@@ -268,6 +269,7 @@ def test_import_of_an_artifact_file_fills_the_cache_and_a_foreign_one_is_refused
     assert key_set(ft.tactics()) == records and len(list((tmp_path / "fresh").glob("tactics-*.json"))) == 1
 
     import zipfile
+
     with zipfile.ZipFile(tmp_path / "mlp.ftart") as zin, zipfile.ZipFile(tmp_path / "other.ftart", "w") as zout:
         for name in zin.namelist():
             data = zin.read(name)

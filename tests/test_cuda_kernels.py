@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from flashtune_compile.kernels.cuda import SOURCE_PATH, load_skinny_gemm, skinny_gemm_sources
-from flashtune_compile.kernels.cuda.runner import (CudaSkinnyLinearRunner, default_tactic, skinny_tactics,
-                                                   N_PER_BLOCK, SPLIT_K, THREADS)
+from flashtune_compile.kernels.cuda.runner import (
+    N_PER_BLOCK,
+    SPLIT_K,
+    THREADS,
+    CudaSkinnyLinearRunner,
+    default_tactic,
+    skinny_tactics,
+)
 from flashtune_compile.tuner.runner import BucketProfile
 
 NVCC = shutil.which("nvcc")
@@ -38,12 +44,19 @@ def test_kernel_source_compiles_with_nvcc(tmp_path, arch):
 
 
 def _torch_compile_cmd(compiler, source, extra):
-    from torch.utils.cpp_extension import include_paths
     import sysconfig
 
+    from torch.utils.cpp_extension import include_paths
+
     incs = [*include_paths(), sysconfig.get_paths()["include"]]
-    return [compiler, *extra, "-DTORCH_EXTENSION_NAME=skinny_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
-            *[a for i in incs for a in ("-isystem", i)], str(source)]
+    return [
+        compiler,
+        *extra,
+        "-DTORCH_EXTENSION_NAME=skinny_check",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        *[a for i in incs for a in ("-isystem", i)],
+        str(source),
+    ]
 
 
 def test_binding_declaration_parses_with_torch_headers(tmp_path):
@@ -53,9 +66,20 @@ def test_binding_declaration_parses_with_torch_headers(tmp_path):
         pytest.skip("no C++ compiler on PATH")
     cpp, _ = skinny_gemm_sources()
     main = tmp_path / "main.cpp"
-    main.write_text("\n".join(["#include <torch/extension.h>", cpp, "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {",
-                               'm.def("skinny_linear", torch::wrap_pybind_function(skinny_linear));', "}"]))
-    proc = subprocess.run(_torch_compile_cmd(cxx, main, ["-fsyntax-only", "-std=c++20"]), capture_output=True, text=True)
+    main.write_text(
+        "\n".join(
+            [
+                "#include <torch/extension.h>",
+                cpp,
+                "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {",
+                'm.def("skinny_linear", torch::wrap_pybind_function(skinny_linear));',
+                "}",
+            ]
+        )
+    )
+    proc = subprocess.run(
+        _torch_compile_cmd(cxx, main, ["-fsyntax-only", "-std=c++20"]), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -65,13 +89,23 @@ def test_binding_and_kernel_compile_as_load_inline_would(tmp_path):
     from torch.utils.cpp_extension import include_paths
 
     if torch.version.cuda is None or not any(
-            os.path.exists(os.path.join(p, "c10/cuda/impl/cuda_cmake_macros.h")) for p in include_paths()):
+        os.path.exists(os.path.join(p, "c10/cuda/impl/cuda_cmake_macros.h")) for p in include_paths()
+    ):
         pytest.skip("needs a CUDA build of torch (its c10/cuda headers); this torch is CPU-only")
     _, cu = skinny_gemm_sources()
     src = tmp_path / "cuda.cu"
     src.write_text("\n".join(["#include <torch/types.h>", "#include <cuda.h>", "#include <cuda_runtime.h>", cu]))
-    extra = ["-std=c++17", "-O3", "-arch=sm_80", "--compiler-options", "-fPIC", *_torch_nvcc_flags(),
-             "-c", "-o", str(tmp_path / "cuda.o")]
+    extra = [
+        "-std=c++17",
+        "-O3",
+        "-arch=sm_80",
+        "--compiler-options",
+        "-fPIC",
+        *_torch_nvcc_flags(),
+        "-c",
+        "-o",
+        str(tmp_path / "cuda.o"),
+    ]
     proc = subprocess.run(_torch_compile_cmd(NVCC, src, extra), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -172,7 +206,7 @@ def test_strided_misaligned_and_odd_k_inputs(dtype, k, offset):
     runner = CudaSkinnyLinearRunner()
     m, n = 5, 77
     g = torch.Generator(device="cuda").manual_seed(2)
-    x = torch.randn(m, k + 24, device="cuda", dtype=dtype, generator=g)[:, offset:offset + k]
+    x = torch.randn(m, k + 24, device="cuda", dtype=dtype, generator=g)[:, offset : offset + k]
     w = torch.randn(n * k + offset, device="cuda", dtype=dtype, generator=g)[offset:].view(n, k) / k**0.5
     b = torch.randn(n, device="cuda", dtype=dtype, generator=g)
     assert x.stride() == (k + 24, 1) and w.is_contiguous()

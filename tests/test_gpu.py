@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import MMChunked, MMDefault, mm_config
 
 import flashtune_compile as ft
 from flashtune_compile.tuner.profiler import ProfilerSettings, time_cuda
-from helpers import MMChunked, MMDefault, mm_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (none on this machine)")
 

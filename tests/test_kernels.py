@@ -17,7 +17,8 @@ from flashtune_compile.tuner.runner import BucketProfile
 
 needs_interpreter = pytest.mark.skipif(
     not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+    reason="Triton needs a GPU or TRITON_INTERPRET=1",
+)
 
 
 @pytest.fixture
@@ -152,8 +153,12 @@ def test_weight_cache_is_bounded_and_forgets_dead_weights():
     with torch.inference_mode():
         frozen = torch.randn(8, 8)
     assert not cache.cacheable(frozen)
-    assert CpuLinearRunner().get_valid_tactics((torch.randn(2, 8), frozen, None),
-                                               BucketProfile((2,), ((2, 8), (8, 8), None))) == []
+    assert (
+        CpuLinearRunner().get_valid_tactics(
+            (torch.randn(2, 8), frozen, None), BucketProfile((2,), ((2, 8), (8, 8), None))
+        )
+        == []
+    )
 
 
 @pytest.mark.parametrize("op", MATMUL_OPS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -24,8 +23,8 @@ def reference_moe(x, weights, ids, w1, w2, activation="silu"):
         for j in range(k):
             e = int(ids[t, j])
             if 0 <= e < e_count:
-                g = (x[t:t + 1] @ w1[e].t()).to(x.dtype)
-                h = act(g[:, :w2.shape[2]]) * g[:, w2.shape[2]:]
+                g = (x[t : t + 1] @ w1[e].t()).to(x.dtype)
+                h = act(g[:, : w2.shape[2]]) * g[:, w2.shape[2] :]
                 y = (h @ w2[e].t()).to(x.dtype)
                 out[t] += (y[0] * weights[t, j]).to(rdtype)
     return out.to(x.dtype)
@@ -35,8 +34,7 @@ def moe_site(e, k, dtype, wdtype=None, kernels=("aten", "cpu"), routing_kind="zi
     wd = str(wdtype or dtype).removeprefix("torch.")
     d = str(dtype).removeprefix("torch.")
     sig = [[[-1, H], d], [[-1, k], wd], [[-1, k], "int64"], [[e, 2 * I, H], d], [[e, H, I], d], None]
-    return SiteSpec("moe", ((((0, 0), (1, 0), (2, 0)), 1, 4096),), sig, "hybrid", tune, kernels,
-                    routing_kind).encode()
+    return SiteSpec("moe", ((((0, 0), (1, 0), (2, 0)), 1, 4096),), sig, "hybrid", tune, kernels, routing_kind).encode()
 
 
 def make_layer(e, dtype, seed=0):
@@ -56,6 +54,7 @@ def close(a, b, dtype):
 
 # -- the op and its candidates ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,k", [(0, 2), (1, 2), (5, 2), (7, 4)])
 def test_every_candidate_matches_the_reference(tuner, dtype, tokens, k):
@@ -65,8 +64,11 @@ def test_every_candidate_matches_the_reference(tuner, dtype, tokens, k):
     w1, w2 = make_layer(e, dtype)
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, H, generator=g).to(dtype)
-    ids = torch.stack([torch.randperm(e if k == e else 3, generator=g)[:k] for _ in range(tokens)]) \
-        if tokens else torch.zeros(0, k, dtype=torch.long)
+    ids = (
+        torch.stack([torch.randperm(e if k == e else 3, generator=g)[:k] for _ in range(tokens)])
+        if tokens
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     if tokens >= 5:
         ids[2, 0] = e  # out of range: contributes nothing
     weights = torch.softmax(torch.randn(tokens, k, generator=g), -1)
@@ -159,6 +161,7 @@ def _moe_entries():
 
 # -- routing synthesis ------------------------------------------------------------------------
 
+
 def _counts(ids, e):
     return torch.bincount(ids.reshape(-1), minlength=e)
 
@@ -201,5 +204,3 @@ def test_routing_synthesis_leaves_the_user_rng_alone(tuner):
 def test_bad_routing_option_is_named():
     with pytest.raises(ValueError, match="moe_routing"):
         ft.backend(torch.fx.symbolic_trace(torch.nn.Identity()), [], options={"moe_routing": "zipfian"})
-
-

@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_moe import H, I, close
 
 import flashtune_compile as ft
 from flashtune_compile.ops import DIRECT
 from flashtune_compile.tuner import routing
-from test_moe import H, I, close
 
 pytest.importorskip("transformers", reason="the graph patterns come from transformers 5 models")
 
@@ -29,7 +29,6 @@ def fresh_dynamo():
 
 
 # -- FX routing of the patterns real models emit ----------------------------------------------
-
 
 
 class Spy:
@@ -47,9 +46,15 @@ class Spy:
                 if node.target in (op, DIRECT[op]):
                     names[name] = names.get(name, 0) + 1
         self.counts.append(names)
-        self.leftover |= {str(n.target) for n in gm.graph.nodes if n.op != "placeholder"} & \
-            {str(torch.sort), str(torch.histc), str(torch.bmm), str(torch.repeat_interleave), "repeat_interleave",
-             str(torch.arange), str(torch.empty_like)}
+        self.leftover |= {str(n.target) for n in gm.graph.nodes if n.op != "placeholder"} & {
+            str(torch.sort),
+            str(torch.histc),
+            str(torch.bmm),
+            str(torch.repeat_interleave),
+            "repeat_interleave",
+            str(torch.arange),
+            str(torch.empty_like),
+        }
         return fn
 
 
@@ -59,12 +64,29 @@ def _config(kind, impl, e=4, k=2, **kw):
     if kind == "mixtral":
         cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=e, num_experts_per_tok=k, **kw)
     elif kind == "qwen":
-        cfg = Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=24,
-                             num_experts=e, num_experts_per_tok=k, norm_topk_prob=False, **kw)
+        cfg = Qwen2MoeConfig(
+            hidden_size=H,
+            moe_intermediate_size=I,
+            shared_expert_intermediate_size=24,
+            num_experts=e,
+            num_experts_per_tok=k,
+            norm_topk_prob=False,
+            **kw,
+        )
     else:
-        cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, intermediate_size=48, n_routed_experts=e,
-                               num_experts_per_tok=k, n_group=2, topk_group=1, n_shared_experts=1,
-                               routed_scaling_factor=2.5, norm_topk_prob=True, **kw)
+        cfg = DeepseekV3Config(
+            hidden_size=H,
+            moe_intermediate_size=I,
+            intermediate_size=48,
+            n_routed_experts=e,
+            num_experts_per_tok=k,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            **kw,
+        )
     cfg._experts_implementation = impl
     return cfg
 
@@ -77,7 +99,7 @@ def _block(kind, impl, dtype, e=4, k=2):
     cls = {"mixtral": MixtralSparseMoeBlock, "qwen": Qwen2MoeSparseMoeBlock, "deepseek": DeepseekV3MoE}[kind]
     torch.manual_seed(0)
     block = cls(_config(kind, impl, e, k))
-    for name, p in block.named_parameters():
+    for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     if kind == "deepseek":
         block.gate.e_score_correction_bias.copy_(torch.linspace(-0.5, 0.5, e))
@@ -148,9 +170,11 @@ class GroupedCalls(torch.nn.Module):
 def test_plain_grouped_mm_calls_are_routed(tuner, which):
     import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
 
-    fn = {"_grouped_mm": lambda x, w, o: torch._grouped_mm(x, w, offs=o),
-          "F.grouped_mm": lambda x, w, o: F.grouped_mm(x, w, offs=o),
-          "transformers_fallback": lambda x, w, o: torch.ops.transformers.grouped_mm_fallback(x, w, o)}[which]
+    fn = {
+        "_grouped_mm": lambda x, w, o: torch._grouped_mm(x, w, offs=o),
+        "F.grouped_mm": lambda x, w, o: F.grouped_mm(x, w, offs=o),
+        "transformers_fallback": lambda x, w, o: torch.ops.transformers.grouped_mm_fallback(x, w, o),
+    }[which]
     if which == "F.grouped_mm" and not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no F.grouped_mm")
     mod, spy = GroupedCalls(fn), Spy()
@@ -188,11 +212,20 @@ def test_learned_routing_option_records_real_routing(tuner):
 
 # -- the transformers integration -------------------------------------------------------------
 
+
 def _causal_lm(impl):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(vocab_size=64, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    cfg = MixtralConfig(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     torch.manual_seed(0)
     return MixtralForCausalLM._from_config(copy.deepcopy(cfg), experts_implementation=impl).eval()
 

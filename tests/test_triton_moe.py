@@ -14,8 +14,16 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from flashtune_compile.kernels.triton_moe import (  # noqa: E402
-    DEFAULT_MOE_TACTIC, TritonGroupedMMRunner, TritonMoeRunner, align_offsets, align_tokens, fused_moe,
-    grouped_mm, padded_size, tactics_for)
+    DEFAULT_MOE_TACTIC,
+    TritonGroupedMMRunner,
+    TritonMoeRunner,
+    align_offsets,
+    align_tokens,
+    fused_moe,
+    grouped_mm,
+    padded_size,
+    tactics_for,
+)
 from flashtune_compile.tuner.runner import BucketProfile  # noqa: E402
 
 E, H, I = 4, 24, 20  # H and 2I = 40 are not multiples of the 32-wide tiles: masked edges
@@ -68,11 +76,11 @@ def make_moe(t, k, dtype, seed=0, weight_dtype=None, transposed=False):
         ids[-1, -1] = -1
     weights = torch.rand(t, k, generator=g).to(weight_dtype or dtype)
     if transposed:  # [E, H, 2I] / [E, I, H] storage seen as [E, 2I, H] / [E, H, I]
-        w1 = r(E, H, 2 * I, scale=H ** -0.5).transpose(1, 2)
-        w2 = r(E, I, H, scale=I ** -0.5).transpose(1, 2)
+        w1 = r(E, H, 2 * I, scale=H**-0.5).transpose(1, 2)
+        w2 = r(E, I, H, scale=I**-0.5).transpose(1, 2)
     else:
-        w1 = r(E, 2 * I, H, scale=H ** -0.5)
-        w2 = r(E, H, I, scale=I ** -0.5)
+        w1 = r(E, 2 * I, H, scale=H**-0.5)
+        w2 = r(E, H, I, scale=I**-0.5)
     return tuple(x.to(dev()) for x in (hidden, weights, ids, w1, w2))
 
 
@@ -100,7 +108,7 @@ def check_alignment(expert_of_row, e_count, block_m, sorted_rows, block_expert):
     assert sorted(r for r in rows if r != s) == valid  # every valid row exactly once
     assert all(r == s or 0 <= r < s for r in rows)  # everything else is the sentinel
     for b, e in enumerate(experts):
-        block = [r for r in rows[b * block_m:(b + 1) * block_m] if r != s]
+        block = [r for r in rows[b * block_m : (b + 1) * block_m] if r != s]
         if e == -1:
             assert not block
         else:
@@ -139,16 +147,18 @@ def test_align_offsets(block_m):
 @pytest.mark.parametrize("k", [1, 2, E])
 def test_fused_moe_matches_reference(dtype, t, k):
     inputs = make_moe(t, k, dtype)
-    for n, (tactic, activation) in enumerate(zip(TACTICS, ["silu", "gelu_tanh"])):
+    for tactic, activation in zip(TACTICS, ["silu", "gelu_tanh"]):
         ref = reference_moe(*inputs, activation)
         out = fused_moe(*inputs, activation, tactic)
         assert out.shape == (t, H)
         assert_close(out, ref)
 
 
-@pytest.mark.parametrize("dtype, weight_dtype",
-                         [(torch.float32, None), (torch.float16, None), (torch.bfloat16, torch.float32)],
-                         ids=["fp32", "fp16", "bf16-fp32weights"])
+@pytest.mark.parametrize(
+    "dtype, weight_dtype",
+    [(torch.float32, None), (torch.float16, None), (torch.bfloat16, torch.float32)],
+    ids=["fp32", "fp16", "bf16-fp32weights"],
+)
 def test_fused_moe_strided_operands(dtype, weight_dtype):
     """Transposed expert weights, a sliced hidden state, fp32 routing weights with bf16 states."""
     hidden, weights, ids, w1, w2 = make_moe(5, 2, dtype, seed=1, weight_dtype=weight_dtype, transposed=True)
@@ -192,8 +202,13 @@ def test_grouped_mm_matches_torch(tactic):
 
 
 def test_tactics_for():
-    for m, n, k, nbytes in [(1, 4096, 7168, 2), (16, 2816, 2048, 2), (512, 2816, 2048, 2), (4096, 4096, 1408, 2),
-                            (64, 1024, 1024, 4)]:
+    for m, n, k, nbytes in [
+        (1, 4096, 7168, 2),
+        (16, 2816, 2048, 2),
+        (512, 2816, 2048, 2),
+        (4096, 4096, 1408, 2),
+        (64, 1024, 1024, 4),
+    ]:
         tactics = tactics_for(m, n, k, nbytes)
         assert 4 <= len(tactics) <= 30, (m, len(tactics))
         assert len(set(tactics)) == len(tactics)

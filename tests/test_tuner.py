@@ -5,10 +5,10 @@ import threading
 
 import pytest
 import torch
+from helpers import MMChunked, MMDefault, MMRaising, MMSlow, MMWrong, mm_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flashtune_compile as ft
-from helpers import MMChunked, MMDefault, MMRaising, MMSlow, MMWrong, mm_config
 
 
 class CountOps(TorchDispatchMode):
@@ -81,7 +81,9 @@ def test_size_inside_a_bucket_runs_correctly_with_the_buckets_tactic(tuner):
 
 
 def test_slower_candidate_loses_to_default(tuner):
-    runner, tactic = tuner.choose_one("mm", (MMDefault(), MMSlow()), mm_config(), (torch.randn(4, 8), torch.randn(8, 8)))
+    runner, tactic = tuner.choose_one(
+        "mm", (MMDefault(), MMSlow()), mm_config(), (torch.randn(4, 8), torch.randn(8, 8))
+    )
     assert runner.name == "mm" and tactic == -1
 
 
@@ -152,7 +154,9 @@ def test_tuning_leaves_the_users_random_stream_alone(tuner):
 
 
 def test_empty_call_takes_the_default(tuner):
-    runner, tactic = tuner.choose_one("mm", (MMDefault(), MMChunked()), mm_config(), (torch.randn(0, 8), torch.randn(8, 8)))
+    runner, tactic = tuner.choose_one(
+        "mm", (MMDefault(), MMChunked()), mm_config(), (torch.randn(0, 8), torch.randn(8, 8))
+    )
     assert (runner.name, tactic) == ("mm", -1) and tuner.stats.profiles == 0
 
 

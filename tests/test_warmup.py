@@ -62,7 +62,7 @@ def test_warmup_tunes_a_tune_off_model_and_serving_then_never_profiles(tuner):
     assert report.tuned == 4
     ft.reset_stats()
     with torch.no_grad():
-        compiled(torch.randn(7, 16))   # bucket 8: warmed up
+        compiled(torch.randn(7, 16))  # bucket 8: warmed up
         compiled(torch.randn(100, 16))  # bucket 128: unseen, default tactic, counted
     s = ft.stats()
     assert s["profiles"] == 0 and s["hits"] == 2 and s["fallbacks"] == 2
@@ -86,8 +86,9 @@ def test_bad_token_counts_are_named(bad):
         ft.warmup(lambda x: x, lambda n: (torch.randn(n, 4),), num_tokens=bad, progress=False)
 
 
-@pytest.mark.parametrize("kw,name", [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "8"}, "max_tokens"),
-                                     ({"buckets": "fib"}, "ladder")])
+@pytest.mark.parametrize(
+    "kw,name", [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "8"}, "max_tokens"), ({"buckets": "fib"}, "ladder")]
+)
 def test_bad_ladder_arguments_are_named(kw, name):
     with pytest.raises(ValueError, match=name):
         ft.warmup(lambda x: x, lambda n: (torch.randn(n, 4),), progress=False, **kw)
@@ -109,6 +110,7 @@ def test_a_failing_call_keeps_what_was_tuned_and_leaves_no_listener(tuner):
         if n == 8:
             raise RuntimeError("tokenizer broke")
         return (torch.randn(n, 16),)
+
     with pytest.raises(RuntimeError, match="tokenizer broke"):
         ft.warmup(compiled, make_inputs, num_tokens=[2, 4, 8], progress=False)
     assert tuner.listeners == []
@@ -118,8 +120,9 @@ def test_a_failing_call_keeps_what_was_tuned_and_leaves_no_listener(tuner):
 
 def test_warmup_learns_moe_routing_from_its_calls(tuner):
     """With moe_routing="learned", each warmup size's real routing is what later profiling draws from."""
-    from flashtune_compile.tuner import routing
     from test_moe import H, make_layer, moe_site
+
+    from flashtune_compile.tuner import routing
 
     w1, w2 = make_layer(4, torch.float32)
     site = moe_site(4, 2, torch.float32, routing_kind="learned")

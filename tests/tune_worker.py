@@ -7,10 +7,10 @@ import json
 import sys
 
 import torch
+from helpers import MMChunked, MMDefault, mm_config
 
 import flashtune_compile as ft
 from flashtune_compile.tuner.profiler import ProfilerSettings
-from helpers import MMChunked, MMDefault, mm_config
 
 op, sizes = sys.argv[1], [int(s) for s in sys.argv[2:]]
 ft.AutoTuner.reset(ft.AutoTuner(settings=ProfilerSettings(block_seconds=2e-4, rounds=3, prune_after=2)))

@@ -20,7 +20,8 @@ which the backend's graph pass rewrites to the same op).
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -45,9 +46,13 @@ def register(options: Mapping[str, Any] | None = None) -> None:
         raise ValueError(f"flashtune transformers integration: unknown option(s) {bad}; valid: {sorted(allowed)}")
     parsed = parse_options(opts)
     _settings.clear()
-    _settings.update(ladder=parsed.buckets if isinstance(parsed.buckets, str) else list(parsed.buckets),
-                     max_tokens=parsed.max_tokens, tune=parsed.tune, kernels=tuple(sorted(parsed.kernels)),
-                     routing=parsed.moe_routing)
+    _settings.update(
+        ladder=parsed.buckets if isinstance(parsed.buckets, str) else list(parsed.buckets),
+        max_tokens=parsed.max_tokens,
+        tune=parsed.tune,
+        kernels=tuple(sorted(parsed.kernels)),
+        routing=parsed.moe_routing,
+    )
     _site.cache_clear()
     type(ALL_EXPERTS_FUNCTIONS).register(NAME, flashtune_experts_forward)
 
@@ -57,16 +62,28 @@ def _site_key(key: tuple) -> str:
     return _site(key)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _site(key: tuple) -> str:
     """The site string of an experts module: T is the one dynamic axis (hidden, weights, ids)."""
     (e, n1, h), (_, h2, i), top_k, dtype, w_dtype, id_dtype = key
     max_tokens = _settings.get("max_tokens", 8192)
-    sig = (((-1, h), dtype), ((-1, top_k), w_dtype), ((-1, top_k), id_dtype), ((e, n1, h), dtype),
-           ((e, h2, i), dtype), None)
-    spec = SiteSpec("moe", ((((0, 0), (1, 0), (2, 0)), 1, max_tokens),), sig, _settings.get("ladder", "hybrid"),
-                    _settings.get("tune"), _settings.get("kernels", ("aten", "cpu", "cuda", "triton")),
-                    _settings.get("routing", "zipf"))
+    sig = (
+        ((-1, h), dtype),
+        ((-1, top_k), w_dtype),
+        ((-1, top_k), id_dtype),
+        ((e, n1, h), dtype),
+        ((e, h2, i), dtype),
+        None,
+    )
+    spec = SiteSpec(
+        "moe",
+        ((((0, 0), (1, 0), (2, 0)), 1, max_tokens),),
+        sig,
+        _settings.get("ladder", "hybrid"),
+        _settings.get("tune"),
+        _settings.get("kernels", ("aten", "cpu", "cuda", "triton")),
+        _settings.get("routing", "zipf"),
+    )
     return spec.encode()
 
 
@@ -78,8 +95,12 @@ def _activation(module: torch.nn.Module) -> str | None:
         return "silu"
     if isinstance(act, GELUActivation) and getattr(act, "act", None) is torch.nn.functional.gelu:
         return "gelu"
-    if isinstance(act, GELUTanh) and isinstance(getattr(act, "act", None), functools.partial) \
-            and act.act.func is torch.nn.functional.gelu and act.act.keywords == {"approximate": "tanh"}:
+    if (
+        isinstance(act, GELUTanh)
+        and isinstance(getattr(act, "act", None), functools.partial)
+        and act.act.func is torch.nn.functional.gelu
+        and act.act.keywords == {"approximate": "tanh"}
+    ):
         return "gelu_tanh"
     return None
 
@@ -88,10 +109,14 @@ def _fused_applies(module: torch.nn.Module, hidden: torch.Tensor) -> str | None:
     """The activation name when the fused op computes exactly what this module does, else None."""
     from transformers.integrations.moe import _default_apply_gate
 
-    if not (getattr(module, "has_gate", False) and not getattr(module, "has_bias", True)
-            and getattr(module, "is_concatenated", False) and not getattr(module, "has_post_expert_norm", True)
-            and not getattr(module, "_is_expert_parallel", True)
-            and getattr(type(module), "_apply_gate", None) is _default_apply_gate):
+    if not (
+        getattr(module, "has_gate", False)
+        and not getattr(module, "has_bias", True)
+        and getattr(module, "is_concatenated", False)
+        and not getattr(module, "has_post_expert_norm", True)
+        and not getattr(module, "_is_expert_parallel", True)
+        and getattr(type(module), "_apply_gate", None) is _default_apply_gate
+    ):
         return None
     w1, w2 = module.gate_up_proj, module.down_proj
     if not (hidden.dtype == w1.dtype == w2.dtype and hidden.dim() == 2 and w1.dim() == 3 and w2.dim() == 3):
@@ -101,8 +126,9 @@ def _fused_applies(module: torch.nn.Module, hidden: torch.Tensor) -> str | None:
     return _activation(module)
 
 
-def flashtune_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor) -> torch.Tensor:
+def flashtune_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """An experts forward for transformers' ``ExpertsInterface``: the fused tunable op where it
     applies, transformers' grouped_mm forward otherwise."""
     activation = _fused_applies(self, hidden_states)
@@ -113,8 +139,14 @@ def flashtune_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor
     w1, w2 = self.gate_up_proj, self.down_proj
     if self.is_transposed:  # stored [E, H, 2I] / [E, I, H]
         w1, w2 = w1.transpose(-2, -1), w2.transpose(-2, -1)
-    key = (tuple(w1.shape), tuple(w2.shape), top_k_index.shape[-1], _name(hidden_states.dtype),
-           _name(top_k_weights.dtype), _name(top_k_index.dtype))
+    key = (
+        tuple(w1.shape),
+        tuple(w2.shape),
+        top_k_index.shape[-1],
+        _name(hidden_states.dtype),
+        _name(top_k_weights.dtype),
+        _name(top_k_index.dtype),
+    )
     return torch.ops.flashtune.moe(hidden_states, top_k_weights, top_k_index, w1, w2, activation, _site_key(key))
 
 

@@ -8,7 +8,8 @@ alpha)``; bmm ``(a [B, M, K], b [B, K, N])``; baddbmm ``(bias, a, b, beta, alpha
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,8 @@ weights that are ``nn.Parameter``s (a weight computed inside the graph is new ev
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -26,8 +26,9 @@ The default (tactic -1) is ``"grouped"`` where available, else ``"loop"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,9 @@ from .cpu import _mkldnn_pack, _mkldnn_packs
 from .weight_cache import CACHE
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
 }
 BMM_MAX_BYTES = 64 * 2**20  # the "bmm" tactic's gathered weights stay below this
 
@@ -56,6 +59,7 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 # -- shared pieces ----------------------------------------------------------------------------
 
+
 def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the flattened (token, pick) pairs by expert: ``(order, counts, valid_sorted)`` where
     ``order`` lists pair indices grouped by expert (invalid ids last), ``counts [E]`` the pairs per
@@ -68,8 +72,14 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     return order, counts, valid[order]
 
 
-def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, valid_sorted: torch.Tensor,
-            tokens: int, out_dtype: torch.dtype) -> torch.Tensor:
+def combine(
+    y_sorted: torch.Tensor,
+    order: torch.Tensor,
+    weights: torch.Tensor,
+    valid_sorted: torch.Tensor,
+    tokens: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """Scale each sorted pair's output by its routing weight, put pairs back in (token, pick)
     order and sum over the picks; invalid pairs add zero (their rows may hold garbage)."""
     top_k, hidden = weights.shape[-1], y_sorted.shape[-1]
@@ -80,16 +90,21 @@ def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, 
     return pairs.view(tokens, top_k, hidden).sum(dim=1).to(out_dtype)
 
 
-def _expert_loop(xs: torch.Tensor, counts: list[int], mm: Callable[[int, torch.Tensor], torch.Tensor],
-                 out_cols: int, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def _expert_loop(
+    xs: torch.Tensor,
+    counts: list[int],
+    mm: Callable[[int, torch.Tensor], torch.Tensor],
+    out_cols: int,
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``fn(mm(e, rows of e))`` for every expert with rows, into one [rows, out_cols] tensor (rows
     after the counted ones are zero); ``mm(e, x)`` is ``x @ w[e].T``."""
     out = xs.new_zeros((xs.shape[0], out_cols))
     start = 0
     for e, n in enumerate(counts):
         if n:
-            y = mm(e, xs[start:start + n])
-            out[start:start + n] = fn(y) if fn is not None else y
+            y = mm(e, xs[start : start + n])
+            out[start : start + n] = fn(y) if fn is not None else y
             start += n
     return out
 
@@ -159,7 +174,7 @@ def moe_pairs(hidden, weights, ids, w1, w2, activation):
     for e, pairs in rows.items():
         if len(pairs) == 1:
             p = pairs[0]
-            x, w, at = hidden[p // top_k:p // top_k + 1], flat_w[p:p + 1], None
+            x, w, at = hidden[p // top_k : p // top_k + 1], flat_w[p : p + 1], None
         else:
             at = torch.tensor([p // top_k for p in pairs], device=hidden.device)
             x, w = hidden[at], flat_w[torch.tensor(pairs, device=hidden.device)]
@@ -189,9 +204,15 @@ def _parameter_of(w: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     if CACHE.cacheable(w):
         return w, False
     base = w._base
-    if (base is not None and CACHE.cacheable(base) and base.dim() == 3 and w.dim() == 3
-            and w.shape == base.transpose(-2, -1).shape and w.stride() == base.transpose(-2, -1).stride()
-            and w.storage_offset() == base.storage_offset()):
+    if (
+        base is not None
+        and CACHE.cacheable(base)
+        and base.dim() == 3
+        and w.dim() == 3
+        and w.shape == base.transpose(-2, -1).shape
+        and w.stride() == base.transpose(-2, -1).stride()
+        and w.storage_offset() == base.storage_offset()
+    ):
         return base, True
     return None
 
@@ -215,16 +236,20 @@ def _packed(w: torch.Tensor, fp32: bool) -> Callable[[int, torch.Tensor], torch.
         def pack(p: torch.Tensor) -> torch.Tensor:
             m = p[e].t() if transposed else p[e]
             return _mkldnn_pack(m.float() if fp32 else m)
+
         return pack
 
     def mm(e: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), CACHE.get(param, f"{kind}[{e}]", make(e)), None,
-                                                  "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(
+            x.contiguous(), CACHE.get(param, f"{kind}[{e}]", make(e)), None, "none", [], ""
+        )
+
     return mm
 
 
 # -- runners: flashtune.moe -------------------------------------------------------------------
 # inputs: (hidden [T, H], topk_weights [T, k], topk_ids [T, k], w1 [E, 2I, H], w2 [E, H, I], activation)
+
 
 class AtenMoeRunner(TunableRunner):
     """The MoE layer from ATen ops: ``"loop"``, ``"grouped"`` or ``"bmm"`` (see the module doc)."""
@@ -279,17 +304,28 @@ class CpuMoeRunner(TunableRunner):
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         hidden, weights, ids, w1, w2, activation = inputs
         if tactic == "fp32_loop":
-            return moe_loop(hidden, weights, ids, _fp32_copy(w1), _fp32_copy(w2), activation,
-                            compute_dtype=torch.float32)
+            return moe_loop(
+                hidden, weights, ids, _fp32_copy(w1), _fp32_copy(w2), activation, compute_dtype=torch.float32
+            )
         if tactic in ("mkldnn_packed", "fp32_packed"):
             fp32 = tactic == "fp32_packed"
-            return moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=torch.float32 if fp32 else None,
-                            mm1=_packed(w1, fp32), mm2=_packed(w2, fp32))
+            return moe_loop(
+                hidden,
+                weights,
+                ids,
+                w1,
+                w2,
+                activation,
+                compute_dtype=torch.float32 if fp32 else None,
+                mm1=_packed(w1, fp32),
+                mm2=_packed(w2, fp32),
+            )
         raise ValueError(f"unknown cpu_moe tactic {tactic!r}")
 
 
 # -- runners: flashtune.grouped_mm ------------------------------------------------------------
 # inputs: (x [S, K], w [E, K, N], offs [E] int32 cumulative row ends); rows >= offs[-1] are zero.
+
 
 def grouped_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, compute_dtype=None) -> torch.Tensor:
     ends = offs.tolist()

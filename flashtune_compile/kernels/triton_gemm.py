@@ -18,11 +18,37 @@ INTERPRET = bool(triton.knobs.runtime.interpret)  # kernels run on the CPU throu
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
-                 s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn, s_xb, s_xm, s_xn,
-                 alpha, beta,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    s_ab,
+    s_am,
+    s_ak,
+    s_bb,
+    s_bk,
+    s_bn,
+    s_cb,
+    s_cm,
+    s_cn,
+    s_xb,
+    s_xm,
+    s_xn,
+    alpha,
+    beta,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # Grouped ordering: GROUP_M row-blocks share their B tiles in L2.
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -65,8 +91,9 @@ def _as3d(t: torch.Tensor) -> tuple[int, int, int]:
     return (0, *t.stride()) if t.dim() == 2 else tuple(t.stride())
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, alpha: float, beta: float,
-         tactic: Tactic) -> torch.Tensor:
+def gemm(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, alpha: float, beta: float, tactic: Tactic
+) -> torch.Tensor:
     """``alpha * a @ b + beta * bias`` for a [(B,) M, K], b [(B,) K, N]; bias broadcastable to the
     output (ignored when beta == 0, as ATen does). Output contiguous, a's dtype."""
     bm, bn, bk, gm, warps, stages, split_k = tactic
@@ -78,24 +105,56 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, alpha: flo
     c = (torch.zeros if split_k > 1 else torch.empty)(shape, device=a.device, dtype=out_dtype)
     has_bias = bias is not None and beta != 0
     x = bias.expand(shape) if has_bias else c
-    precision = "tf32" if a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and a.is_cuda \
-        else "ieee"
+    precision = "tf32" if a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and a.is_cuda else "ieee"
     if m and n:
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split_k, batch)
-        _gemm_kernel[grid](a, b, c, x, m, n, k, *_as3d(a), *_as3d(b), *_as3d(c), *_as3d(x),
-                           float(alpha), float(beta), HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                           GROUP_M=gm, SPLIT_K=split_k, PRECISION=precision, UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-                           num_warps=warps, num_stages=stages)
+        _gemm_kernel[grid](
+            a,
+            b,
+            c,
+            x,
+            m,
+            n,
+            k,
+            *_as3d(a),
+            *_as3d(b),
+            *_as3d(c),
+            *_as3d(x),
+            float(alpha),
+            float(beta),
+            HAS_BIAS=has_bias,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            GROUP_M=gm,
+            SPLIT_K=split_k,
+            PRECISION=precision,
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+            num_warps=warps,
+            num_stages=stages,
+        )
     return c.to(a.dtype) if split_k > 1 else c
 
 
 # Tile shapes worth timing (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), from small-M
 # (decode) to large square tiles; the pruner below picks those that fit a bucket.
 TILES = (
-    (16, 32, 64, 4, 4), (16, 64, 64, 4, 4), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 256, 64, 8, 3),
-    (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (32, 64, 128, 4, 3),
-    (64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (64, 128, 64, 4, 3), (64, 256, 64, 8, 3),
-    (128, 64, 64, 4, 4), (128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+    (16, 32, 64, 4, 4),
+    (16, 64, 64, 4, 4),
+    (16, 64, 128, 4, 3),
+    (16, 128, 128, 4, 3),
+    (16, 256, 64, 8, 3),
+    (32, 64, 64, 4, 4),
+    (32, 128, 64, 4, 4),
+    (32, 64, 128, 4, 3),
+    (64, 64, 64, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 128, 64, 4, 3),
+    (64, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (128, 128, 32, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
 )
 SPLITS = (2, 4, 8)

@@ -16,7 +16,8 @@ masked edges for any N and K, grouped program ordering. A tactic is the tuple
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 # ----------------------------------------------------------------------------------------------
 # Alignment (plain torch, no host sync)
 # ----------------------------------------------------------------------------------------------
+
 
 def padded_size(num_rows: int, num_experts: int, block_m: int) -> int:
     """Static upper bound on the aligned length: every non-empty expert (at most
@@ -93,13 +95,36 @@ def align_offsets(offs: torch.Tensor, num_rows: int, block_m: int) -> tuple[torc
 # Kernel
 # ----------------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, tw_ptr, rows_ptr, block_expert_ptr,
-                     N, K, S, A_DIV, NUM_BLOCKS,
-                     s_am, s_ak, s_we, s_wn, s_wk, s_cm, s_cn, s_tw,
-                     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr):
+def _moe_gemm_kernel(
+    a_ptr,
+    w_ptr,
+    c_ptr,
+    tw_ptr,
+    rows_ptr,
+    block_expert_ptr,
+    N,
+    K,
+    S,
+    A_DIV,
+    NUM_BLOCKS,
+    s_am,
+    s_ak,
+    s_we,
+    s_wn,
+    s_wk,
+    s_cm,
+    s_cn,
+    s_tw,
+    MUL_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid = tl.program_id(0)
     # Grouped ordering: GROUP_M row-blocks (mostly of one expert) share their weight tiles in L2.
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -142,9 +167,19 @@ def _precision(x: torch.Tensor) -> str:
     return "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def moe_gemm(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], n: int, k: int,
-             out: torch.Tensor, sorted_rows: torch.Tensor, block_expert: torch.Tensor, a_div: int,
-             tactic: Tactic, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+def moe_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    w_strides: tuple[int, int, int],
+    n: int,
+    k: int,
+    out: torch.Tensor,
+    sorted_rows: torch.Tensor,
+    block_expert: torch.Tensor,
+    a_div: int,
+    tactic: Tactic,
+    topk_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Launch the grouped GEMM into ``out`` (rows never touched are left as they are).
 
     ``w_strides`` = (expert, n, k) strides addressing ``W[e]`` as an [N, K] matrix; ``out`` has
@@ -157,18 +192,41 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], 
     tw = topk_weights if topk_weights is not None else out
     s_tw = topk_weights.stride(0) if topk_weights is not None else 0
     grid = (num_blocks * triton.cdiv(n, bn),)
-    _moe_gemm_kernel[grid](a, w, out, tw, sorted_rows, block_expert,
-                           n, k, out.shape[0], a_div, num_blocks,
-                           a.stride(0), a.stride(1), *w_strides, out.stride(0), out.stride(1), s_tw,
-                           MUL_WEIGHT=topk_weights is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                           GROUP_M=gm, PRECISION=_precision(a), UPCAST=INTERPRET and a.dtype != torch.float32,
-                           num_warps=warps, num_stages=stages)
+    _moe_gemm_kernel[grid](
+        a,
+        w,
+        out,
+        tw,
+        sorted_rows,
+        block_expert,
+        n,
+        k,
+        out.shape[0],
+        a_div,
+        num_blocks,
+        a.stride(0),
+        a.stride(1),
+        *w_strides,
+        out.stride(0),
+        out.stride(1),
+        s_tw,
+        MUL_WEIGHT=topk_weights is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=gm,
+        PRECISION=_precision(a),
+        UPCAST=INTERPRET and a.dtype != torch.float32,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Wrappers
 # ----------------------------------------------------------------------------------------------
+
 
 def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
@@ -184,8 +242,15 @@ def _tactic(tactic: Any) -> Tactic:
     return DEFAULT_MOE_TACTIC if tactic == DEFAULT_TACTIC else tuple(tactic)
 
 
-def fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
-              w2: torch.Tensor, activation: str = "silu", tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
+def fused_moe(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str = "silu",
+    tactic: Any = DEFAULT_TACTIC,
+) -> torch.Tensor:
     """The experts forward of transformers' grouped_mm MoE: hidden [T, H], topk_weights and
     topk_ids [T, k], w1 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]. Returns [T, H] in
     hidden's dtype; ids outside [0, E) contribute nothing."""
@@ -200,12 +265,24 @@ def fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
         return torch.zeros(t, h, device=hidden.device, dtype=hidden.dtype)
     sorted_rows, block_expert = align_tokens(topk_ids, e, tactic[0])
     c1 = torch.zeros(s, two_i, device=hidden.device, dtype=hidden.dtype)
-    moe_gemm(hidden, w1, (w1.stride(0), w1.stride(1), w1.stride(2)), two_i, h, c1,
-             sorted_rows, block_expert, top_k, tactic)
+    moe_gemm(
+        hidden, w1, (w1.stride(0), w1.stride(1), w1.stride(2)), two_i, h, c1, sorted_rows, block_expert, top_k, tactic
+    )
     act = _act(c1[:, :inter], activation) * c1[:, inter:]
     c2 = torch.zeros(s, h, device=hidden.device, dtype=out_dtype)
-    moe_gemm(act, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), h, inter, c2,
-             sorted_rows, block_expert, 1, tactic, topk_weights.reshape(-1))
+    moe_gemm(
+        act,
+        w2,
+        (w2.stride(0), w2.stride(1), w2.stride(2)),
+        h,
+        inter,
+        c2,
+        sorted_rows,
+        block_expert,
+        1,
+        tactic,
+        topk_weights.reshape(-1),
+    )
     return c2.view(t, top_k, h).sum(1).to(hidden.dtype)
 
 
@@ -228,14 +305,32 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tactic: Any
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), from decode-sized row blocks to large tiles.
 TILES = (
-    (16, 32, 64, 4, 4), (16, 64, 32, 4, 4), (16, 64, 64, 4, 4), (16, 64, 128, 4, 3), (16, 128, 64, 4, 4),
-    (16, 128, 128, 4, 3), (16, 256, 64, 8, 3),
-    (32, 64, 32, 4, 4), (32, 64, 64, 4, 4), (32, 64, 128, 4, 3), (32, 128, 64, 4, 4), (32, 128, 128, 8, 3),
+    (16, 32, 64, 4, 4),
+    (16, 64, 32, 4, 4),
+    (16, 64, 64, 4, 4),
+    (16, 64, 128, 4, 3),
+    (16, 128, 64, 4, 4),
+    (16, 128, 128, 4, 3),
+    (16, 256, 64, 8, 3),
+    (32, 64, 32, 4, 4),
+    (32, 64, 64, 4, 4),
+    (32, 64, 128, 4, 3),
+    (32, 128, 64, 4, 4),
+    (32, 128, 128, 8, 3),
     (32, 256, 64, 8, 3),
-    (64, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
-    (64, 256, 32, 8, 4), (64, 256, 64, 8, 3),
-    (128, 64, 32, 4, 4), (128, 64, 64, 4, 3), (128, 128, 32, 4, 4), (128, 128, 64, 8, 3),
-    (128, 128, 128, 8, 2), (128, 256, 64, 8, 3),
+    (64, 64, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+    (64, 128, 32, 4, 4),
+    (64, 128, 64, 4, 3),
+    (64, 128, 64, 8, 4),
+    (64, 256, 32, 8, 4),
+    (64, 256, 64, 8, 3),
+    (128, 64, 32, 4, 4),
+    (128, 64, 64, 4, 3),
+    (128, 128, 32, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 128, 8, 2),
+    (128, 256, 64, 8, 3),
 )
 # Tiles also offered without grouped ordering (GROUP_M = 1), where many row blocks compete.
 UNGROUPED = {(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)}
@@ -277,6 +372,7 @@ def _offered(x: torch.Tensor) -> bool:
 # Runners
 # ----------------------------------------------------------------------------------------------
 
+
 class TritonMoeRunner(TunableRunner):
     """Fused MoE experts (two grouped GEMMs with the routed weight fused into the second).
     Inputs ``(hidden, topk_weights, topk_ids, w1, w2, activation)``."""
@@ -301,8 +397,7 @@ class TritonMoeRunner(TunableRunner):
         if two_i % 2 or inter != two_i // 2 or h1 != h or h2 != h or e2 != e:
             return []
         rows_per_expert = triton.cdiv(t * top_k, max(e, 1))
-        tactics = tactics_for(rows_per_expert, max(two_i, h), max(h, inter), hidden.element_size(),
-                              _smem(hidden))
+        tactics = tactics_for(rows_per_expert, max(two_i, h), max(h, inter), hidden.element_size(), _smem(hidden))
         return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
 
     def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:

@@ -8,7 +8,8 @@ and ``FLASHTUNE_TRITON_ON_CPU=1`` are set. Triton is imported on first use, not 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -13,7 +13,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -26,8 +26,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _candidates(op: str, kernels: frozenset) -> tuple[TunableRunner, ...]:
     """ATen's runner first (the default; its variants only with "aten"), then each allowed family.
     A runner that does not apply to a call's device or dtype offers no tactics and costs nothing."""
-    aten = {"linear": AtenLinearRunner, "mm": AtenMMRunner, "addmm": AtenAddmmRunner, "bmm": AtenBmmRunner,
-            "baddbmm": AtenBaddbmmRunner}[op](variants="aten" in kernels)
+    aten = {
+        "linear": AtenLinearRunner,
+        "mm": AtenMMRunner,
+        "addmm": AtenAddmmRunner,
+        "bmm": AtenBmmRunner,
+        "baddbmm": AtenBaddbmmRunner,
+    }[op](variants="aten" in kernels)
     out: list[TunableRunner] = [aten]
     if "triton" in kernels:
         out.append(TritonGemmRunner(op))
@@ -51,6 +56,7 @@ def _run_rows(site: str, x: torch.Tensor, rest: tuple) -> torch.Tensor:
 
 
 # -- implementations --------------------------------------------------------------------------
+
 
 def linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: str) -> torch.Tensor:
     return _run_rows(site, x, (weight, bias))
@@ -80,8 +86,7 @@ _SCHEMAS = {
     "mm": ("mm(Tensor a, Tensor b, str site) -> Tensor", mm_impl),
     "addmm": ("addmm(Tensor bias, Tensor a, Tensor b, float beta, float alpha, str site) -> Tensor", addmm_impl),
     "bmm": ("bmm(Tensor a, Tensor b, str site) -> Tensor", bmm_impl),
-    "baddbmm": ("baddbmm(Tensor bias, Tensor a, Tensor b, float beta, float alpha, str site) -> Tensor",
-                baddbmm_impl),
+    "baddbmm": ("baddbmm(Tensor bias, Tensor a, Tensor b, float beta, float alpha, str site) -> Tensor", baddbmm_impl),
 }
 for _name, (_schema, _impl) in _SCHEMAS.items():
     _lib.define(_schema)
@@ -120,6 +125,7 @@ def _baddbmm_fake(bias, a, b, beta, alpha, site):
 # straight to the implementation, and anything else (fake/functional tensors, an active dispatch
 # mode) is redispatched below autograd. torch.library.register_autograd would do the same through
 # a generic wrapper that costs ~20 us per call even under no_grad.
+
 
 def _save_inputs(ctx: Any, inputs: tuple) -> None:
     ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
@@ -183,8 +189,11 @@ def _autograd_kernel(name: str, impl: Any, backward: Any) -> Any:
         with torch._C._AutoDispatchBelowAutograd():
             return overload(*args)
 
-    function = type(f"flashtune_{name}", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    function = type(
+        f"flashtune_{name}",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
 
     def kernel(*args):
         if _grad_enabled():
@@ -206,8 +215,13 @@ def _autograd_kernel(name: str, impl: Any, backward: Any) -> Any:
 # overload -> the same kernel as a plain Python callable: graphs that are run as they are (inner
 # compiler "eager") call it directly and skip the dispatcher's cost for a Python op (~8 us).
 DIRECT: dict[Any, Any] = {}
-for _name, _bwd in (("linear", _linear_bwd), ("mm", _mm_bwd), ("addmm", _addmm_bwd), ("bmm", _bmm_bwd),
-                    ("baddbmm", _baddbmm_bwd)):
+for _name, _bwd in (
+    ("linear", _linear_bwd),
+    ("mm", _mm_bwd),
+    ("addmm", _addmm_bwd),
+    ("bmm", _bmm_bwd),
+    ("baddbmm", _baddbmm_bwd),
+):
     _kernel = _autograd_kernel(_name, _SCHEMAS[_name][1], _bwd)
     _lib.impl(_name, _kernel, "Autograd")
     DIRECT[getattr(torch.ops.flashtune, _name).default] = _kernel

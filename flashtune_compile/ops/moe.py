@@ -60,20 +60,31 @@ def _check_moe(hidden, topk_weights, topk_ids, w1, w2, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"flashtune.moe: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if hidden.dim() != 2 or w1.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"flashtune.moe: expected hidden [T, H], w1 [E, 2I, H], w2 [E, H, I]; got "
-                         f"{tuple(hidden.shape)}, {tuple(w1.shape)}, {tuple(w2.shape)}")
+        raise ValueError(
+            f"flashtune.moe: expected hidden [T, H], w1 [E, 2I, H], w2 [E, H, I]; got "
+            f"{tuple(hidden.shape)}, {tuple(w1.shape)}, {tuple(w2.shape)}"
+        )
     t, h = hidden.shape
     e, two_i, h1 = w1.shape
-    if (h1 != h or tuple(w2.shape) != (e, h, two_i // 2) or two_i % 2 or topk_ids.shape != topk_weights.shape
-            or topk_ids.dim() != 2 or topk_ids.shape[0] != t):
-        raise ValueError(f"flashtune.moe: shapes disagree: hidden {tuple(hidden.shape)}, topk_weights "
-                         f"{tuple(topk_weights.shape)}, topk_ids {tuple(topk_ids.shape)}, w1 {tuple(w1.shape)}, "
-                         f"w2 {tuple(w2.shape)}")
+    if (
+        h1 != h
+        or tuple(w2.shape) != (e, h, two_i // 2)
+        or two_i % 2
+        or topk_ids.shape != topk_weights.shape
+        or topk_ids.dim() != 2
+        or topk_ids.shape[0] != t
+    ):
+        raise ValueError(
+            f"flashtune.moe: shapes disagree: hidden {tuple(hidden.shape)}, topk_weights "
+            f"{tuple(topk_weights.shape)}, topk_ids {tuple(topk_ids.shape)}, w1 {tuple(w1.shape)}, "
+            f"w2 {tuple(w2.shape)}"
+        )
     if topk_ids.is_floating_point() or topk_ids.is_complex():
         raise ValueError(f"flashtune.moe: topk_ids must be integers, got {topk_ids.dtype}")
 
 
 # -- implementations --------------------------------------------------------------------------
+
 
 def _first_call_of_size(spec: SiteSpec, inputs: tuple) -> None:
     """Once per size of a site (its static shapes are fixed): check the inputs, and let calls that
@@ -96,16 +107,19 @@ def grouped_mm_impl(x, w, offs, site: str) -> torch.Tensor:
 
 _lib = torch.library.Library("flashtune", "FRAGMENT")
 _lib.define("grouped_mm(Tensor x, Tensor w, Tensor offs, str site) -> Tensor")
-_lib.define("moe(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w1, Tensor w2, str activation, "
-            "str site) -> Tensor")
+_lib.define(
+    "moe(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w1, Tensor w2, str activation, str site) -> Tensor"
+)
 _lib.impl("grouped_mm", grouped_mm_impl, "CompositeExplicitAutograd")
 _lib.impl("moe", moe_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("flashtune::grouped_mm")
 def _grouped_mm_fake(x, w, offs, site):
-    torch._check(x.dim() == 2 and w.dim() == 3 and offs.dim() == 1,
-                 lambda: "flashtune.grouped_mm: expected x [S, K], w [E, K, N], offs [E]")
+    torch._check(
+        x.dim() == 2 and w.dim() == 3 and offs.dim() == 1,
+        lambda: "flashtune.grouped_mm: expected x [S, K], w [E, K, N], offs [E]",
+    )
     return x.new_empty((x.shape[0], w.shape[2]))
 
 
@@ -116,6 +130,7 @@ def _moe_fake(hidden, topk_weights, topk_ids, w1, w2, activation, site):
 
 
 # -- autograd ---------------------------------------------------------------------------------
+
 
 def _moe_reference(hidden, topk_weights, topk_ids, w1, w2, activation, site):
     return moe_loop(hidden, topk_weights, topk_ids, w1, w2, activation)
@@ -139,7 +154,8 @@ def _autograd_kernel(name: str, impl: Any, reference: Any) -> Any:
             if not plain:
                 raise NotImplementedError(
                     f"flashtune.{name} has no autograd formula under tracing; the flashtune backend routes MoE "
-                    "only where no gradient is needed (run the model under torch.no_grad() or inference_mode())")
+                    "only where no gradient is needed (run the model under torch.no_grad() or inference_mode())"
+                )
             return reference(*args)  # ATen ops, recorded by autograd
         if plain:
             return impl(*args)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ CANDIDATES: dict[str, Callable[[frozenset], tuple[TunableRunner, ...]]] = {}
 # op -> (index of topk_ids, index of topk_weights) among its inputs, for ops tuned on synthetic routing
 ROUTED_INPUTS: dict[str, tuple[int, int]] = {}
 # op -> fn(spec, inputs) run on a site's first call of each size (TunedSite.on_new)
-ON_NEW_SIZE: dict[str, Callable[["SiteSpec", Sequence[Any]], None]] = {}
+ON_NEW_SIZE: dict[str, Callable[[SiteSpec, Sequence[Any]], None]] = {}
 _runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}
 
 
@@ -61,29 +62,44 @@ class SiteSpec:
     routing: str = "zipf"
 
     def encode(self) -> str:
-        return json.dumps([self.op, self.axes, self.sig, self.ladder, self.tune, list(self.kernels), self.routing],
-                          separators=(",", ":"))
+        return json.dumps(
+            [self.op, self.axes, self.sig, self.ladder, self.tune, list(self.kernels), self.routing],
+            separators=(",", ":"),
+        )
 
     @classmethod
-    def decode(cls, text: str) -> "SiteSpec":
+    def decode(cls, text: str) -> SiteSpec:
         op, axes, sig, ladder, tune, kernels, routing = json.loads(text)
         axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
-        return cls(op, axes, sig, ladder if isinstance(ladder, str) else tuple(ladder), tune, tuple(kernels),
-                   routing)
+        return cls(op, axes, sig, ladder if isinstance(ladder, str) else tuple(ladder), tune, tuple(kernels), routing)
 
     def build(self) -> TunedSite:
-        dyn = tuple(DynamicDim(input_idx=tuple(i for i, _ in dims), dim_idx=tuple(d for _, d in dims),
-                               buckets=self.ladder, min_size=lo, max_size=hi) for dims, lo, hi in self.axes)
+        dyn = tuple(
+            DynamicDim(
+                input_idx=tuple(i for i, _ in dims),
+                dim_idx=tuple(d for _, d in dims),
+                buckets=self.ladder,
+                min_size=lo,
+                max_size=hi,
+            )
+            for dims, lo, hi in self.axes
+        )
         inits = {}
         if self.op in ROUTED_INPUTS:
             ids_at, weights_at = ROUTED_INPUTS[self.op]
             num_experts = self.sig[3][0][0]  # w1 [E, 2I, H]
-            inits = _routing.initializers(self.routing, num_experts, ids_at, weights_at,
-                                          lambda: private_generator(torch.device("cpu")))
+            inits = _routing.initializers(
+                self.routing, num_experts, ids_at, weights_at, lambda: private_generator(torch.device("cpu"))
+            )
         tune = None if self.tune is None else self.tune == "auto"
         hook = ON_NEW_SIZE.get(self.op)
-        return TunedSite(self.op, runners_for(self.op, self.kernels), TuningConfig(dynamic=dyn, initializers=inits),
-                         tune, functools.partial(hook, self) if hook else None)
+        return TunedSite(
+            self.op,
+            runners_for(self.op, self.kernels),
+            TuningConfig(dynamic=dyn, initializers=inits),
+            tune,
+            functools.partial(hook, self) if hook else None,
+        )
 
 
 _sites = AutoTuner.sites

@@ -88,8 +88,15 @@ def _mul_operands(node: Any) -> tuple | None:
     return None
 
 
-_PURE_OPERATORS = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub,
-                   operator.truediv, operator.neg}
+_PURE_OPERATORS = {
+    operator.getitem,
+    operator.floordiv,
+    operator.mul,
+    operator.add,
+    operator.sub,
+    operator.truediv,
+    operator.neg,
+}
 
 
 def _pure(node: Node) -> bool:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +37,14 @@ class RouteSettings:
     ladder: Any
     max_tokens: int
     tune: str | None
-    routing: str = "zipf"    # synthetic MoE routing for profiling (tuner/routing.py)
+    routing: str = "zipf"  # synthetic MoE routing for profiling (tuner/routing.py)
 
 
 @dataclass
 class Match:
     op: str
-    tensors: list            # the op's tensor arguments (nodes, or None for an absent bias)
-    scalars: list            # beta, alpha for addmm/baddbmm
+    tensors: list  # the op's tensor arguments (nodes, or None for an absent bias)
+    scalars: list  # beta, alpha for addmm/baddbmm
 
 
 def _val(arg: Any) -> Any:
@@ -66,6 +67,7 @@ def _binary(op: str) -> Callable[[torch.fx.Node], Match | None]:
         if set(node.kwargs) - {"input", "mat2", "other"} or len(node.args) + len(node.kwargs) != 2:
             return None
         return Match(op, [_arg(node, 0, "input"), _arg(node, 1, "mat2", node.kwargs.get("other"))], [])
+
     return match
 
 
@@ -73,10 +75,14 @@ def _scaled(op: str) -> Callable[[torch.fx.Node], Match | None]:
     def match(node: torch.fx.Node) -> Match | None:
         if set(node.kwargs) - {"input", "mat1", "mat2", "batch1", "batch2", "beta", "alpha"}:
             return None
-        bias, a, b = (_arg(node, 0, "input"), _arg(node, 1, "mat1", node.kwargs.get("batch1")),
-                      _arg(node, 2, "mat2", node.kwargs.get("batch2")))
+        bias, a, b = (
+            _arg(node, 0, "input"),
+            _arg(node, 1, "mat1", node.kwargs.get("batch1")),
+            _arg(node, 2, "mat2", node.kwargs.get("batch2")),
+        )
         beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
         return Match(op, [bias, a, b], [beta, alpha]) if _scalar_ok(beta, alpha) else None
+
     return match
 
 
@@ -107,14 +113,22 @@ def _same_size(x: Any, y: Any) -> bool:
 
 
 FUNCTIONS: dict[Any, Callable[[torch.fx.Node], Match | None]] = {
-    F.linear: _linear, torch._C._nn.linear: _linear,
-    torch.matmul: _matmul, operator.matmul: _matmul,
-    torch.mm: _binary("mm"), torch.bmm: _binary("bmm"),
-    torch.addmm: _scaled("addmm"), torch.baddbmm: _scaled("baddbmm"),
+    F.linear: _linear,
+    torch._C._nn.linear: _linear,
+    torch.matmul: _matmul,
+    operator.matmul: _matmul,
+    torch.mm: _binary("mm"),
+    torch.bmm: _binary("bmm"),
+    torch.addmm: _scaled("addmm"),
+    torch.baddbmm: _scaled("baddbmm"),
 }
 METHODS: dict[str, Callable[[torch.fx.Node], Match | None]] = {
-    "matmul": _matmul, "__matmul__": _matmul, "mm": _binary("mm"), "bmm": _binary("bmm"),
-    "addmm": _scaled("addmm"), "baddbmm": _scaled("baddbmm"),
+    "matmul": _matmul,
+    "__matmul__": _matmul,
+    "mm": _binary("mm"),
+    "bmm": _binary("bmm"),
+    "addmm": _scaled("addmm"),
+    "baddbmm": _scaled("baddbmm"),
 }
 _SHAPE_CHECK = {"mm": (None, 2), "addmm": (None, 2, 2), "bmm": (3, 3), "baddbmm": (None, 3, 3)}
 

@@ -63,6 +63,7 @@ def _grouped_targets() -> set:
 
 # -- MoE pieces -------------------------------------------------------------------------------
 
+
 def _activation(node: Any) -> tuple[str, Any] | None:
     """(activation name, its input) for F.silu / F.gelu calls."""
     if _fn(node, F.silu, torch.nn.functional.silu) and not node.kwargs.get("inplace", False) and len(node.args) == 1:
@@ -87,8 +88,11 @@ def _gated(node: Any) -> tuple[str, Any] | None:
         if gate is None or up is None or gate[0] is not up[0]:
             continue
         chunk = gate[0]
-        if _call(chunk, "chunk", torch.chunk) and _arg(chunk, 1, "chunks") == 2 and \
-                _arg(chunk, 2, "dim", 0) in (-1, _val(chunk.args[0]).dim() - 1):
+        if (
+            _call(chunk, "chunk", torch.chunk)
+            and _arg(chunk, 1, "chunks") == 2
+            and _arg(chunk, 2, "dim", 0) in (-1, _val(chunk.args[0]).dim() - 1)
+        ):
             return act[0], chunk.args[0]
     return None
 
@@ -108,8 +112,12 @@ def _grouped_call(node: Any, targets: set) -> tuple | None:
 
 def _sum_over_picks(node: Node) -> tuple | None:
     """(flat pair outputs, top_k) when ``node`` is ``pairs.view(T, k, H).sum(dim=1)``."""
-    if not _call(node, "sum", torch.sum) or _arg(node, 1, "dim") not in (1, (1,), [1]) or \
-            node.kwargs.get("keepdim", False) or node.kwargs.get("dtype") is not None:
+    if (
+        not _call(node, "sum", torch.sum)
+        or _arg(node, 1, "dim") not in (1, (1,), [1])
+        or node.kwargs.get("keepdim", False)
+        or node.kwargs.get("dtype") is not None
+    ):
         return None
     view = node.args[0]
     if not (_method(view, "view", "reshape") and _val(view).dim() == 3):
@@ -117,7 +125,18 @@ def _sum_over_picks(node: Node) -> tuple | None:
     return view.args[0], _val(view).shape[1]
 
 
+def _either_order(operands: tuple, pick: Any) -> tuple | None:
+    """(other, operand, pick(operand)) for the first of the two product operands that ``pick``
+    accepts (returns non-None for), else None."""
+    for other, operand in (operands, operands[::-1]):
+        got = pick(operand)
+        if got is not None:
+            return other, operand, got
+    return None
+
+
 # -- the two MoE patterns ---------------------------------------------------------------------
+
 
 class _Moe:
     """The pieces of one matched MoE layer."""
@@ -145,12 +164,15 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     ops = _mul_operands(weighted)
     if ops is None:
         return None
-    for y2, sw in (ops, ops[::-1]):
-        sw_src = _getitem(_unsqueezed(sw, -1))
-        if sw_src is not None and sw_src[1] is perm and _flat(sw_src[0]) is not None:
-            break
-    else:
+
+    def sorted_weights(node: Any) -> Any:  # ``flat_weights[perm].unsqueeze(-1)``
+        src = _getitem(_unsqueezed(node, -1))
+        return src if src is not None and src[1] is perm and _flat(src[0]) is not None else None
+
+    found = _either_order(ops, sorted_weights)
+    if found is None:
         return None
+    y2, sw, sw_src = found
     weights = _flat(sw_src[0])
     gemm2 = _grouped_call(y2, targets)
     if gemm2 is None:
@@ -175,13 +197,32 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     if not _counts_per_expert(offs, sort, num_experts):
         return None
     gathered = _getitem(_strip_to(xg))
-    if gathered is None or not (_fn(gathered[1], operator.floordiv) and gathered[1].args[0] is perm
-                                and _same_size(_val(gathered[1].args[1]), top_k)):
+    if gathered is None or not (
+        _fn(gathered[1], operator.floordiv)
+        and gathered[1].args[0] is perm
+        and _same_size(_val(gathered[1].args[1]), top_k)
+    ):
         return None
     hidden = gathered[0]
     w1, w2 = _weight(w1t), _weight(w2t)
-    nodes = [out, pairs, weighted, sw, sw.args[0], inv_perm, scatters[0], scatters[0].args[2], y2, h, g, xg,
-             gathered[1], perm, sort, offs]
+    nodes = [
+        out,
+        pairs,
+        weighted,
+        sw,
+        sw.args[0],
+        inv_perm,
+        scatters[0],
+        scatters[0].args[2],
+        y2,
+        h,
+        g,
+        xg,
+        gathered[1],
+        perm,
+        sort,
+        offs,
+    ]
     return _Moe(hidden, weights, ids, w1, w2, activation, nodes)
 
 
@@ -192,8 +233,11 @@ def _counts_per_expert(offs: Node, sort: Node, num_experts: int) -> bool:
     counts = offs.args[0]
     if _fn(counts, torch.histc):
         src = counts.args[0]
-        ok = (_arg(counts, 1, "bins") == num_experts and _arg(counts, 2, "min") == 0
-              and _arg(counts, 3, "max") == num_experts - 1)
+        ok = (
+            _arg(counts, 1, "bins") == num_experts
+            and _arg(counts, 2, "min") == 0
+            and _arg(counts, 3, "max") == num_experts - 1
+        )
     elif _fn(counts, torch.bincount):
         src = counts.args[0]
         ok = _arg(counts, 2, "minlength", 0) == num_experts and counts.kwargs.get("weights") is None
@@ -219,12 +263,10 @@ def _match_batched(out: Node) -> _Moe | None:
     ops = _mul_operands(weighted)
     if ops is None:
         return None
-    for y2, sw in (ops, ops[::-1]):
-        weights = _flat(_unsqueezed(sw, -1))
-        if weights is not None:
-            break
-    else:
+    found = _either_order(ops, lambda s: _flat(_unsqueezed(s, -1)))
+    if found is None:
         return None
+    y2, sw, weights = found
     step2 = _batched_linear(y2)
     if step2 is None:
         return None
@@ -237,8 +279,11 @@ def _match_batched(out: Node) -> _Moe | None:
     if step1 is None or step1[1] is not ids:
         return None
     w1, _, x_rep = step1
-    if not (_call(x_rep, "repeat_interleave", torch.repeat_interleave) and _same_size(_val(_arg(x_rep, 1, "repeats")), top_k)
-            and _arg(x_rep, 2, "dim") == 0):
+    if not (
+        _call(x_rep, "repeat_interleave", torch.repeat_interleave)
+        and _same_size(_val(_arg(x_rep, 1, "repeats")), top_k)
+        and _arg(x_rep, 2, "dim") == 0
+    ):
         return None
     flat_ids = _flat(ids)
     if flat_ids is None:
@@ -261,6 +306,7 @@ def _batched_linear(node: Any) -> tuple | None:
 
 # -- rewriting --------------------------------------------------------------------------------
 
+
 def _eligible(vals: list) -> str | None:
     hidden, weights, ids, w1, w2 = vals
     if any(type(v) is not FakeTensor for v in vals):
@@ -278,8 +324,15 @@ def _eligible(vals: list) -> str | None:
 
 def _site(op: str, shapes: list, dtypes: list, settings: RouteSettings) -> str:
     ladder = settings.ladder if isinstance(settings.ladder, str) else list(settings.ladder)
-    return SiteSpec(op, dynamic_axes(shapes, settings.max_tokens), static_signature(shapes, dtypes), ladder,
-                    settings.tune, settings.kernels, settings.routing).encode()
+    return SiteSpec(
+        op,
+        dynamic_axes(shapes, settings.max_tokens),
+        static_signature(shapes, dtypes),
+        ladder,
+        settings.tune,
+        settings.kernels,
+        settings.routing,
+    ).encode()
 
 
 def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: _Moe, settings: RouteSettings) -> bool:
@@ -302,9 +355,10 @@ def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: _Moe, settings: RouteSe
     shapes = [tuple(v.shape) for v in vals] + [None]
     dtypes = [v.dtype for v in vals] + [None]
     with graph.inserting_before(out):
-        new = graph.call_function(torch.ops.flashtune.moe.default,
-                                  (m.hidden, m.weights, m.ids, *w, m.activation,
-                                   _site("moe", shapes, dtypes, settings)))
+        new = graph.call_function(
+            torch.ops.flashtune.moe.default,
+            (m.hidden, m.weights, m.ids, *w, m.activation, _site("moe", shapes, dtypes, settings)),
+        )
     new.meta = dict(out.meta)
     out.replace_all_uses_with(new)
     _erase_dead(graph, out, m.nodes)
@@ -329,8 +383,7 @@ def _erase_dead(graph: torch.fx.Graph, out: Node, matched: list) -> None:
         for node in reversed(list(graph.nodes)):
             if node not in region or node.users or node.op in ("placeholder", "output", "get_attr"):
                 continue
-            scatter = _fn(node, operator.setitem) and node in matched and \
-                all(u is node for u in node.args[0].users)
+            scatter = _fn(node, operator.setitem) and node in matched and all(u is node for u in node.args[0].users)
             if scatter or _pure(node):
                 graph.erase_node(node)
                 region.discard(node)
@@ -370,10 +423,18 @@ def rewrite_moe(gm: torch.fx.GraphModule, settings: RouteSettings) -> int:
             continue
         vals = [_val(t) for t in call]
         x, w, offs = vals
-        if (any(type(v) is not FakeTensor for v in vals) or x.dtype != w.dtype or x.dtype not in SUPPORTED_DTYPES
-                or x.dim() != 2 or w.dim() != 3 or offs.dim() != 1 or offs.dtype != torch.int32
-                or _val(node).dtype != x.dtype or x.device.type not in ("cpu", "cuda")
-                or (torch.is_grad_enabled() and any(v.requires_grad for v in vals))):
+        if (
+            any(type(v) is not FakeTensor for v in vals)
+            or x.dtype != w.dtype
+            or x.dtype not in SUPPORTED_DTYPES
+            or x.dim() != 2
+            or w.dim() != 3
+            or offs.dim() != 1
+            or offs.dtype != torch.int32
+            or _val(node).dtype != x.dtype
+            or x.device.type not in ("cpu", "cuda")
+            or (torch.is_grad_enabled() and any(v.requires_grad for v in vals))
+        ):
             log.debug("flashtune: leaving %s", node.format_node())
             continue
         site = _site("grouped_mm", [tuple(v.shape) for v in vals], [v.dtype for v in vals], settings)

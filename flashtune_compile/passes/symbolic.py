@@ -8,7 +8,8 @@ flattened) form one axis. The axis' value range (``ShapeEnv.bound_sympy``, e.g. 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import sympy
 import torch

@@ -6,6 +6,20 @@ from .cache import CacheFileError
 from .profiler import ProfilerSettings
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
 
-__all__ = ["AutoTuner", "Stats", "autotune", "ConstraintSpec", "DynamicDim", "TuningConfig", "hybrid_ladder",
-           "make_ladder", "pow2_ladder", "CacheFileError", "ProfilerSettings", "DEFAULT_TACTIC", "BucketProfile",
-           "Tactic", "TunableRunner"]
+__all__ = [
+    "AutoTuner",
+    "Stats",
+    "autotune",
+    "ConstraintSpec",
+    "DynamicDim",
+    "TuningConfig",
+    "hybrid_ladder",
+    "make_ladder",
+    "pow2_ladder",
+    "CacheFileError",
+    "ProfilerSettings",
+    "DEFAULT_TACTIC",
+    "BucketProfile",
+    "Tactic",
+    "TunableRunner",
+]

@@ -13,10 +13,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -37,15 +38,15 @@ _unset = object()
 
 @dataclass
 class Stats:
-    hits: int = 0            # calls answered from the cache
-    misses: int = 0          # calls whose bucket the cache did not hold
-    profiles: int = 0        # candidate (runner, tactic) timings run
-    synthesized: int = 0     # tensors made for profiling
+    hits: int = 0  # calls answered from the cache
+    misses: int = 0  # calls whose bucket the cache did not hold
+    profiles: int = 0  # candidate (runner, tactic) timings run
+    synthesized: int = 0  # tensors made for profiling
     tuning_seconds: float = 0.0
-    fallbacks: int = 0       # misses answered with the default because tuning was off
-    rejected: int = 0        # candidates that raised or disagreed with the default
-    routed_ops: int = 0      # graph nodes routed to tunable ops (counted by the backend)
-    compiles: int = 0        # graphs the backend compiled
+    fallbacks: int = 0  # misses answered with the default because tuning was off
+    rejected: int = 0  # candidates that raised or disagreed with the default
+    routed_ops: int = 0  # graph nodes routed to tunable ops (counted by the backend)
+    compiles: int = 0  # graphs the backend compiled
 
 
 @contextlib.contextmanager
@@ -91,7 +92,7 @@ class _Alias:
 
     __slots__ = ("ctx", "runners", "config", "memo", "missed")
 
-    def __init__(self, ctx: "_OpContext", runners: Sequence[TunableRunner], config: TuningConfig) -> None:
+    def __init__(self, ctx: _OpContext, runners: Sequence[TunableRunner], config: TuningConfig) -> None:
         self.ctx, self.runners, self.config = ctx, runners, config
         self.memo: dict[tuple, tuple[TunableRunner, Tactic]] = {}
         self.missed: set[tuple] = set()
@@ -108,7 +109,7 @@ class _OpContext:
             raise ValueError(f"choose_one({op!r}): runner names must be distinct non-empty strings, got {names}")
         self.op, self.runners, self.config, self.names = op, runners, config, names
         self.varying = {i: set(ds) for i, ds in config.varying_dims().items()}
-        self.validated: set[Key] = set()                   # cache keys whose tactic was checked
+        self.validated: set[Key] = set()  # cache keys whose tactic was checked
 
     def cache_key(self, inputs: Sequence[Any], bucket: tuple[int, ...]) -> Key:
         static = []
@@ -137,8 +138,13 @@ class AutoTuner:
     _instance_lock = threading.Lock()
     sites: dict = {}  # site key -> TunedSite (tuner/site.py); their memos are dropped on any cache change
 
-    def __init__(self, cache_dir: Path | str | None | object = _unset, tune: str | None = None,
-                 settings: ProfilerSettings = ProfilerSettings(), min_gain: float = 0.02) -> None:
+    def __init__(
+        self,
+        cache_dir: Path | str | None | object = _unset,
+        tune: str | None = None,
+        settings: ProfilerSettings | None = None,
+        min_gain: float = 0.02,
+    ) -> None:
         """``cache_dir``: default $FLASHTUNE_CACHE_DIR, else the user cache dir; None keeps the
         cache in memory. ``tune``: "auto" or "off", default $FLASHTUNE_TUNE, else "auto".
         ``min_gain``: a candidate replaces the default only if faster by this fraction."""
@@ -148,10 +154,10 @@ class AutoTuner:
         if tune not in TUNE_MODES:
             raise ValueError(f"flashtune: tune mode {tune!r} is not one of {TUNE_MODES} (check FLASHTUNE_TUNE)")
         self.tune_mode = tune
-        self.settings = settings
+        self.settings = settings or ProfilerSettings()
         self.min_gain = min_gain
         self.stats = Stats()
-        self.cache = TacticCache(cache_dir, environment(settings.mode), on_change=self._forget_memos)
+        self.cache = TacticCache(cache_dir, environment(self.settings.mode), on_change=self._forget_memos)
         self._fast: dict[int, _Alias] = {}  # id(runners) -> alias: the hot path's first lookup
         self._contexts: dict[tuple, _OpContext] = {}
         self._profile_lock = threading.RLock()
@@ -196,8 +202,15 @@ class AutoTuner:
 
     # -- the hot path ----------------------------------------------------------------------------
 
-    def choose_one(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig,
-                   inputs: Sequence[Any], *, tune: bool | None = None) -> tuple[TunableRunner, Tactic]:
+    def choose_one(
+        self,
+        op: str,
+        runners: Sequence[TunableRunner],
+        config: TuningConfig,
+        inputs: Sequence[Any],
+        *,
+        tune: bool | None = None,
+    ) -> tuple[TunableRunner, Tactic]:
         """The (runner, tactic) to run ``inputs`` with. ``runners[0]`` with tactic -1 is the default.
 
         Cache hit: returned at once, nothing made or launched. Miss with tuning allowed
@@ -207,8 +220,15 @@ class AutoTuner:
         """
         return self.choose_cached(op, runners, config, inputs, tune=tune)[0]
 
-    def choose_cached(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig,
-                      inputs: Sequence[Any], *, tune: bool | None = None) -> tuple[tuple[TunableRunner, Tactic], bool]:
+    def choose_cached(
+        self,
+        op: str,
+        runners: Sequence[TunableRunner],
+        config: TuningConfig,
+        inputs: Sequence[Any],
+        *,
+        tune: bool | None = None,
+    ) -> tuple[tuple[TunableRunner, Tactic], bool]:
         """``choose_one``, and whether the answer came from the cache (False for a fallback)."""
         alias = self._fast.get(id(runners))
         if alias is None or alias.config is not config or alias.ctx.op != op:
@@ -245,8 +265,9 @@ class AutoTuner:
         self.stats.fallbacks += 1
         return (runners[0], DEFAULT_TACTIC), False
 
-    def _choose_slow(self, alias: _Alias, sig: tuple, inputs: Sequence[Any],
-                     tune: bool | None) -> tuple[tuple[TunableRunner, Tactic], bool]:
+    def _choose_slow(
+        self, alias: _Alias, sig: tuple, inputs: Sequence[Any], tune: bool | None
+    ) -> tuple[tuple[TunableRunner, Tactic], bool]:
         """The choice for a signature not memoized yet, and whether it came from the cache (and was
         memoized) rather than being the default's fallback."""
         ctx, runners = alias.ctx, alias.runners
@@ -259,16 +280,23 @@ class AutoTuner:
         key = ctx.cache_key(inputs, bucket)
         choice = self._lookup(ctx, key, inputs, bucket)
         if choice is None:
-            capturing = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs) and \
-                torch.cuda.is_current_stream_capturing()
+            capturing = (
+                any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+                and torch.cuda.is_current_stream_capturing()
+            )
             if not allowed or capturing:
                 if not capturing:
                     _bounded_add(alias.missed, sig)
                 if key not in self._said:
                     self._said.add(key)
                     why = "a CUDA graph is being captured" if capturing else "tuning is off"
-                    log.info("flashtune: %s bucket %s not in the cache and %s; using the default %s",
-                             ctx.op, bucket, why, ctx.names[0])
+                    log.info(
+                        "flashtune: %s bucket %s not in the cache and %s; using the default %s",
+                        ctx.op,
+                        bucket,
+                        why,
+                        ctx.names[0],
+                    )
                 return self._fallback(runners)
             with self._profile_lock:
                 choice = self._lookup(ctx, key, inputs, bucket)  # another thread may have tuned it
@@ -278,16 +306,16 @@ class AutoTuner:
                     self.stats.hits += 1
         else:
             self.stats.hits += 1
-            log.debug("flashtune: %s bucket %s from the cache: %s[%r]", ctx.op, bucket, ctx.names[choice[0]],
-                      choice[1])
+            log.debug("flashtune: %s bucket %s from the cache: %s[%r]", ctx.op, bucket, ctx.names[choice[0]], choice[1])
         result = (runners[choice[0]], choice[1])
         if len(alias.memo) >= _MEMO_LIMIT:
             alias.memo.clear()
         alias.memo[sig] = result
         return result, True
 
-    def _lookup(self, ctx: _OpContext, key: Key, inputs: Sequence[Any],
-                bucket: tuple[int, ...]) -> tuple[int, Tactic] | None:
+    def _lookup(
+        self, ctx: _OpContext, key: Key, inputs: Sequence[Any], bucket: tuple[int, ...]
+    ) -> tuple[int, Tactic] | None:
         """The cached choice for ``key``, checked (once per process) to name a tactic its runner
         still offers; an entry that does not is dropped with a warning."""
         entry = self.cache.get(key)
@@ -304,16 +332,27 @@ class AutoTuner:
                 else:
                     entry_err = None
                 if entry.tactic not in offered:
-                    log.warning("flashtune: dropping cached %s tactic %r of %s for bucket %s: not offered "
-                                "by the runner%s", ctx.op, entry.tactic, entry.runner, bucket,
-                                f" ({entry_err})" if entry_err else "")
+                    log.warning(
+                        "flashtune: dropping cached %s tactic %r of %s for bucket %s: not offered by the runner%s",
+                        ctx.op,
+                        entry.tactic,
+                        entry.runner,
+                        bucket,
+                        f" ({entry_err})" if entry_err else "",
+                    )
                     self.cache.entries.pop(key, None)
                     return None
             ctx.validated.add(key)
         return idx, entry.tactic
 
-    def _tune(self, ctx: _OpContext, runners: Sequence[TunableRunner], key: Key, inputs: Sequence[Any],
-              bucket: tuple[int, ...]) -> tuple[int, Tactic]:
+    def _tune(
+        self,
+        ctx: _OpContext,
+        runners: Sequence[TunableRunner],
+        key: Key,
+        inputs: Sequence[Any],
+        bucket: tuple[int, ...],
+    ) -> tuple[int, Tactic]:
         """Profile every valid (runner, tactic) of this bucket, cache and return the winner."""
         start = time.perf_counter()
         self.stats.misses += 1
@@ -353,22 +392,37 @@ class AutoTuner:
             times = time_candidates(fns, device, self.settings)
             self.stats.profiles += len(candidates)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(
-                    f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for (i, t), tm in zip(candidates, times)))
+                log.debug(
+                    "flashtune: %s bucket %s medians: %s",
+                    ctx.op,
+                    bucket,
+                    ", ".join(
+                        f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for (i, t), tm in zip(candidates, times)
+                    ),
+                )
         # The default is replaced only by a candidate that beats it by more than min_gain and by
         # more than the measured noise; among those, the fastest median wins.
         winners = [i for i in range(1, len(candidates)) if times[i].clearly_faster_than(times[0], self.min_gain)]
         best = min(winners, key=lambda i: times[i].median, default=0)
         idx, tactic = candidates[best]
-        entry = Entry(runners[idx].name, tactic, times[best].median, times[0].median, timed=len(candidates),
-                      rejected=rejected)
+        entry = Entry(
+            runners[idx].name, tactic, times[best].median, times[0].median, timed=len(candidates), rejected=rejected
+        )
         self.cache.put(key, entry)
         ctx.validated.add(key)
         elapsed = time.perf_counter() - start
         self.stats.tuning_seconds += elapsed
-        log.info("flashtune: tuned %s bucket %s in %.2fs: %s[%r] %.1f us (default %.1f us, %d timed)",
-                 ctx.op, bucket, elapsed, entry.runner, tactic, entry.time_s * 1e6, entry.default_s * 1e6,
-                 len(candidates))
+        log.info(
+            "flashtune: tuned %s bucket %s in %.2fs: %s[%r] %.1f us (default %.1f us, %d timed)",
+            ctx.op,
+            bucket,
+            elapsed,
+            entry.runner,
+            tactic,
+            entry.time_s * 1e6,
+            entry.default_s * 1e6,
+            len(candidates),
+        )
         for listener in list(self.listeners):
             listener(ctx.op, bucket, entry)
         return idx, tactic
@@ -388,10 +442,22 @@ class AutoTuner:
         """One record per cached winner: op, shape key, bucket, kernel, tactic, times, speedup."""
         out = []
         for (op, runners, static, extras, bucket), e in list(self.cache.entries.items()):
-            out.append({"op": op, "shape_key": static, "extras": extras, "bucket": bucket, "kernel": e.runner,
-                        "tactic": e.tactic, "time_s": e.time_s, "default_s": e.default_s,
-                        "speedup": e.speedup, "candidates": list(runners), "timed": e.timed,
-                        "rejected": list(e.rejected)})
+            out.append(
+                {
+                    "op": op,
+                    "shape_key": static,
+                    "extras": extras,
+                    "bucket": bucket,
+                    "kernel": e.runner,
+                    "tactic": e.tactic,
+                    "time_s": e.time_s,
+                    "default_s": e.default_s,
+                    "speedup": e.speedup,
+                    "candidates": list(runners),
+                    "timed": e.timed,
+                    "rejected": list(e.rejected),
+                }
+            )
         return out
 
     def stats_dict(self) -> dict[str, Any]:

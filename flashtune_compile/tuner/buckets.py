@@ -9,10 +9,11 @@ above the ladder's top keep their own power-of-two buckets, so nothing is ever m
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any
 
-LadderSpec = Union[str, Sequence[int]]
+LadderSpec = str | Sequence[int]
 LADDERS = ("pow2", "hybrid")
 
 
@@ -56,7 +57,7 @@ def make_ladder(spec: LadderSpec, max_size: int, min_size: int = 1) -> tuple[int
             raise ValueError(f"an explicit bucket ladder must be strictly increasing positive ints, got {spec!r}")
     lo = bisect.bisect_left(full, min_size)
     hi = bisect.bisect_left(full, max_size)
-    return full[min(lo, len(full) - 1): hi + 1] or full[-1:]
+    return full[min(lo, len(full) - 1) : hi + 1] or full[-1:]
 
 
 @dataclass(frozen=True)

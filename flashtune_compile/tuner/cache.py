@@ -18,10 +18,11 @@ import platform
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import filelock
 import torch
@@ -101,8 +102,14 @@ class Entry:
 
 def _entry_to_json(key: Key, entry: Entry) -> dict[str, Any]:
     op, runners, static, extras, bucket = key
-    return {"op": op, "runners": list(runners), "static": static, "extras": extras, "bucket": list(bucket),
-            **asdict(entry)}
+    return {
+        "op": op,
+        "runners": list(runners),
+        "static": static,
+        "extras": extras,
+        "bucket": list(bucket),
+        **asdict(entry),
+    }
 
 
 def _entry_from_json(obj: Any) -> tuple[Key, Entry]:
@@ -126,8 +133,9 @@ def _entry_from_json(obj: Any) -> tuple[Key, Entry]:
         raise TypeError("rejected is not a list of strings")
     timed = obj.get("timed", 0)
     key = (op, tuple(runners), freeze(obj.get("static")), freeze(obj.get("extras")), tuple(bucket))
-    return key, Entry(runner, tactic, float(times[0]), float(times[1]), float(times[2]),
-                      timed if type(timed) is int else 0, rejected)
+    return key, Entry(
+        runner, tactic, float(times[0]), float(times[1]), float(times[2]), timed if type(timed) is int else 0, rejected
+    )
 
 
 class CacheFileError(ValueError):
@@ -151,8 +159,7 @@ def read_json(path: Path) -> Any:
 def env_diff(theirs: Any, ours: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Fields where environment ``theirs`` differs from ``ours``, as {field: (theirs, ours)}."""
     theirs = theirs if isinstance(theirs, dict) else {}
-    return {k: (theirs.get(k), ours.get(k)) for k in sorted(set(ours) | set(theirs))
-            if theirs.get(k) != ours.get(k)}
+    return {k: (theirs.get(k), ours.get(k)) for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k)}
 
 
 def parse_document(doc: Any, source: str, env: dict[str, Any] | None) -> dict[Key, Entry]:
@@ -160,8 +167,9 @@ def parse_document(doc: Any, source: str, env: dict[str, Any] | None) -> dict[Ke
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("entries"), list):
         raise CacheFileError(f"{source}: not a flashtune tactic cache (format {FORMAT})")
     if env is not None and doc.get("env") != env:
-        raise CacheFileError(f"{source}: made under another environment; differs in (file, here): "
-                             f"{env_diff(doc.get('env'), env)}")
+        raise CacheFileError(
+            f"{source}: made under another environment; differs in (file, here): {env_diff(doc.get('env'), env)}"
+        )
     out: dict[Key, Entry] = {}
     for i, obj in enumerate(doc["entries"]):
         try:
@@ -221,8 +229,9 @@ class TacticCache:
 
     LOCK_TIMEOUT_S = 30.0
 
-    def __init__(self, directory: Path | str | None, env: dict[str, Any],
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, directory: Path | str | None, env: dict[str, Any], on_change: Callable[[], None] = lambda: None
+    ) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.env = env
         self.entries: dict[Key, Entry] = {}
@@ -270,8 +279,9 @@ class TacticCache:
                 with self._file_lock():
                     disk = self._read_own()
             except (OSError, filelock.Timeout) as e:
-                log.warning("flashtune: cannot read the tactic cache in %s (%s); tuning in memory only",
-                            self.directory, e)
+                log.warning(
+                    "flashtune: cannot read the tactic cache in %s (%s); tuning in memory only", self.directory, e
+                )
                 return
             if merge(self.entries, disk):
                 self._on_change()
@@ -287,8 +297,7 @@ class TacticCache:
                 write_document(self.path, self.env, self.entries)
         except (OSError, filelock.Timeout) as e:
             if not self._write_failed:
-                log.warning("flashtune: cannot write the tactic cache %s (%s); keeping winners in memory",
-                            self.path, e)
+                log.warning("flashtune: cannot write the tactic cache %s (%s); keeping winners in memory", self.path, e)
                 self._write_failed = True
 
     def put(self, key: Key, entry: Entry) -> None:

@@ -16,8 +16,9 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -31,11 +32,11 @@ class Timing:
     q75: float
 
     @classmethod
-    def of(cls, samples: Sequence[float]) -> "Timing":
+    def of(cls, samples: Sequence[float]) -> Timing:
         qs = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
         return cls(qs[1], qs[0], qs[2])
 
-    def clearly_faster_than(self, other: "Timing", min_gain: float) -> bool:
+    def clearly_faster_than(self, other: Timing, min_gain: float) -> bool:
         """Faster by more than ``min_gain`` at the median *and* by more than the noise: the two
         interquartile ranges do not overlap."""
         return self.median <= other.median * (1.0 - min_gain) and self.q75 < other.q25
@@ -46,12 +47,12 @@ class ProfilerSettings:
     """Knobs of the timer. ``mode`` goes into the cache's environment: timings taken with other
     settings are not comparable."""
 
-    block_seconds: float = 2e-3   # CPU: minimum wall time of one timed block of calls
-    rounds: int = 15              # CPU: blocks per candidate (median over these) ...
-    min_rounds: int = 5           # CPU: ... but stop after this many once max_seconds is spent
-    max_seconds: float = 1.5      # CPU: time budget of one bucket's timing loop
-    prune_after: int = 3          # CPU: rounds before clearly slower candidates stop being timed
-    prune_ratio: float = 1.5      # CPU: "clearly slower" = this many times the best median
+    block_seconds: float = 2e-3  # CPU: minimum wall time of one timed block of calls
+    rounds: int = 15  # CPU: blocks per candidate (median over these) ...
+    min_rounds: int = 5  # CPU: ... but stop after this many once max_seconds is spent
+    max_seconds: float = 1.5  # CPU: time budget of one bucket's timing loop
+    prune_after: int = 3  # CPU: rounds before clearly slower candidates stop being timed
+    prune_ratio: float = 1.5  # CPU: "clearly slower" = this many times the best median
     cuda_warmup_ms: float = 10.0
     cuda_rep_ms: float = 40.0
     cold_l2: bool = True
@@ -75,8 +76,10 @@ def _per_call_seconds(fn: Callable[[], Any], budget: float) -> float:
 
 def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[Timing]:
     """Seconds per call of each fn, interleaved. Each fn must already have been run once."""
-    inner = [max(1, math.ceil(settings.block_seconds / max(_per_call_seconds(f, settings.block_seconds / 2), 1e-9)))
-             for f in fns]
+    inner = [
+        max(1, math.ceil(settings.block_seconds / max(_per_call_seconds(f, settings.block_seconds / 2), 1e-9)))
+        for f in fns
+    ]
     samples: list[list[float]] = [[] for _ in fns]
     live = list(range(len(fns)))
     shuffler = random.Random(len(fns))  # a fresh order each round: no alignment with scheduler slices
@@ -105,8 +108,9 @@ def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = Pro
         if settings.cold_l2:
             from triton.testing import do_bench
 
-            q25, q50, q75 = do_bench(fn, warmup=settings.cuda_warmup_ms, rep=settings.cuda_rep_ms,
-                                     quantiles=[0.25, 0.5, 0.75])
+            q25, q50, q75 = do_bench(
+                fn, warmup=settings.cuda_warmup_ms, rep=settings.cuda_rep_ms, quantiles=[0.25, 0.5, 0.75]
+            )
             out.append(Timing(q50 * 1e-3, q25 * 1e-3, q75 * 1e-3))
         else:
             out.append(Timing.of([ms * 1e-3 for ms in _cuda_events_ms(fn, settings)]))
@@ -135,8 +139,9 @@ def _cuda_events_ms(fn: Callable[[], Any], settings: ProfilerSettings) -> list[f
     return [s.elapsed_time(e) for s, e in events]
 
 
-def time_candidates(fns: Sequence[Callable[[], Any]], device: torch.device,
-                    settings: ProfilerSettings = ProfilerSettings()) -> list[Timing]:
+def time_candidates(
+    fns: Sequence[Callable[[], Any]], device: torch.device, settings: ProfilerSettings = ProfilerSettings()
+) -> list[Timing]:
     """Seconds per call (median, quartiles) of each candidate on ``device``."""
     if device.type == "cuda":
         return time_cuda(fns, settings)

@@ -20,7 +20,7 @@ private generator, so profiling never shifts the user's random stream.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -71,11 +71,18 @@ def popularity(kind: str, num_experts: int, top_k: int, generator: torch.Generat
     if kind == "uniform":
         return torch.ones(num_experts, dtype=torch.float64)
     ranks = torch.randperm(num_experts, generator=generator).to(torch.float64) + 1
-    return ranks ** -ZIPF_EXPONENT
+    return ranks**-ZIPF_EXPONENT
 
 
-def topk_ids(kind: str, tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
-             device: torch.device, generator: torch.Generator) -> torch.Tensor:
+def topk_ids(
+    kind: str,
+    tokens: int,
+    top_k: int,
+    num_experts: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """``[tokens, top_k]`` distinct expert ids per row, drawn from the ``kind`` distribution."""
     if tokens == 0:
         return torch.empty((0, top_k), dtype=dtype, device=device)
@@ -84,16 +91,19 @@ def topk_ids(kind: str, tokens: int, top_k: int, num_experts: int, dtype: torch.
     return picks.to(device=device, dtype=dtype)
 
 
-def topk_weights(tokens: int, top_k: int, dtype: torch.dtype, device: torch.device,
-                 generator: torch.Generator) -> torch.Tensor:
+def topk_weights(
+    tokens: int, top_k: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
     """``[tokens, top_k]`` positive weights summing to 1 per row, like a renormalized softmax."""
     logits = torch.randn((tokens, top_k), dtype=torch.float32, generator=generator)
     return torch.softmax(logits, dim=-1).to(device=device, dtype=dtype)
 
 
-def initializers(kind: str, num_experts: int, ids_index: int, weights_index: int,
-                 generator: Callable[[], torch.Generator]) -> dict[int, Callable]:
+def initializers(
+    kind: str, num_experts: int, ids_index: int, weights_index: int, generator: Callable[[], torch.Generator]
+) -> dict[int, Callable]:
     """``TuningConfig.initializers`` that synthesize routing for the inputs at these positions."""
+
     def ids(shape, dtype, device):
         return topk_ids(kind, shape[0], shape[1], num_experts, dtype, device, generator())
 

@@ -7,10 +7,11 @@ of a candidate list is the default: always valid, never profiled away.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any
 
-Tactic = Union[int, str, tuple]
+Tactic = int | str | tuple
 DEFAULT_TACTIC = -1
 
 

@@ -8,7 +8,8 @@ between calls. The first call of each new size goes through ``AutoTuner.choose_c
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .autotuner import AutoTuner
 from .buckets import TuningConfig
@@ -21,8 +22,14 @@ class TunedSite:
 
     __slots__ = ("op", "runners", "config", "tune", "on_new", "_readers", "memo", "_stats")
 
-    def __init__(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig,
-                 tune: bool | None = None, on_new: Callable[[Sequence[Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        op: str,
+        runners: Sequence[TunableRunner],
+        config: TuningConfig,
+        tune: bool | None = None,
+        on_new: Callable[[Sequence[Any]], None] | None = None,
+    ) -> None:
         """``on_new(inputs)`` runs on each call of a size not answered from the memo, before the
         tuner is asked (e.g. input checks that a site's fixed static shapes make once-per-size)."""
         self.op, self.runners, self.config, self.tune, self.on_new = op, tuple(runners), config, tune, on_new
@@ -31,7 +38,7 @@ class TunedSite:
         self._stats = AutoTuner.get().stats
 
     @staticmethod
-    def lookup(key: str, build: Callable[[], "TunedSite"]) -> "TunedSite":
+    def lookup(key: str, build: Callable[[], TunedSite]) -> TunedSite:
         """The process's site for ``key``, built on first use."""
         site = AutoTuner.sites.get(key)
         if site is None:

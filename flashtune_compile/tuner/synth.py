@@ -10,7 +10,8 @@ generator, so tuning never shifts the user's random stream.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -63,9 +64,7 @@ def _random_like(real: torch.Tensor, shape: tuple) -> torch.Tensor:
     return out
 
 
-def synthesize(
-    inputs: Sequence[Any], config: TuningConfig, bucket: tuple[int, ...]
-) -> tuple[list, tuple, int]:
+def synthesize(inputs: Sequence[Any], config: TuningConfig, bucket: tuple[int, ...]) -> tuple[list, tuple, int]:
     """Inputs for profiling ``bucket``: (inputs, shapes, number of tensors made)."""
     shapes = bucket_shapes(inputs, config, bucket)
     out: list = list(inputs)

@@ -10,7 +10,8 @@ compiles nothing: the extension is built on the first ``forward``.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ MIN_K_PER_SPLIT = 256  # never give a split fewer K elements than this
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -53,9 +54,7 @@ def skinny_tactics(n: int, k: int, sms: int) -> list[tuple[int, int, int]]:
             if npb > 1 and npb > n:
                 continue
             for split in SPLIT_K:
-                if split > 1 and (
-                    k < MIN_K_FOR_SPLIT or k // split < MIN_K_PER_SPLIT or _blocks(n, npb) >= 2 * sms
-                ):
+                if split > 1 and (k < MIN_K_FOR_SPLIT or k // split < MIN_K_PER_SPLIT or _blocks(n, npb) >= 2 * sms):
                     continue
                 out.append((threads, npb, split))
     return out
