@@ -20,7 +20,7 @@ import torch
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.aten import AtenLinearRunner
-from flashtune_compile.tuner.autotuner import _signature
+from flashtune_compile.tuner.keys import signature
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
 
     contenders = {
         "dict_lookup": lambda: table[key],
-        "signature": lambda: _signature(inputs),
+        "signature": lambda: signature(inputs),
         "choose_one_hit": lambda: tuner.choose_one("linear", runners, cfg, inputs),
         "synth_then_hit": synth_then_hit,
     }

@@ -23,7 +23,7 @@ import time
 import torch
 
 import flashtune_compile as ft
-from flashtune_compile.ops.matmul import runners_for
+from flashtune_compile.ops import OPS, runners_for
 from flashtune_compile.tuner.profiler import ProfilerSettings, time_candidates
 
 MS = (1, 8, 16, 64, 256, 1024, 4096)
@@ -79,7 +79,7 @@ def main() -> None:
         from flashtune_compile.kernels.triton_runner import TritonGemmRunner
 
         x, w = (torch.randn(4096, 4096, device=device, dtype=torch.bfloat16) for _ in range(2))
-        tri = TritonGemmRunner("linear")
+        tri = TritonGemmRunner(OPS["linear"].gemm)
         profile = ft.BucketProfile((4096,), ((4096, 4096), (4096, 4096), None))
         tactics = tri.get_valid_tactics((x, w, None), profile)
         fns = [lambda t=t: tri.forward((x, w, None), t) for t in tactics]

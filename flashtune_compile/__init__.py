@@ -12,7 +12,7 @@ from .logs import configure_from_env as _configure_logging
 
 _configure_logging()
 
-from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.flashtune.*)
+from . import passes as _passes  # noqa: E402,F401  (its passes register torch.ops.flashtune.*)
 from .api import clear_cache, load_cache, reset_stats, save_cache, stats, tactics  # noqa: E402
 from .artifacts import ArtifactError, load_artifacts, save_artifacts  # noqa: E402
 from .backend import backend  # noqa: E402

@@ -1,4 +1,9 @@
-"""The module-level functions of the public API; each acts on the process-wide AutoTuner."""
+"""The module-level functions of the public API; each acts on the process-wide AutoTuner.
+
+The cache functions act on its default tactic cache ($FLASHTUNE_CACHE_DIR, else the user cache
+dir); a model compiled with ``options={"cache_dir": ...}`` keeps its winners in that directory
+(``AutoTuner.get().cache_for(directory)``, or ``flashtune --cache-dir``).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,9 @@ from .tuner.autotuner import AutoTuner
 
 def stats() -> dict[str, Any]:
     """Counters since the last reset: hits, misses, profiles, synthesized, tuning_seconds, ...,
-    and ``weight_cache_bytes``: bytes held now by re-laid-out weight copies (kernels/weight_cache.py)."""
-    from .kernels.weight_cache import CACHE
-
-    return {**AutoTuner.get().stats_dict(), "weight_cache_bytes": CACHE.nbytes}
+    and ``weight_cache_bytes``: bytes held now by re-laid-out weight copies (tuner/weights.py)."""
+    tuner = AutoTuner.get()
+    return {**tuner.stats_dict(), "weight_cache_bytes": tuner.weights.nbytes}
 
 
 def reset_stats() -> None:
@@ -22,7 +26,8 @@ def reset_stats() -> None:
 
 
 def tactics() -> list[dict[str, Any]]:
-    """One record per cached winner: op, shape_key, bucket, kernel, tactic, time_s, default_s, speedup."""
+    """One record per cached winner: op, shape_key, bucket, kernel, tactic, time_s, default_s, speedup,
+    cache_dir; of the default cache and of every cache a compiled model named with ``cache_dir``."""
     return AutoTuner.get().tactics()
 
 

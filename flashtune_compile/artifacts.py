@@ -112,6 +112,14 @@ def save_artifacts(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     tuner = AutoTuner.get()
     entries = tuner.cache.snapshot()
+    elsewhere = [str(c.directory or "memory") for c in tuner.caches.values() if c is not tuner.cache and c.entries]
+    if elsewhere:
+        log.warning(
+            "flashtune: %s holds the default tactic cache only; winners of models compiled with their own "
+            "cache_dir (%s) stay there",
+            path,
+            ", ".join(elsewhere),
+        )
     saved = torch.compiler.save_cache_artifacts()
     blob, inductor = (saved[0], sum(len(v) for v in saved[1].artifacts.values())) if saved else (b"", 0)
     libraries = _inductor_libraries() if inductor else {}

@@ -17,16 +17,17 @@ from typing import Any
 
 import torch
 
-from .ops import DIRECT, KERNEL_FAMILIES
-from .passes.matmul import RouteSettings, rewrite_matmuls
-from .passes.moe import rewrite_moe
+from .kernels import FAMILIES as KERNEL_FAMILIES
+from .ops import DIRECT, op_families
+from .ops.routing import ROUTINGS
+from .ops.site import DEFAULT_CACHE, SiteOptions, resolve_cache_dir
+from .passes import REWRITES  # first: importing the passes registers their ops
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
-from .tuner.routing import ROUTINGS
 
 log = logging.getLogger("flashtune")
 
-OP_FAMILIES = ("linear", "mm", "bmm", "moe")
+OP_FAMILIES = op_families()  # ("linear", "mm", "bmm", "moe"): the families of the registered ops
 INNER = ("inductor", "eager")
 _UNSET = object()
 
@@ -37,12 +38,19 @@ class Options:
 
     inner: str = "inductor"
     tune: str | None = None  # None: the tuner's mode ($FLASHTUNE_TUNE, else "auto")
-    cache_dir: Any = _UNSET  # _UNSET: the tuner's ($FLASHTUNE_CACHE_DIR, else user cache)
+    cache_dir: Any = _UNSET  # _UNSET: the tuner's ($FLASHTUNE_CACHE_DIR, else user cache); None: memory
     ops: frozenset = frozenset(OP_FAMILIES)
     buckets: Any = "hybrid"
     max_tokens: int = 8192
     kernels: frozenset = frozenset(KERNEL_FAMILIES)
     moe_routing: str = "zipf"
+
+    def site_options(self) -> SiteOptions:
+        """What each routed call's site carries: this model's tuning options and tactic cache."""
+        cache_dir = DEFAULT_CACHE if self.cache_dir is _UNSET else resolve_cache_dir(self.cache_dir)
+        ladder = self.buckets if isinstance(self.buckets, str) else tuple(self.buckets)
+        kernels = tuple(sorted(self.kernels))
+        return SiteOptions(ladder, self.max_tokens, self.tune, kernels, self.moe_routing, cache_dir)
 
 
 def _subset(name: str, value: Any, valid: Sequence[str]) -> frozenset:
@@ -75,8 +83,8 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
         kw["tune"] = options["tune"]
     if "cache_dir" in options:
         d = options["cache_dir"]
-        if d is not None and not isinstance(d, (str, Path)):
-            raise ValueError(f"flashtune option 'cache_dir' must be a path or None, got {d!r}")
+        if d is not None and (not isinstance(d, (str, Path)) or not str(d)):
+            raise ValueError(f"flashtune option 'cache_dir' must be a non-empty path or None, got {d!r}")
         kw["cache_dir"] = None if d is None else Path(d).expanduser()
     if "ops" in options:
         kw["ops"] = _subset("ops", options["ops"], OP_FAMILIES)
@@ -129,21 +137,13 @@ def backend(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable[..., Any]:
-    """Route the graph's matmul family to tunable ops, then compile it with the inner compiler."""
+    """Route the graph's matmul and MoE nodes to tunable ops, then compile it with the inner
+    compiler. Each routed call carries this model's options (its site), so models compiled with
+    different options, ``cache_dir`` included, keep their tuning apart in one process."""
     opts = parse_options(options)
+    site_options = opts.site_options()
+    routed = sum(rewrite(gm, opts.ops, site_options) for rewrite in REWRITES)
     tuner = AutoTuner.get()
-    if opts.cache_dir is not _UNSET:
-        tuner.use_cache_dir(opts.cache_dir)
-    settings = RouteSettings(
-        ops=opts.ops,
-        kernels=tuple(sorted(opts.kernels)),
-        ladder=opts.buckets,
-        max_tokens=opts.max_tokens,
-        tune=opts.tune,
-        routing=opts.moe_routing,
-    )
-    routed = rewrite_moe(gm, settings)  # first: its batched pattern holds bmm nodes
-    routed += rewrite_matmuls(gm, settings)
     tuner.stats.routed_ops += routed
     tuner.stats.compiles += 1
     log.info(

@@ -118,7 +118,7 @@ def _table(title: str, entries: dict[Key, Entry]) -> Table:
 
 def cmd_show(args: argparse.Namespace, out: Console) -> int:
     """Print one table per document; 1 if any document was unreadable (the others still shown)."""
-    cache = AutoTuner.get().cache
+    cache = args.cache
     paths = [Path(args.file)] if args.file else _documents(cache.directory)
     if not paths:
         out.print(f"no tactic cache documents in {cache.directory}")
@@ -142,7 +142,7 @@ def cmd_show(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_export(args: argparse.Namespace, out: Console) -> int:
     """Write this environment's entries to one document at ``args.file``."""
-    n = AutoTuner.get().cache.save(args.file)
+    n = args.cache.save(args.file)
     out.print(f"exported {n} entries to {args.file}")
     return 0
 
@@ -160,8 +160,8 @@ def cmd_import(args: argparse.Namespace, out: Console) -> int:
             f"{loaded['libraries']} kernel libraries from {path}"
         )
     else:
-        n = AutoTuner.get().cache.load(path)
-        out.print(f"imported {n} entries from {path} into {AutoTuner.get().cache.path}")
+        n = args.cache.load(path)
+        out.print(f"imported {n} entries from {path} into {args.cache.path}")
     return 0
 
 
@@ -192,7 +192,7 @@ def cmd_merge(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_clear(args: argparse.Namespace, out: Console) -> int:
     """Delete this environment's document, or with ``--all`` every document (and lock) in the dir."""
-    cache = AutoTuner.get().cache
+    cache = args.cache
     paths = _documents(cache.directory) if args.all else [p for p in [cache.path] if p and p.exists()]
     cache.clear(disk=True)
     for path in paths:
@@ -218,7 +218,7 @@ def cmd_report(args: argparse.Namespace, out: Console) -> int:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    path = Path(args.file) if args.file else AutoTuner.get().cache.path
+    path = Path(args.file) if args.file else args.cache.path
     if path is None or not path.exists():
         raise UserError(f"no tactic cache to plot: {path} does not exist")
     env, entries = _read(path)
@@ -311,10 +311,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Console(markup=False, highlight=False)
     if not out.is_terminal:  # piped or captured: wide enough that a row stays one line
         out.width = max(out.width, 160)
+    # With --cache-dir, the command runs against a tuner of its own for that directory.
+    previous = AutoTuner.reset(AutoTuner(cache_dir=args.cache_dir)) if args.cache_dir else None
     try:
-        if args.cache_dir:
-            AutoTuner.get().use_cache_dir(args.cache_dir)
+        args.cache = AutoTuner.get().cache
         return args.run(args, out)
     except (UserError, CacheFileError, OSError) as e:
         _error(str(e))
         return 1
+    finally:
+        if args.cache_dir:
+            AutoTuner.reset(previous)

@@ -29,7 +29,6 @@ def tuner(cache_dir):
     """A fresh process-wide tuner writing to a temporary cache dir."""
     t = ft.AutoTuner(settings=FAST)
     old = ft.AutoTuner.reset(t)
-    ft.AutoTuner.sites.clear()  # sites rebuild from their keys on next use
     logging.getLogger("flashtune").setLevel(logging.INFO)
     yield t
     ft.AutoTuner.reset(old)

@@ -138,10 +138,9 @@ def test_tactics_only_artifact_makes_a_fresh_tuner_profile_nothing(tuner, tmp_pa
     assert (tmp_path / "a.ftart").stat().st_mode & 0o777 == 0o666 & ~umask  # shippable, not owner-only
     fresh = ft.AutoTuner(cache_dir=tmp_path / "elsewhere", settings=tuner.settings)
     ft.AutoTuner.reset(fresh)
-    ft.AutoTuner.sites.clear()
     torch._dynamo.reset()
     assert ft.load_artifacts(tmp_path / "a.ftart") == {"tactics": 2, "inductor": 0, "libraries": 0}
-    assert (tmp_path / "elsewhere").glob("tactics-*.json")  # written through to the new cache dir
+    assert len(list((tmp_path / "elsewhere").glob("tactics-*.json"))) == 1  # written through to the new cache dir
     model = torch.nn.Linear(16, 8)
     compiled = torch.compile(model, backend="flashtune", dynamic=True, options={"inner": "eager"})
     report = ft.warmup(compiled, lambda n: (torch.randn(n, 16),), num_tokens=[2, 3, 4], progress=False)

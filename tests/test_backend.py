@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flashtune_compile as ft
-from flashtune_compile.ops.matmul import SiteSpec
+from flashtune_compile.ops import SiteSpec
 
 EAGER = {"inner": "eager"}
 
@@ -119,11 +119,11 @@ def test_mark_dynamic_range_bounds_the_ladder(tuner):
     x = r(40, 8)
     torch._dynamo.mark_dynamic(x, 0, min=4, max=300)
     compiled(x)
-    (key,) = [k for k in ft.AutoTuner.sites if k.startswith('["linear"')]
+    (key,) = [k for k in ft.AutoTuner.get().sites if k.startswith('["linear"')]
     spec = SiteSpec.decode(key)
     ((positions, lo, hi),) = spec.axes
     assert positions == ((0, 0),) and (lo, hi) == (4, 300)
-    site = ft.AutoTuner.sites[key]
+    site = ft.AutoTuner.get().sites[key]
     assert site.config.dynamic[0].ladder == (4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -132,7 +132,7 @@ def test_shared_symbol_is_one_axis_for_flattened_3d(tuner):
     compiled = torch.compile(model, backend="flashtune", dynamic=True, options=EAGER)
     x = r(3, 5, 16)
     torch.testing.assert_close(compiled(x), model(x))
-    (key,) = list(ft.AutoTuner.sites)
+    (key,) = list(ft.AutoTuner.get().sites)
     ((positions, lo, hi),) = SiteSpec.decode(key).axes
     assert positions == ((0, 0),) and lo >= 1  # M = s0 * s1 is one axis of the flattened input
     assert ft.tactics()[0]["bucket"] == (16,)  # 15 rows -> bucket 16
@@ -173,15 +173,15 @@ def test_call_module_linear_nodes_are_routed(tuner):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    from flashtune_compile.passes.matmul import RouteSettings, rewrite_matmuls
+    from flashtune_compile.ops import SiteOptions
+    from flashtune_compile.passes.matmul import rewrite
 
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4, bias=False))
     gm = torch.fx.symbolic_trace(model)
     assert [n.op for n in gm.graph.nodes].count("call_module") == 3
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(mode.from_tensor(r(5, 8)))
-    settings = RouteSettings(ops=frozenset({"linear"}), kernels=("aten",), ladder="hybrid", max_tokens=64, tune=None)
-    assert rewrite_matmuls(gm, settings) == 2
+    assert rewrite(gm, frozenset({"linear"}), SiteOptions(kernels=("aten",), max_tokens=64)) == 2
     assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"].count("flashtune.linear.default") == 2
     x = r(5, 8)
     torch.testing.assert_close(gm(x), model(x))
@@ -279,16 +279,46 @@ def test_warm_calls_profile_and_synthesize_nothing(tuner):
     assert after["hits"] > before["hits"]
 
 
-def test_cache_dir_option_persists_winners_there(tuner, tmp_path):
+def _entries(directory):
+    """The (weight shape, bucket) of every entry in the one tactic document in ``directory``."""
+    (doc,) = directory.glob("tactics-*.json")
+    return sorted((tuple(e["static"][1][1]), tuple(e["bucket"])) for e in json.loads(doc.read_text())["entries"])
+
+
+def test_cache_dir_option_persists_winners_there(tuner, cache_dir, tmp_path):
     model = nn.Linear(8, 8)
     compiled = torch.compile(model, backend="flashtune", options={**EAGER, "cache_dir": str(tmp_path / "mine")})
     compiled(r(3, 8))
-    (doc,) = (tmp_path / "mine").glob("tactics-*.json")
-    assert len(json.loads(doc.read_text())["entries"]) == 1
+    assert _entries(tmp_path / "mine") == [((8, 8), ())]
+    assert not cache_dir.exists() and tuner.cache.entries == {}  # the default cache got nothing
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="flashtune", options={**EAGER, "cache_dir": None})
     compiled(r(3, 8))  # memory-only: the entry tuned above is not known here
-    assert ft.AutoTuner.get().cache.directory is None and ft.stats()["misses"] == 2
+    assert ft.stats()["misses"] == 2 and tuner.cache.directory == cache_dir  # the default cache is unchanged
+    assert [rec["cache_dir"] for rec in ft.tactics()] == [str((tmp_path / "mine").resolve()), None]
+
+
+def test_two_models_with_two_cache_dirs_keep_their_winners_apart(tuner, cache_dir, tmp_path):
+    """Compiling model B with its own cache_dir must not send model A's later winners there."""
+    a, b = nn.Linear(8, 8), nn.Linear(8, 16)
+    opts = {**EAGER, "buckets": "pow2"}
+    model_a = torch.compile(a, backend="flashtune", dynamic=True, options={**opts, "cache_dir": str(tmp_path / "a")})
+    model_a(r(3, 8))
+    model_b = torch.compile(b, backend="flashtune", dynamic=True, options={**opts, "cache_dir": str(tmp_path / "b")})
+    model_b(r(3, 8))
+    model_a(r(20, 8))  # a new bucket of model A, tuned after model B was compiled
+    model_b(r(20, 8))
+    assert _entries(tmp_path / "a") == [((8, 8), (4,)), ((8, 8), (32,))]
+    assert _entries(tmp_path / "b") == [((16, 8), (4,)), ((16, 8), (32,))]
+    assert not cache_dir.exists()
+    x = r(5, 8)
+    torch.testing.assert_close(model_a(x), a(x))
+    # A fresh tuner (as a new process would have) finds model A's winners in A's directory.
+    ft.AutoTuner.reset(ft.AutoTuner(settings=tuner.settings))
+    torch._dynamo.reset()
+    model_a = torch.compile(a, backend="flashtune", dynamic=True, options={**opts, "cache_dir": str(tmp_path / "a")})
+    model_a(r(3, 8)), model_a(r(20, 8))
+    assert ft.stats()["profiles"] == 0 and ft.stats()["hits"] == 2
 
 
 class InPlaceUnusedResult(torch.nn.Module):

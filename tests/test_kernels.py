@@ -10,10 +10,11 @@ import torch.nn.functional as F
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpu import CpuLinearRunner
 from flashtune_compile.kernels.triton_runner import TritonGemmRunner
-from flashtune_compile.kernels.weight_cache import CACHE, WeightCache
-from flashtune_compile.ops.matmul import MATMUL_OPS, runners_for
+from flashtune_compile.ops import OPS, runners_for
+from flashtune_compile.ops.matmul import MATMUL_OPS
 from flashtune_compile.tuner.check import mismatch
 from flashtune_compile.tuner.runner import BucketProfile
+from flashtune_compile.tuner.weights import WeightCache
 
 needs_interpreter = pytest.mark.skipif(
     not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -67,7 +68,7 @@ def profile_for(inputs, op):
 @pytest.mark.parametrize("m, n, k, transposed", [(1, 7, 9, False), (5, 33, 40, True), (17, 24, 1030, False)])
 def test_triton_gemm_matches_aten(triton_on_cpu, op, dtype, m, n, k, transposed):
     inputs = make_inputs(op, m, n, k, dtype, transposed)
-    runner = TritonGemmRunner(op)
+    runner = TritonGemmRunner(OPS[op].gemm)  # the op's GEMM view, as its candidate list builds it
     tactics = runner.get_valid_tactics(inputs, profile_for(inputs, op))
     if k >= 1024 and op in ("linear", "mm", "addmm"):
         tactics.append((16, 32, 64, 8, 4, 3, 4))  # split-K 4 over K=1030: a partial last tile
@@ -81,10 +82,10 @@ def test_triton_gemm_matches_aten(triton_on_cpu, op, dtype, m, n, k, transposed)
 @needs_interpreter
 def test_triton_linear_without_bias_and_beta_zero_ignores_nan(triton_on_cpu):
     x, w, _ = make_inputs("linear", 5, 8, 16, torch.float32, bias=False)
-    out = TritonGemmRunner("linear").forward((x, w, None), (16, 32, 32, 8, 4, 3, 1))
+    out = TritonGemmRunner(OPS["linear"].gemm).forward((x, w, None), (16, 32, 32, 8, 4, 3, 1))
     torch.testing.assert_close(out, F.linear(x, w))
     bias = torch.full((8,), float("nan"), device=dev())
-    out = TritonGemmRunner("addmm").forward((bias, x, w.t(), 0.0, 1.0), (16, 32, 32, 8, 4, 3, 1))
+    out = TritonGemmRunner(OPS["addmm"].gemm).forward((bias, x, w.t(), 0.0, 1.0), (16, 32, 32, 8, 4, 3, 1))
     torch.testing.assert_close(out, torch.addmm(bias, x, w.t(), beta=0.0))
 
 
@@ -102,7 +103,7 @@ def test_triton_not_offered_on_cpu_without_the_test_hook():
     inputs = make_inputs("linear", 4, 8, 16, torch.float32)
     if torch.cuda.is_available():
         pytest.skip("CUDA tensors are always eligible")
-    assert TritonGemmRunner("linear").get_valid_tactics(inputs, profile_for(inputs, "linear")) == []
+    assert TritonGemmRunner(OPS["linear"].gemm).get_valid_tactics(inputs, profile_for(inputs, "linear")) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -126,16 +127,17 @@ def test_cpu_linear_variants_match_aten(dtype, bias):
 def test_weight_copies_are_reused_and_never_stale():
     runner, x = CpuLinearRunner(), torch.randn(4, 16)
     w = nn.Parameter(torch.randn(8, 16), requires_grad=False)
-    made = CACHE.made
+    copies = ft.AutoTuner.get().weights
+    made = copies.made
     y1 = runner.forward((x, w, None), "wt_contig")
     runner.forward((x, w, None), "wt_contig")
-    assert CACHE.made == made + 1  # one copy, reused
+    assert copies.made == made + 1  # one copy, reused
     assert ft.stats()["weight_cache_bytes"] >= 8 * 16 * 4
     with torch.no_grad():
         w.mul_(2)  # in place: the version counter moves
     y2 = runner.forward((x, w, None), "wt_contig")
     torch.testing.assert_close(y2, 2 * y1)
-    assert CACHE.made == made + 2
+    assert copies.made == made + 2
     with torch.no_grad():
         w.data = torch.randn(8, 16)  # new storage behind the same Parameter
     torch.testing.assert_close(runner.forward((x, w, None), "wt_contig"), F.linear(x, w))

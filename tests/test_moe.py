@@ -7,8 +7,7 @@ import torch
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.moe import ACTIVATIONS
-from flashtune_compile.ops import SiteSpec, runners_for
-from flashtune_compile.tuner import routing
+from flashtune_compile.ops import SiteOptions, SiteSpec, routing, runners_for
 from flashtune_compile.tuner.runner import BucketProfile
 
 H, I = 32, 16  # hidden, intermediate (tiny: the suite runs on 2 CPU cores)
@@ -34,7 +33,8 @@ def moe_site(e, k, dtype, wdtype=None, kernels=("aten", "cpu"), routing_kind="zi
     wd = str(wdtype or dtype).removeprefix("torch.")
     d = str(dtype).removeprefix("torch.")
     sig = [[[-1, H], d], [[-1, k], wd], [[-1, k], "int64"], [[e, 2 * I, H], d], [[e, H, I], d], None]
-    return SiteSpec("moe", ((((0, 0), (1, 0), (2, 0)), 1, 4096),), sig, "hybrid", tune, kernels, routing_kind).encode()
+    options = SiteOptions(tune=tune, kernels=kernels, routing=routing_kind)
+    return SiteSpec("moe", ((((0, 0), (1, 0), (2, 0)), 1, 4096),), sig, options).encode()
 
 
 def make_layer(e, dtype, seed=0):
@@ -105,7 +105,7 @@ def test_grouped_mm_op_matches_torch_grouped_mm(tuner):
     offs = torch.tensor([4, 4, 9], dtype=torch.int32)  # expert 1 empty; row 9 belongs to no expert
     ref = torch._grouped_mm(x, w, offs=offs)
     sig = [[[-1, H], "bfloat16"], [[3, H, 8], "bfloat16"], [[3], "int32"]]
-    site = SiteSpec("grouped_mm", ((((0, 0),), 1, 4096),), sig, "hybrid", None, ("aten", "cpu")).encode()
+    site = SiteSpec("grouped_mm", ((((0, 0),), 1, 4096),), sig, SiteOptions(kernels=("aten", "cpu"))).encode()
     inputs = (x, w, offs)
     for runner in runners_for("grouped_mm", ["aten", "cpu"]):
         for tactic in runner.get_valid_tactics(inputs, BucketProfile((10,), ((10, H), (3, H, 8), (3,)))):
@@ -180,14 +180,13 @@ def test_zipf_routing_is_skewed_with_idle_experts_and_distinct_picks():
 
 
 def test_learned_routing_follows_what_was_observed():
-    routing.forget()
+    learned = routing.LearnedRouting()
     gen = torch.Generator().manual_seed(0)
-    assert routing.learned(8, 2) is None
-    routing.observe(torch.tensor([[2, 5]] * 50 + [[1, 2]] * 5), 8)
-    ids = routing.topk_ids("learned", 1000, 2, 8, torch.int64, torch.device("cpu"), gen)
+    assert learned.counts(8, 2) is None
+    learned.observe(torch.tensor([[2, 5]] * 50 + [[1, 2]] * 5), 8)
+    ids = routing.topk_ids("learned", 1000, 2, 8, torch.int64, torch.device("cpu"), gen, learned)
     c = _counts(ids, 8)
     assert c[2] > 800 and c[5] > 700 and c[[0, 3, 4, 6, 7]].sum() < 100
-    routing.forget()
 
 
 def test_routing_synthesis_leaves_the_user_rng_alone(tuner):

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from test_moe import H, I, close
 
 import flashtune_compile as ft
-from flashtune_compile.ops import DIRECT
-from flashtune_compile.tuner import routing
+from flashtune_compile.ops import DIRECT, routing
 
 pytest.importorskip("transformers", reason="the graph patterns come from transformers 5 models")
 
@@ -202,12 +201,10 @@ def test_training_graphs_leave_moe_alone(tuner):
 
 
 def test_learned_routing_option_records_real_routing(tuner):
-    routing.forget()
     spy = Spy(moe_routing="learned")
     _compare(_block("mixtral", "grouped_mm", torch.float32), torch.float32, [4, 8], spy)
-    seen = routing.learned(4, 2)
+    seen = routing.learned_routing().counts(4, 2)
     assert seen is not None and seen.sum() == (4 + 8) * 2
-    routing.forget()
 
 
 # -- the transformers integration -------------------------------------------------------------

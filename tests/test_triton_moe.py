@@ -13,15 +13,11 @@ import torch.nn.functional as F
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from flashtune_compile.kernels.triton_moe import (  # noqa: E402
-    DEFAULT_MOE_TACTIC,
+from flashtune_compile.kernels.triton_moe import DEFAULT_MOE_TACTIC, fused_moe, grouped_mm  # noqa: E402
+from flashtune_compile.kernels.triton_moe_align import align_offsets, align_tokens, padded_size  # noqa: E402
+from flashtune_compile.kernels.triton_moe_runner import (  # noqa: E402
     TritonGroupedMMRunner,
     TritonMoeRunner,
-    align_offsets,
-    align_tokens,
-    fused_moe,
-    grouped_mm,
-    padded_size,
     tactics_for,
 )
 from flashtune_compile.tuner.runner import BucketProfile  # noqa: E402

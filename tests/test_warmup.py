@@ -122,7 +122,7 @@ def test_warmup_learns_moe_routing_from_its_calls(tuner):
     """With moe_routing="learned", each warmup size's real routing is what later profiling draws from."""
     from test_moe import H, make_layer, moe_site
 
-    from flashtune_compile.tuner import routing
+    from flashtune_compile.ops import routing
 
     w1, w2 = make_layer(4, torch.float32)
     site = moe_site(4, 2, torch.float32, routing_kind="learned")
@@ -132,12 +132,10 @@ def test_warmup_learns_moe_routing_from_its_calls(tuner):
             ids = torch.tensor([1, 3]).expand(h.shape[0], 2)
             return torch.ops.flashtune.moe(h, torch.full((h.shape[0], 2), 0.5), ids, w1, w2, "silu", site)
 
-    routing.forget()
     compiled = torch.compile(Experts(), backend="flashtune", dynamic=True, options={"inner": "eager"})
     report = ft.warmup(compiled, lambda n: (torch.randn(n, H),), num_tokens=[2, 8], progress=False)
     assert report.tuned == 2
-    assert routing.learned(4, 2).tolist() == [0, 10, 0, 10]  # 2 + 8 tokens, each picking 1 and 3
-    routing.forget()
+    assert routing.learned_routing().counts(4, 2).tolist() == [0, 10, 0, 10]  # 2 + 8 tokens, each picking 1 and 3
 
 
 def test_flashtune_log_levels_go_to_stderr_and_bad_levels_are_named(tuner, monkeypatch, capfd):

@@ -20,71 +20,40 @@ which the backend's graph pass rewrites to the same op).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from ..ops.site import SiteSpec
+from ..ops.moe import MOE
+from ..ops.site import SiteOptions, site_string
 
 NAME = "flashtune"
-_settings: dict[str, Any] = {}
+OPTIONS = ("tune", "buckets", "max_tokens", "kernels", "moe_routing", "cache_dir")  # the backend's, for MoE
 
 
 def register(options: Mapping[str, Any] | None = None) -> None:
     """Register ``"flashtune"`` as a transformers experts implementation. ``options`` takes the
-    backend's tuning options (``tune``, ``buckets``, ``max_tokens``, ``kernels``,
-    ``moe_routing``); others raise ValueError. Safe to call again (the last options win)."""
+    backend's tuning options named in ``OPTIONS``; others raise ValueError. Safe to call again (the
+    last options win)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     from ..backend import parse_options
 
     opts = dict(options or {})
-    allowed = {"tune", "buckets", "max_tokens", "kernels", "moe_routing"}
-    bad = sorted(set(opts) - allowed)
+    bad = sorted(set(opts) - set(OPTIONS))
     if bad:
-        raise ValueError(f"flashtune transformers integration: unknown option(s) {bad}; valid: {sorted(allowed)}")
-    parsed = parse_options(opts)
-    _settings.clear()
-    _settings.update(
-        ladder=parsed.buckets if isinstance(parsed.buckets, str) else list(parsed.buckets),
-        max_tokens=parsed.max_tokens,
-        tune=parsed.tune,
-        kernels=tuple(sorted(parsed.kernels)),
-        routing=parsed.moe_routing,
-    )
-    _site.cache_clear()
-    type(ALL_EXPERTS_FUNCTIONS).register(NAME, flashtune_experts_forward)
-
-
-@torch.compiler.assume_constant_result
-def _site_key(key: tuple) -> str:
-    return _site(key)
+        raise ValueError(f"flashtune transformers integration: unknown option(s) {bad}; valid: {sorted(OPTIONS)}")
+    type(ALL_EXPERTS_FUNCTIONS).register(NAME, experts_forward(parse_options(opts).site_options()))
 
 
 @functools.cache
-def _site(key: tuple) -> str:
-    """The site string of an experts module: T is the one dynamic axis (hidden, weights, ids)."""
+def _site(options: SiteOptions, key: tuple) -> str:
+    """The site string of an experts module: the token count is its one dynamic axis."""
     (e, n1, h), (_, h2, i), top_k, dtype, w_dtype, id_dtype = key
-    max_tokens = _settings.get("max_tokens", 8192)
-    sig = (
-        ((-1, h), dtype),
-        ((-1, top_k), w_dtype),
-        ((-1, top_k), id_dtype),
-        ((e, n1, h), dtype),
-        ((e, h2, i), dtype),
-        None,
-    )
-    spec = SiteSpec(
-        "moe",
-        ((((0, 0), (1, 0), (2, 0)), 1, max_tokens),),
-        sig,
-        _settings.get("ladder", "hybrid"),
-        _settings.get("tune"),
-        _settings.get("kernels", ("aten", "cpu", "cuda", "triton")),
-        _settings.get("routing", "zipf"),
-    )
-    return spec.encode()
+    shapes = [(0, h), (0, top_k), (0, top_k), (e, n1, h), (e, h2, i), None]
+    dtypes = [dtype, w_dtype, id_dtype, dtype, dtype, None]
+    return site_string(MOE, ((MOE.token_dims, 1, options.max_tokens),), shapes, dtypes, options)
 
 
 def _activation(module: torch.nn.Module) -> str | None:
@@ -126,11 +95,23 @@ def _fused_applies(module: torch.nn.Module, hidden: torch.Tensor) -> str | None:
     return _activation(module)
 
 
-def flashtune_experts_forward(
-    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """An experts forward for transformers' ``ExpertsInterface``: the fused tunable op where it
-    applies, transformers' grouped_mm forward otherwise."""
+def experts_forward(options: SiteOptions) -> Callable[..., torch.Tensor]:
+    """An experts forward for transformers' ``ExpertsInterface`` whose calls carry ``options``: the
+    fused tunable op where it applies, transformers' grouped_mm forward otherwise."""
+
+    @torch.compiler.assume_constant_result
+    def site_key(key: tuple) -> str:
+        return _site(options, key)
+
+    def forward(
+        self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        return _forward(self, hidden_states, top_k_index, top_k_weights, site_key)
+
+    return forward
+
+
+def _forward(self, hidden_states, top_k_index, top_k_weights, site_key) -> torch.Tensor:
     activation = _fused_applies(self, hidden_states)
     if activation is None:
         from transformers.integrations.moe import grouped_mm_experts_forward
@@ -147,7 +128,7 @@ def flashtune_experts_forward(
         _name(top_k_weights.dtype),
         _name(top_k_index.dtype),
     )
-    return torch.ops.flashtune.moe(hidden_states, top_k_weights, top_k_index, w1, w2, activation, _site_key(key))
+    return torch.ops.flashtune.moe(hidden_states, top_k_weights, top_k_index, w1, w2, activation, site_key(key))
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -39,18 +39,12 @@ def _scaled_add(bias: torch.Tensor, prod: torch.Tensor, beta: Any, alpha: Any) -
 
 
 class _NamedVariants(TunableRunner):
-    """A runner whose tactics are -1 plus the names in VARIANTS (only -1 with ``variants=False``,
-    under another name, so cached entries of the two never mix)."""
+    """A runner whose tactics are -1 plus the names in VARIANTS."""
 
     VARIANTS: tuple[str, ...] = ()
 
-    def __init__(self, variants: bool = True) -> None:
-        self.variants = variants
-        if not variants:
-            self.name = f"{type(self).name}_default"
-
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        return [DEFAULT_TACTIC, *self.VARIANTS] if self.variants else [DEFAULT_TACTIC]
+        return [DEFAULT_TACTIC, *self.VARIANTS]
 
 
 class AtenLinearRunner(_NamedVariants):

@@ -3,7 +3,7 @@
 Measured on a 2-core AVX2 machine (no bf16 FMA): oneDNN-packed fp32 weights ran 1.3-1.8x faster
 than ``F.linear``; for bf16, computing in fp32 from a cached fp32 copy of the weight ran 1.8-2.6x
 faster, while ``mm`` against a transposed bf16 copy ran 60x slower (so it is never offered for
-bf16). Copies live in the bounded, never-stale ``weight_cache.CACHE``, and are offered only for
+bf16). Copies live in the tuner's bounded, never-stale weight cache (``tuner/weights.py``), and are offered only for
 weights that are ``nn.Parameter``s (a weight computed inside the graph is new every call).
 """
 
@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..tuner.autotuner import AutoTuner
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
-from .weight_cache import CACHE
+from ..tuner.weights import WeightCache
 
 _packable: dict[torch.dtype, bool] = {}
 
@@ -51,7 +52,7 @@ class CpuLinearRunner(TunableRunner):
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         x, w, b = inputs
-        if x.device.type != "cpu" or w.dim() != 2 or not CACHE.cacheable(w):
+        if x.device.type != "cpu" or w.dim() != 2 or not WeightCache.cacheable(w):
             return []
         if x.dtype == torch.float32:
             tactics = ["wt_contig"]
@@ -65,14 +66,15 @@ class CpuLinearRunner(TunableRunner):
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         x, w, b = inputs
+        copies = AutoTuner.get().weights
         if tactic == "wt_contig":
-            wt = CACHE.get(w, "t_contiguous", _t_contiguous)
+            wt = copies.get(w, "t_contiguous", _t_contiguous)
             return torch.addmm(b, x, wt) if b is not None else torch.mm(x, wt)
         if tactic == "fp32_compute":
-            w32 = CACHE.get(w, "fp32", _as_fp32)
-            b32 = CACHE.get(b, "fp32", _as_fp32) if b is not None else None
+            w32 = copies.get(w, "fp32", _as_fp32)
+            b32 = copies.get(b, "fp32", _as_fp32) if b is not None else None
             return F.linear(x.float(), w32, b32).to(x.dtype)
         if tactic == "mkldnn_packed":
-            packed = CACHE.get(w, "mkldnn_packed", _mkldnn_pack)
+            packed = copies.get(w, "mkldnn_packed", _mkldnn_pack)
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
         raise ValueError(f"unknown cpu_linear tactic {tactic!r}")

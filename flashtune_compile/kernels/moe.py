@@ -1,4 +1,4 @@
-"""ATen and CPU candidates for the MoE ops (``flashtune.moe`` and ``flashtune.grouped_mm``).
+"""ATen and CPU candidates for ``flashtune.moe``, one MoE layer's whole expert computation.
 
 The MoE computation, with the semantics of transformers' experts forward: for token ``t`` and each
 of its ``k`` picks ``e = ids[t, j]`` in ``[0, E)``::
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
-from .cpu import _mkldnn_pack, _mkldnn_packs
-from .weight_cache import CACHE
+from .cpu import _mkldnn_packs
+from .experts import expert_loop, fp32_copy, grouped_mm_available, packed, parameter_of
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -43,18 +43,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
 }
 BMM_MAX_BYTES = 64 * 2**20  # the "bmm" tactic's gathered weights stay below this
-
-
-def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs here: CPU builds have it for every float dtype; CUDA
-    needs bf16 on sm80+."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
-    return False
 
 
 # -- shared pieces ----------------------------------------------------------------------------
@@ -90,25 +78,6 @@ def combine(
     return pairs.view(tokens, top_k, hidden).sum(dim=1).to(out_dtype)
 
 
-def _expert_loop(
-    xs: torch.Tensor,
-    counts: list[int],
-    mm: Callable[[int, torch.Tensor], torch.Tensor],
-    out_cols: int,
-    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``fn(mm(e, rows of e))`` for every expert with rows, into one [rows, out_cols] tensor (rows
-    after the counted ones are zero); ``mm(e, x)`` is ``x @ w[e].T``."""
-    out = xs.new_zeros((xs.shape[0], out_cols))
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            y = mm(e, xs[start : start + n])
-            out[start : start + n] = fn(y) if fn is not None else y
-            start += n
-    return out
-
-
 def _slices(w: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
     return lambda e, x: F.linear(x, w[e])
 
@@ -128,8 +97,8 @@ def moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=None, mm1=N
         xs = xs.to(compute_dtype)
     act = ACTIVATIONS[activation]
     n = counts.tolist()
-    h = _expert_loop(xs, n, mm1 or _slices(w1), w2.shape[2], partial(gate, act))
-    y = _expert_loop(h, n, mm2 or _slices(w2), w2.shape[1])
+    h = expert_loop(xs, n, mm1 or _slices(w1), w2.shape[2], partial(gate, act))
+    y = expert_loop(h, n, mm2 or _slices(w2), w2.shape[1])
     y = y.to(hidden.dtype)
     return combine(y, order, weights, valid, tokens, hidden.dtype)
 
@@ -194,59 +163,6 @@ def _bmm_bytes(shapes: Sequence[Any], elem_bytes: int) -> int:
     return tokens * top_k * (n1 * hdim + hdim * inter) * elem_bytes
 
 
-def _as_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.float()
-
-
-def _parameter_of(w: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-    """(parameter, transposed) when ``w`` is a parameter or its ``transpose(-2, -1)`` view: what
-    cached copies can be keyed on (a view is a new object every call)."""
-    if CACHE.cacheable(w):
-        return w, False
-    base = w._base
-    if (
-        base is not None
-        and CACHE.cacheable(base)
-        and base.dim() == 3
-        and w.dim() == 3
-        and w.shape == base.transpose(-2, -1).shape
-        and w.stride() == base.transpose(-2, -1).stride()
-        and w.storage_offset() == base.storage_offset()
-    ):
-        return base, True
-    return None
-
-
-def _fp32_copy(w: torch.Tensor) -> torch.Tensor | None:
-    """A cached fp32 copy of a parameter, or of a parameter's transpose(-2, -1) view."""
-    found = _parameter_of(w)
-    if found is None:
-        return None
-    copy = CACHE.get(found[0], "fp32", _as_fp32)
-    return copy.transpose(-2, -1) if found[1] else copy
-
-
-def _packed(w: torch.Tensor, fp32: bool) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """``mm(e, x) = x @ w[e].T`` from oneDNN-packed per-expert weights (fp32 copies if ``fp32``),
-    packed on first use of each expert and cached against the parameter ``w`` stems from."""
-    param, transposed = _parameter_of(w)
-    kind = f"mkldnn_packed{'_fp32' if fp32 else ''}{'_t' if transposed else ''}"
-
-    def make(e: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def pack(p: torch.Tensor) -> torch.Tensor:
-            m = p[e].t() if transposed else p[e]
-            return _mkldnn_pack(m.float() if fp32 else m)
-
-        return pack
-
-    def mm(e: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), CACHE.get(param, f"{kind}[{e}]", make(e)), None, "none", [], ""
-        )
-
-    return mm
-
-
 # -- runners: flashtune.moe -------------------------------------------------------------------
 # inputs: (hidden [T, H], topk_weights [T, k], topk_ids [T, k], w1 [E, 2I, H], w2 [E, H, I], activation)
 
@@ -256,12 +172,7 @@ class AtenMoeRunner(TunableRunner):
 
     name = "aten_moe"
 
-    def __init__(self, variants: bool = True) -> None:
-        self.variants = variants
-
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        if not self.variants:
-            return [DEFAULT_TACTIC]
         hidden = inputs[0]
         tactics: list[Tactic] = [DEFAULT_TACTIC]
         if grouped_mm_available(hidden.device, hidden.dtype):
@@ -292,7 +203,7 @@ class CpuMoeRunner(TunableRunner):
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         hidden, _, _, w1, w2, _ = inputs
-        if hidden.device.type != "cpu" or _parameter_of(w1) is None or _parameter_of(w2) is None:
+        if hidden.device.type != "cpu" or parameter_of(w1) is None or parameter_of(w2) is None:
             return []
         packs = _mkldnn_packs(torch.float32)
         if hidden.dtype == torch.float32:
@@ -304,9 +215,7 @@ class CpuMoeRunner(TunableRunner):
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         hidden, weights, ids, w1, w2, activation = inputs
         if tactic == "fp32_loop":
-            return moe_loop(
-                hidden, weights, ids, _fp32_copy(w1), _fp32_copy(w2), activation, compute_dtype=torch.float32
-            )
+            return moe_loop(hidden, weights, ids, fp32_copy(w1), fp32_copy(w2), activation, compute_dtype=torch.float32)
         if tactic in ("mkldnn_packed", "fp32_packed"):
             fp32 = tactic == "fp32_packed"
             return moe_loop(
@@ -317,64 +226,7 @@ class CpuMoeRunner(TunableRunner):
                 w2,
                 activation,
                 compute_dtype=torch.float32 if fp32 else None,
-                mm1=_packed(w1, fp32),
-                mm2=_packed(w2, fp32),
+                mm1=packed(w1, fp32),
+                mm2=packed(w2, fp32),
             )
         raise ValueError(f"unknown cpu_moe tactic {tactic!r}")
-
-
-# -- runners: flashtune.grouped_mm ------------------------------------------------------------
-# inputs: (x [S, K], w [E, K, N], offs [E] int32 cumulative row ends); rows >= offs[-1] are zero.
-
-
-def grouped_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, compute_dtype=None) -> torch.Tensor:
-    ends = offs.tolist()
-    counts = [b - a for a, b in zip([0, *ends[:-1]], ends)]
-    xs = x if compute_dtype is None else x.to(compute_dtype)
-    out = _expert_loop(xs, counts, lambda e, rows: rows @ w[e], w.shape[2])
-    return out.to(x.dtype)
-
-
-class AtenGroupedMMRunner(TunableRunner):
-    """``torch._grouped_mm`` (the default where available) or a loop of ``mm`` (``"loop"``)."""
-
-    name = "aten_grouped_mm"
-
-    def __init__(self, variants: bool = True) -> None:
-        self.variants = variants
-
-    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        x = inputs[0]
-        if self.variants and grouped_mm_available(x.device, x.dtype):
-            return [DEFAULT_TACTIC, "loop"]
-        return [DEFAULT_TACTIC]
-
-    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
-        x, w, offs = inputs
-        if tactic == DEFAULT_TACTIC and grouped_mm_available(x.device, x.dtype):
-            out = torch._grouped_mm(x, w, offs=offs)
-            rows = torch.arange(x.shape[0], device=x.device)
-            if x.shape[0]:
-                out = torch.where((rows < offs[-1])[:, None], out, 0)  # rows no group covers: zero
-            return out
-        if tactic in (DEFAULT_TACTIC, "loop"):
-            return grouped_loop(x, w, offs)
-        raise ValueError(f"unknown aten_grouped_mm tactic {tactic!r}")
-
-
-class CpuGroupedMMRunner(TunableRunner):
-    """bf16/fp16 grouped GEMM on CPU in fp32 from a cached fp32 weight (parameters only)."""
-
-    name = "cpu_grouped_mm"
-
-    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        x, w, _ = inputs
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or _fp32_copy(w) is None:
-            return []
-        return ["fp32_loop"]
-
-    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
-        if tactic != "fp32_loop":
-            raise ValueError(f"unknown cpu_grouped_mm tactic {tactic!r}")
-        x, w, offs = inputs
-        return grouped_loop(x, _fp32_copy(w), offs, compute_dtype=torch.float32)

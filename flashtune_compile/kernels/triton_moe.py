@@ -1,10 +1,8 @@
-"""Fused MoE in Triton: a grouped GEMM over expert-sorted rows, and its two tunable runners.
+"""Fused MoE in Triton: a grouped GEMM over expert-sorted rows, and the MoE and grouped GEMM on it.
 
-Rows (for the MoE, the flattened (token, k) pairs) are first *aligned* in plain torch, without
-any host sync (so it can be captured in a CUDA graph): they are sorted by expert and every
-expert's group is padded up to a multiple of BLOCK_M with a sentinel, into a buffer whose size
-depends on the shapes only. Each BLOCK_M block of that buffer then belongs to one expert, and one
-kernel computes every block against its expert's weight::
+Rows (for the MoE, the flattened (token, k) pairs) are first *aligned* (``triton_moe_align.py``):
+sorted by expert, each expert's group padded to a multiple of BLOCK_M. One kernel then computes
+every BLOCK_M block against its expert's weight::
 
     C[r, :] = A[r // A_DIV, :] @ W[e]^T      (* topk_weight[r] when MUL_WEIGHT)
 
@@ -16,7 +14,6 @@ masked edges for any N and K, grouped program ordering. A tactic is the tuple
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,71 +21,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, TunableRunner
-from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, _interpreting
+from ..tuner.runner import DEFAULT_TACTIC
+from .triton_moe_align import align_offsets, align_tokens
 
 Tactic = tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 INTERPRET = bool(triton.knobs.runtime.interpret)  # kernels run on the CPU through Triton's interpreter
 DEFAULT_MOE_TACTIC: Tactic = (64, 64, 32, 8, 4, 3)
-SMALLEST_TACTIC: Tactic = (16, 32, 32, 8, 4, 2)  # offered when no tile of the list fits a problem
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-
-
-# ----------------------------------------------------------------------------------------------
-# Alignment (plain torch, no host sync)
-# ----------------------------------------------------------------------------------------------
-
-
-def padded_size(num_rows: int, num_experts: int, block_m: int) -> int:
-    """Static upper bound on the aligned length: every non-empty expert (at most
-    min(E, S) of them) pads by at most block_m - 1."""
-    bound = num_rows + min(num_experts, num_rows) * (block_m - 1)
-    return triton.cdiv(bound, block_m) * block_m
-
-
-def _align(key: torch.Tensor, num_experts: int, block_m: int, presorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """key[r] in [0, E] (E = no expert) for every row r; ``presorted``: key is non-decreasing."""
-    s, e_count, dev = key.numel(), num_experts, key.device
-    p = padded_size(s, e_count, block_m)
-    key = key.long()
-    if presorted:
-        order = torch.arange(s, device=dev)
-        skey = key
-    else:
-        order = torch.argsort(key, stable=True)
-        skey = key[order]
-    counts = torch.zeros(e_count + 1, device=dev, dtype=torch.long).scatter_add_(0, key, torch.ones_like(key))
-    group_start = torch.cumsum(counts, 0) - counts  # unpadded start of each group in sorted order
-    padded = (counts[:e_count] + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    padded_start = torch.cat([padded_end - padded, padded_end.new_full((1,), p)])  # slot E: the dump
-    pos = torch.arange(s, device=dev)
-    dest = padded_start[skey] + (pos - group_start[skey])
-    dest = torch.where(skey < e_count, dest, p)  # rows without an expert land in a dropped slot
-    sorted_rows = torch.full((p + 1,), s, device=dev, dtype=torch.int32)
-    sorted_rows.scatter_(0, dest, order.to(torch.int32))
-    starts = torch.arange(0, p, block_m, device=dev, dtype=torch.long)
-    block_expert = torch.searchsorted(padded_end, starts, right=True)  # first expert ending past the start
-    block_expert = torch.where(block_expert < e_count, block_expert, -1).to(torch.int32)
-    return sorted_rows[:p], block_expert
-
-
-def align_tokens(expert_of_row: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort rows 0..S-1 by expert (stable) and pad every expert's group to a multiple of block_m
-    with the sentinel S. Returns ``(sorted_rows int32 [P], block_expert int32 [P // block_m])``
-    with P = ``padded_size(S, E, block_m)``; unused tail blocks have expert -1. Rows whose expert
-    is outside [0, E) are dropped."""
-    key = expert_of_row.reshape(-1).long()
-    key = torch.where((key >= 0) & (key < num_experts), key, num_experts)
-    return _align(key, num_experts, block_m, presorted=False)
-
-
-def align_offsets(offs: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``align_tokens`` for rows already grouped by expert as in ``torch._grouped_mm``:
-    rows offs[e-1] .. offs[e]-1 belong to expert e, rows >= offs[-1] to none."""
-    rows = torch.arange(num_rows, device=offs.device, dtype=offs.dtype)
-    key = torch.searchsorted(offs, rows, right=True)  # == E for rows past offs[-1]
-    return _align(key, offs.numel(), block_m, presorted=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,130 +236,3 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tactic: Any
         return out
     sorted_rows, block_expert = align_offsets(offs, s, tactic[0])
     return moe_gemm(x, w, (w.stride(0), w.stride(2), w.stride(1)), n, k, out, sorted_rows, block_expert, 1, tactic)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tactics
-# ----------------------------------------------------------------------------------------------
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), from decode-sized row blocks to large tiles.
-TILES = (
-    (16, 32, 64, 4, 4),
-    (16, 64, 32, 4, 4),
-    (16, 64, 64, 4, 4),
-    (16, 64, 128, 4, 3),
-    (16, 128, 64, 4, 4),
-    (16, 128, 128, 4, 3),
-    (16, 256, 64, 8, 3),
-    (32, 64, 32, 4, 4),
-    (32, 64, 64, 4, 4),
-    (32, 64, 128, 4, 3),
-    (32, 128, 64, 4, 4),
-    (32, 128, 128, 8, 3),
-    (32, 256, 64, 8, 3),
-    (64, 64, 32, 4, 4),
-    (64, 64, 64, 4, 3),
-    (64, 128, 32, 4, 4),
-    (64, 128, 64, 4, 3),
-    (64, 128, 64, 8, 4),
-    (64, 256, 32, 8, 4),
-    (64, 256, 64, 8, 3),
-    (128, 64, 32, 4, 4),
-    (128, 64, 64, 4, 3),
-    (128, 128, 32, 4, 4),
-    (128, 128, 64, 8, 3),
-    (128, 128, 128, 8, 2),
-    (128, 256, 64, 8, 3),
-)
-# Tiles also offered without grouped ordering (GROUP_M = 1), where many row blocks compete.
-UNGROUPED = {(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)}
-
-
-def tactics_for(m: int, n: int, k: int, elem_bytes: int, smem_bytes: int = 227 * 1024) -> list[Tactic]:
-    """Tactics for a grouped GEMM with about ``m`` rows per expert: BLOCK_M within the next power
-    of two of m (min 16) and at least a quarter of it (capped at 64), no tile wider than N or
-    deeper than K (min 32), shared memory within ``smem_bytes``; never empty."""
-    m_cap = max(16, triton.next_power_of_2(max(m, 1)))
-    m_low = max(16, min(64, m_cap // 4))
-    n_cap = max(32, triton.next_power_of_2(max(n, 1)))
-    k_cap = max(32, triton.next_power_of_2(max(k, 1)))
-    out = []
-    for bm, bn, bk, warps, stages in TILES:
-        if not m_low <= bm <= m_cap or bn > n_cap or bk > k_cap:
-            continue
-        if (bm * bk + bk * bn) * elem_bytes * stages > smem_bytes:
-            continue
-        out.append((bm, bn, bk, 8, warps, stages))
-        if (bm, bn, bk, warps, stages) in UNGROUPED:
-            out.append((bm, bn, bk, 1, warps, stages))
-    return out or [SMALLEST_TACTIC]
-
-
-def _smem(x: torch.Tensor) -> int:
-    if x.is_cuda:
-        from triton.runtime import driver
-
-        return driver.active.utils.get_device_properties(x.device.index or 0)["max_shared_mem"]
-    return 227 * 1024
-
-
-def _offered(x: torch.Tensor) -> bool:
-    return x.dtype in DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
-
-
-# ----------------------------------------------------------------------------------------------
-# Runners
-# ----------------------------------------------------------------------------------------------
-
-
-class TritonMoeRunner(TunableRunner):
-    """Fused MoE experts (two grouped GEMMs with the routed weight fused into the second).
-    Inputs ``(hidden, topk_weights, topk_ids, w1, w2, activation)``."""
-
-    name = "triton_moe"
-
-    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        hidden, topk_weights, topk_ids, w1, w2, activation = inputs
-        if not _offered(hidden) or activation not in ACTIVATIONS:
-            return []
-        if w1.dtype != hidden.dtype or w2.dtype != hidden.dtype or not topk_weights.is_floating_point():
-            return []
-        if topk_ids.is_floating_point() or topk_ids.is_complex():
-            return []
-        if any(x.device != hidden.device for x in (topk_weights, topk_ids, w1, w2)):
-            return []
-        shapes = profile.shapes
-        t, h = shapes[0]
-        top_k = shapes[2][1]
-        e, two_i, h1 = shapes[3]
-        e2, h2, inter = shapes[4]
-        if two_i % 2 or inter != two_i // 2 or h1 != h or h2 != h or e2 != e:
-            return []
-        rows_per_expert = triton.cdiv(t * top_k, max(e, 1))
-        tactics = tactics_for(rows_per_expert, max(two_i, h), max(h, inter), hidden.element_size(), _smem(hidden))
-        return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
-
-    def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
-        return fused_moe(*inputs, tactic=tactic)
-
-
-class TritonGroupedMMRunner(TunableRunner):
-    """``torch._grouped_mm`` for x [S, K], w [E, K, N], offs int32 [E]. Inputs ``(x, w, offs)``."""
-
-    name = "triton_grouped_mm"
-
-    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        x, w, offs = inputs
-        if not _offered(x) or w.dtype != x.dtype or x.dim() != 2 or w.dim() != 3 or offs is None:
-            return []
-        if offs.dtype != torch.int32 or w.device != x.device or offs.device != x.device:
-            return []
-        (s, k), (e, k2, n) = profile.shapes[0], profile.shapes[1]
-        if k2 != k:
-            return []
-        tactics = tactics_for(triton.cdiv(s, max(e, 1)), n, k, x.element_size(), _smem(x))
-        return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
-
-    def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
-        x, w, offs = inputs
-        return grouped_mm(x, w, offs, tactic)

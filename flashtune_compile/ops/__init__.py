@@ -1,12 +1,23 @@
-"""Custom ops in the ``flashtune`` namespace (``torch.ops.flashtune.*``): each has a fake
-implementation for Dynamo/AOTAutograd/Inductor, an autograd rule, and names its candidates."""
+"""Tunable ops in the ``flashtune`` namespace (``torch.ops.flashtune.*``).
 
-from . import matmul, moe
-from .matmul import MATMUL_OPS
-from .moe import MOE_OPS
-from .site import KERNEL_FAMILIES, SiteSpec, runners_for
+An op is described once, by an ``OpSpec`` next to its code (``matmul.py``, ``moe.py``), and made a
+torch op by ``registry.register``; ``site.py`` runs a call's choice. An op module registers its
+ops when imported: the graph pass that routes to them imports it (``passes/__init__.py``).
+"""
 
-# op overload -> its Autograd-key kernel as a plain callable (graphs run as they are call it directly)
-DIRECT = {**matmul.DIRECT, **moe.DIRECT}
+from .registry import DIRECT, OPS, op_families, register
+from .site import SiteOptions, SiteSpec, runners_for, site_string
+from .spec import Candidate, OpSpec
 
-__all__ = ["DIRECT", "KERNEL_FAMILIES", "MATMUL_OPS", "MOE_OPS", "SiteSpec", "runners_for"]
+__all__ = [
+    "DIRECT",
+    "OPS",
+    "Candidate",
+    "OpSpec",
+    "SiteOptions",
+    "SiteSpec",
+    "op_families",
+    "register",
+    "runners_for",
+    "site_string",
+]

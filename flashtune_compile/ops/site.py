@@ -1,116 +1,141 @@
-"""Call sites of the tunable ops: what the graph pass bakes into each call, and its candidates.
+"""Call sites of the tunable ops: what a graph pass bakes into each call, and how it runs.
 
 Every ``flashtune`` op takes ``site``, a JSON string naming the op, which dims of its tuning
-inputs are dynamic (with the bounds of their bucket ladder), its static signature, the tuning
-mode, the kernel families allowed and (for MoE) the routing to profile with. At run time the op
-looks its site up (built once per process), asks it for a (runner, tactic) and runs it.
+inputs are dynamic (with the bounds of their bucket ladder), its static signature, and the
+options it was compiled with (tuning mode, ladder, kernel families, MoE routing, tactic cache). At
+run time the op looks its site up in the process tuner (built there on first use from the op's
+spec), asks it for a (runner, tactic) and runs it.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..tuner import routing as _routing
+from ..kernels import FAMILIES
 from ..tuner.autotuner import AutoTuner
 from ..tuner.buckets import DynamicDim, TuningConfig
-from ..tuner.runner import TunableRunner
+from ..tuner.runner import DefaultOnly, TunableRunner
 from ..tuner.site import TunedSite
-from ..tuner.synth import private_generator
+from .registry import OPS
+from .spec import OpSpec
 
-KERNEL_FAMILIES = ("aten", "triton", "cuda", "cpu")
-
-# op -> fn(kernel families) -> candidate runners, ATen's (the default) first; filled by each op module
-CANDIDATES: dict[str, Callable[[frozenset], tuple[TunableRunner, ...]]] = {}
-# op -> (index of topk_ids, index of topk_weights) among its inputs, for ops tuned on synthetic routing
-ROUTED_INPUTS: dict[str, tuple[int, int]] = {}
-# op -> fn(spec, inputs) run on a site's first call of each size (TunedSite.on_new)
-ON_NEW_SIZE: dict[str, Callable[[SiteSpec, Sequence[Any]], None]] = {}
-_runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}
+DEFAULT_CACHE = ""  # a site's cache_dir: "" is the tuner's default cache, None the in-memory one
+Axes = tuple[tuple[tuple[tuple[int, int], ...], int, int], ...]  # ((positions, min, max), ...)
 
 
-def runners_for(op: str, kernels: Sequence[str]) -> tuple[TunableRunner, ...]:
-    """The candidate runners of ``op`` restricted to ``kernels`` (same tuple object each time)."""
-    key = (op, frozenset(kernels))
-    found = _runner_sets.get(key)
-    if found is None:
-        found = _runner_sets[key] = CANDIDATES[op](key[1])
-    return found
+@dataclass(frozen=True)
+class SiteOptions:
+    """The compile options a site carries (see the backend's options)."""
+
+    ladder: Any = "hybrid"
+    max_tokens: int = 8192
+    tune: str | None = None
+    kernels: tuple[str, ...] = FAMILIES
+    routing: str = "zipf"
+    cache_dir: str | None = DEFAULT_CACHE
 
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """What the graph pass knows of one call site, serialized into the op's ``site`` argument.
+    """One call site, serialized into the op's ``site`` argument.
 
     ``axes``: per dynamic axis, the (input, dim) positions it occupies in the op's tuning inputs
     and the (min, max) sizes bounding its bucket ladder. ``sig``: the static signature (shapes with
-    -1 for dynamic dims, dtypes), which keeps sites of different shapes apart. ``routing``: the
-    synthetic routing MoE ops are profiled with (``tuner.routing``).
+    -1 for dynamic dims, dtypes), which keeps sites of different shapes apart.
     """
 
     op: str
-    axes: tuple[tuple[tuple[tuple[int, int], ...], int, int], ...]
+    axes: Axes
     sig: tuple
-    ladder: Any = "hybrid"
-    tune: str | None = None
-    kernels: tuple[str, ...] = ("aten",)
-    routing: str = "zipf"
+    options: SiteOptions = SiteOptions()
 
     def encode(self) -> str:
-        return json.dumps(
-            [self.op, self.axes, self.sig, self.ladder, self.tune, list(self.kernels), self.routing],
-            separators=(",", ":"),
-        )
+        o = self.options
+        ladder = o.ladder if isinstance(o.ladder, str) else list(o.ladder)
+        fields = [self.op, self.axes, self.sig, ladder, o.tune, list(o.kernels), o.routing, o.cache_dir]
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def decode(cls, text: str) -> SiteSpec:
-        op, axes, sig, ladder, tune, kernels, routing = json.loads(text)
+        op, axes, sig, ladder, tune, kernels, routing, cache_dir = json.loads(text)
         axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
-        return cls(op, axes, sig, ladder if isinstance(ladder, str) else tuple(ladder), tune, tuple(kernels), routing)
+        ladder = ladder if isinstance(ladder, str) else tuple(ladder)
+        return cls(op, axes, sig, SiteOptions(ladder, 8192, tune, tuple(kernels), routing, cache_dir))
 
-    def build(self) -> TunedSite:
+    def build(self, tuner: AutoTuner) -> TunedSite:
+        """The site, as ``tuner`` runs it: the op's candidates allowed here, its bucket axes, its
+        routing synthesis and once-per-size checks, and the cache its options name."""
+        spec, o = OPS[self.op], self.options
         dyn = tuple(
-            DynamicDim(
-                input_idx=tuple(i for i, _ in dims),
-                dim_idx=tuple(d for _, d in dims),
-                buckets=self.ladder,
-                min_size=lo,
-                max_size=hi,
-            )
+            DynamicDim(tuple(i for i, _ in dims), tuple(d for _, d in dims), o.ladder, max_size=hi, min_size=lo)
             for dims, lo, hi in self.axes
         )
-        inits = {}
-        if self.op in ROUTED_INPUTS:
-            ids_at, weights_at = ROUTED_INPUTS[self.op]
-            num_experts = self.sig[3][0][0]  # w1 [E, 2I, H]
-            inits = _routing.initializers(
-                self.routing, num_experts, ids_at, weights_at, lambda: private_generator(torch.device("cpu"))
-            )
-        tune = None if self.tune is None else self.tune == "auto"
-        hook = ON_NEW_SIZE.get(self.op)
-        return TunedSite(
-            self.op,
-            runners_for(self.op, self.kernels),
-            TuningConfig(dynamic=dyn, initializers=inits),
-            tune,
-            functools.partial(hook, self) if hook else None,
-        )
+        inits = spec.routing.initializers(o.routing, self.sig, tuner) if spec.routing is not None else {}
+        learn = spec.routing is not None and o.routing == "learned"
+        on_new = None
+        if spec.check is not None or learn:
+
+            def on_new(inputs: Sequence[Any]) -> None:
+                if spec.check is not None:
+                    spec.check(*inputs)
+                if learn:
+                    spec.routing.observe(tuner, inputs)
+
+        cache = tuner.cache if o.cache_dir == DEFAULT_CACHE else tuner.cache_for(o.cache_dir)
+        tune = None if o.tune is None else o.tune == "auto"
+        runners = runners_for(self.op, o.kernels, tuner)
+        return TunedSite(tuner, self.op, runners, TuningConfig(dynamic=dyn, initializers=inits), tune, on_new, cache)
 
 
-_sites = AutoTuner.sites
+def site_string(spec: OpSpec, axes: Axes, shapes: Sequence[Any], dtypes: Sequence[Any], options: SiteOptions) -> str:
+    """The ``site`` argument of a call of ``spec`` whose tuning inputs have these shapes (ints, or
+    SymInts for dims in ``axes``; None for non-tensors) and dtypes, with these dynamic ``axes``."""
+    dynamic = {pos for positions, _, _ in axes for pos in positions}
+    sig = []
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+        if shape is None:
+            sig.append(None)
+        else:
+            dims = [-1 if (i, d) in dynamic else int(s) for d, s in enumerate(shape)]
+            sig.append([dims, str(dtype).removeprefix("torch.")])
+    return SiteSpec(spec.name, axes, tuple(sig), options).encode()
+
+
+def runners_for(op: str, kernels: Sequence[str], tuner: AutoTuner | None = None) -> tuple[TunableRunner, ...]:
+    """The candidate runners of ``op`` whose family is in ``kernels``, its ATen default first (that
+    one's own variants only with "aten"). One tuple per tuner and family set, built on first use."""
+    tuner = tuner or AutoTuner.get()
+    key = (op, frozenset(kernels))
+    found = tuner.runner_sets.get(key)
+    if found is None:
+        spec = OPS[op]
+        default, *others = spec.candidates
+        first = default.make(spec)
+        runners = [first if default.family in key[1] else DefaultOnly(first)]
+        runners += [c.make(spec) for c in others if c.family in key[1]]
+        found = tuner.runner_sets[key] = tuple(runners)
+    return found
+
+
+def resolve_cache_dir(directory: str | Path | None) -> str | None:
+    """A ``cache_dir`` option as a site carries it: an absolute path, or None (memory only)."""
+    return None if directory is None else str(Path(directory).expanduser().resolve())
 
 
 def site_of(site: str) -> TunedSite:
-    """The process's TunedSite for this ``site`` string, built on first use."""
-    return _sites.get(site) or TunedSite.lookup(site, lambda: SiteSpec.decode(site).build())
+    """The process tuner's TunedSite for this ``site`` string, built on first use."""
+    tuner = AutoTuner.get()
+    found = tuner.sites.get(site)
+    if found is None:
+        found = tuner.sites[site] = SiteSpec.decode(site).build(tuner)
+    return found
 
 
-def run(site: str, inputs: tuple) -> Any:
+def run(site: str, inputs: Sequence[Any]) -> Any:
     """Run ``inputs`` with the tactic this site chooses for them (cache first, tuning a new bucket)."""
     runner, tactic = site_of(site).choose(inputs)
     return runner.forward(inputs, tactic)

@@ -1,1 +1,15 @@
-"""FX rewrites of the graphs Dynamo captures. Passes know shapes and symbols, never timings."""
+"""Graph passes: FX rewrites that route a Dynamo graph's nodes to ``torch.ops.flashtune`` ops.
+
+A pass is a module of this package with ``rewrite(gm, ops, options) -> int`` (how many nodes it
+routed, of the op families in ``ops``, with ``options`` baked into each call's site). Importing a
+pass imports the op module it routes to, which registers those ops.
+"""
+
+from collections.abc import Callable
+from importlib import import_module
+
+# The passes, in the order the backend runs them (MoE first: its batched pattern holds bmm nodes
+# the matmul pass would otherwise take). A new op family adds its pass module here.
+PASSES = ("moe", "matmul")
+
+REWRITES: tuple[Callable[..., int], ...] = tuple(import_module(f"{__name__}.{name}").rewrite for name in PASSES)

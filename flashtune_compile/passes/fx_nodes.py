@@ -1,5 +1,6 @@
 """Small predicates over FX nodes that graph patterns are written with: "is this a call of f",
-"what does this node flatten / transpose / unsqueeze", and whether a dead node may be erased."""
+"what does this node flatten / transpose / unsqueeze", whether a dead node may be erased, whether
+an op serves a matched call, and replacing a node by a call of an op."""
 
 from __future__ import annotations
 
@@ -7,10 +8,44 @@ import operator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
-from .matmul import _val
+from ..ops.spec import OpSpec
 
 Node = torch.fx.Node
+
+
+def _val(arg: Any) -> Any:
+    """The fake value of a node (Dynamo: meta["example_value"]; FakeTensorProp: meta["val"]); any
+    other argument as it is."""
+    if isinstance(arg, torch.fx.Node):
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    return arg
+
+
+def _same_size(x: Any, y: Any) -> bool:
+    """Whether two sizes are the same: equal ints, or SymInts of one sympy expression."""
+    if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt):
+        return isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt) and x.node.expr == y.node.expr
+    return x == y
+
+
+def routable(op: OpSpec, values: list, out: Any) -> str | None:
+    """None if ``op`` serves a call whose tensor arguments have these fake values (None for an
+    absent optional one) and whose result is ``out``, else why not. Changes nothing."""
+    if any(v is not None and type(v) is not FakeTensor for v in values):
+        return "an operand is not a plain tensor"
+    return op.serves(values, out.dtype if isinstance(out, torch.Tensor) else None)
+
+
+def replace_with_call(graph: torch.fx.Graph, node: Node, target: Any, args: tuple) -> Node:
+    """Insert ``target(*args)`` before ``node``, hand it ``node``'s users and metadata, erase ``node``."""
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
 
 
 def _fn(node: Any, *targets: Any) -> bool:

@@ -13,7 +13,8 @@ Three patterns, tried in this order (each node is rewritten at most once):
 
 A pattern is rewritten only when every link checks out (the same ``perm``, ``offs`` and ids feed
 every step, ``histc`` has ``E`` bins, the activation is SiLU or GELU, dtypes agree, no gradient is
-needed); anything else is left as it was. The replaced nodes die and are removed.
+needed, ``OpSpec.serves`` agrees); anything else is left as it was, untouched: matching only
+reads the graph. The replaced nodes die and are removed.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
 
-from ..ops.matmul import SUPPORTED_DTYPES
-from ..ops.site import SiteSpec
+from ..ops.moe import GROUPED_MM, MOE
+from ..ops.site import SiteOptions
 from .fx_nodes import (
     Node,
     _arg,
@@ -38,13 +38,16 @@ from .fx_nodes import (
     _method,
     _mul_operands,
     _pure,
+    _same_size,
     _squeezed,
     _strip_to,
     _transposed_param,
     _unsqueezed,
+    _val,
+    replace_with_call,
+    routable,
 )
-from .matmul import RouteSettings, _same_size, _val
-from .symbolic import dynamic_axes, static_signature
+from .symbolic import site_for
 
 log = logging.getLogger("flashtune")
 
@@ -307,58 +310,33 @@ def _batched_linear(node: Any) -> tuple | None:
 # -- rewriting --------------------------------------------------------------------------------
 
 
-def _eligible(vals: list) -> str | None:
-    hidden, weights, ids, w1, w2 = vals
-    if any(type(v) is not FakeTensor for v in vals):
-        return "an operand is not a plain tensor"
-    if not (hidden.dtype == w1.dtype == w2.dtype and hidden.dtype in SUPPORTED_DTYPES):
-        return f"dtypes {hidden.dtype}, {w1.dtype}, {w2.dtype} not served"
-    if not weights.is_floating_point() or ids.is_floating_point() or ids.dim() != 2 or hidden.dim() != 2:
-        return "routing tensors"
-    if len({v.device for v in vals}) != 1 or hidden.device.type not in ("cpu", "cuda"):
-        return "devices"
-    if torch.is_grad_enabled() and any(v.requires_grad for v in vals):
-        return "a gradient is needed (MoE is routed for inference only)"
-    return None
+def _weight_value(w: Any) -> Any:
+    """The fake value of a matched [E, N, K] weight (see ``_weight``)."""
+    return _val(w[1]).transpose(-2, -1) if isinstance(w, tuple) else _val(w)
 
 
-def _site(op: str, shapes: list, dtypes: list, settings: RouteSettings) -> str:
-    ladder = settings.ladder if isinstance(settings.ladder, str) else list(settings.ladder)
-    return SiteSpec(
-        op,
-        dynamic_axes(shapes, settings.max_tokens),
-        static_signature(shapes, dtypes),
-        ladder,
-        settings.tune,
-        settings.kernels,
-        settings.routing,
-    ).encode()
+def _weight_node(graph: torch.fx.Graph, before: Node, w: Any) -> Node:
+    """A matched [E, N, K] weight as a node: the parameter, or a new transpose of the effective one."""
+    if not isinstance(w, tuple):
+        return w
+    with graph.inserting_before(before):
+        node = graph.call_method("transpose", (w[1], -2, -1))
+    node.meta["example_value"] = _weight_value(w)
+    return node
 
 
-def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: _Moe, settings: RouteSettings) -> bool:
+def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: _Moe, options: SiteOptions) -> bool:
+    """Replace the layer ending at ``out`` by one ``flashtune.moe`` call, if the op serves it."""
     graph = gm.graph
-    with graph.inserting_before(out):
-        w = []
-        for spec in (m.w1, m.w2):
-            if isinstance(spec, tuple):  # transpose the effective [E, K, N] weight to [E, N, K]
-                node = graph.call_method("transpose", (spec[1], -2, -1))
-                node.meta["example_value"] = _val(spec[1]).transpose(-2, -1)
-                spec = node
-            w.append(spec)
-    vals = [_val(n) for n in (m.hidden, m.weights, m.ids, *w)]
-    why = _eligible(vals)
-    if why is None and _val(out).dtype != vals[0].dtype:
-        why = "output dtype differs from the hidden states'"
+    values = [_val(n) for n in (m.hidden, m.weights, m.ids)] + [_weight_value(w) for w in (m.w1, m.w2)]
+    why = routable(MOE, values, _val(out))
     if why is not None:
         log.debug("flashtune: leaving the MoE layer ending at %s: %s", out.format_node(), why)
         return False
-    shapes = [tuple(v.shape) for v in vals] + [None]
-    dtypes = [v.dtype for v in vals] + [None]
+    w1, w2 = (_weight_node(graph, out, w) for w in (m.w1, m.w2))
+    args = (m.hidden, m.weights, m.ids, w1, w2, m.activation, site_for(MOE, values, options))
     with graph.inserting_before(out):
-        new = graph.call_function(
-            torch.ops.flashtune.moe.default,
-            (m.hidden, m.weights, m.ids, *w, m.activation, _site("moe", shapes, dtypes, settings)),
-        )
+        new = graph.call_function(torch.ops.flashtune.moe.default, args)
     new.meta = dict(out.meta)
     out.replace_all_uses_with(new)
     _erase_dead(graph, out, m.nodes)
@@ -398,10 +376,10 @@ def _output_of(out: Node) -> Node:
     return out
 
 
-def rewrite_moe(gm: torch.fx.GraphModule, settings: RouteSettings) -> int:
-    """Route MoE layers to ``flashtune.moe`` and other grouped GEMMs to ``flashtune.grouped_mm``;
-    returns how many ops were routed."""
-    if "moe" not in settings.ops:
+def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> int:
+    """Route MoE layers to ``flashtune.moe`` and other grouped GEMMs to ``flashtune.grouped_mm``
+    (when "moe" is in ``ops``); returns how many ops were routed."""
+    if MOE.family not in ops:
         return 0
     graph, targets, routed = gm.graph, _grouped_targets(), 0
     alive = set(graph.nodes)
@@ -414,35 +392,21 @@ def rewrite_moe(gm: torch.fx.GraphModule, settings: RouteSettings) -> int:
         out = _output_of(node)
         if out is not node:
             m.nodes.insert(0, node)
-        if _replace_moe(gm, out, m, settings):
+        if _replace_moe(gm, out, m, options):
             routed += 1
             alive = set(graph.nodes)
     for node in list(graph.nodes):
         call = _grouped_call(node, targets)
         if call is None:
             continue
-        vals = [_val(t) for t in call]
-        x, w, offs = vals
-        if (
-            any(type(v) is not FakeTensor for v in vals)
-            or x.dtype != w.dtype
-            or x.dtype not in SUPPORTED_DTYPES
-            or x.dim() != 2
-            or w.dim() != 3
-            or offs.dim() != 1
-            or offs.dtype != torch.int32
-            or _val(node).dtype != x.dtype
-            or x.device.type not in ("cpu", "cuda")
-            or (torch.is_grad_enabled() and any(v.requires_grad for v in vals))
-        ):
-            log.debug("flashtune: leaving %s", node.format_node())
+        values = [_val(t) for t in call]
+        why = routable(GROUPED_MM, values, _val(node))
+        if why is not None:
+            log.debug("flashtune: leaving %s: %s", node.format_node(), why)
             continue
-        site = _site("grouped_mm", [tuple(v.shape) for v in vals], [v.dtype for v in vals], settings)
-        with graph.inserting_before(node):
-            new = graph.call_function(torch.ops.flashtune.grouped_mm.default, (*call, site))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        replace_with_call(
+            graph, node, torch.ops.flashtune.grouped_mm.default, (*call, site_for(GROUPED_MM, values, options))
+        )
         routed += 1
     gm.recompile()
     return routed

@@ -3,7 +3,8 @@
 A dim whose size is a SymInt with a non-constant sympy expression is dynamic; dims with the same
 expression (every linear of a transformer sees the same token count ``s0``, or ``s0*s1`` once
 flattened) form one axis. The axis' value range (``ShapeEnv.bound_sympy``, e.g. from
-``mark_dynamic(min=, max=)``) bounds its bucket ladder. Nothing here adds a guard.
+``mark_dynamic(min=, max=)``) bounds its bucket ladder. ``site_for`` makes a routed call's site
+string from them. Nothing here adds a guard.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 import sympy
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from ..ops.site import SiteOptions, site_string
+from ..ops.spec import OpSpec
 
 Shape = Sequence[Any]  # ints and SymInts
 
@@ -46,13 +50,13 @@ def dynamic_axes(shapes: Sequence[Shape | None], max_tokens: int) -> tuple:
     return tuple((tuple(pos), *_bounds(size, max_tokens)) for pos, size in groups.values())
 
 
-def static_signature(shapes: Sequence[Shape | None], dtypes: Sequence[Any]) -> tuple:
-    """Shapes with -1 for dynamic dims, and dtype names: what keeps sites of other shapes apart."""
-    out = []
-    for shape, dtype in zip(shapes, dtypes):
-        if shape is None:
-            out.append(None)
-        else:
-            dims = [-1 if _expr(s) is not None else int(s) for s in shape]
-            out.append([dims, str(dtype).removeprefix("torch.")])
-    return tuple(out)
+def site_for(op: OpSpec, values: Sequence[Any], options: SiteOptions) -> str:
+    """The ``site`` argument of a routed call of ``op`` whose tensor arguments have these fake
+    values (None for an absent optional one): its dynamic axes come from their SymInts."""
+    shapes: list = [None] * (len(op.arguments) - 1)
+    dtypes: list = [None] * len(shapes)
+    for i, v in zip(op.tensor_args, values):
+        if v is not None:
+            shapes[i], dtypes[i] = tuple(v.shape), v.dtype
+    shapes = op.tuning_shapes(shapes)
+    return site_string(op, dynamic_axes(shapes, options.max_tokens), shapes, dtypes, options)

@@ -1,10 +1,11 @@
-"""The tuner: buckets, runners, cache-first choice, profiling and the on-disk cache."""
+"""The tuner: buckets, runners, cache-first choice, profiling, the on-disk cache, and the process
+state it owns (sites, runner sets, weight copies, generators)."""
 
 from .autotuner import AutoTuner, Stats, autotune
 from .buckets import ConstraintSpec, DynamicDim, TuningConfig, hybrid_ladder, make_ladder, pow2_ladder
 from .cache import CacheFileError
 from .profiler import ProfilerSettings
-from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
+from .runner import DEFAULT_TACTIC, BucketProfile, DefaultOnly, Tactic, TunableRunner
 
 __all__ = [
     "AutoTuner",
@@ -20,6 +21,7 @@ __all__ = [
     "ProfilerSettings",
     "DEFAULT_TACTIC",
     "BucketProfile",
+    "DefaultOnly",
     "Tactic",
     "TunableRunner",
 ]

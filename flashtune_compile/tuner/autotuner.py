@@ -1,9 +1,10 @@
-"""Cache-first choice of (runner, tactic) for one op call.
+"""Cache-first choice of (runner, tactic) for one op call, and the process state the tuner owns.
 
 ``choose_one`` costs one signature (each tensor's shape, stride, dtype and device) and one dict
 lookup when the call's exact signature was seen before: no tensor is made, no kernel launched.
 The first call of a new signature maps it to its bucket and looks the bucket up in the tactic
-cache; only a bucket the cache has never seen is profiled, and only when tuning is allowed.
+cache; only a bucket the cache has never seen is profiled (``tune.py``), and only when tuning is
+allowed.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ from typing import Any
 import torch
 
 from .buckets import TuningConfig
-from .cache import Entry, Key, TacticCache, environment, freeze
-from .check import mismatch
-from .profiler import ProfilerSettings, Timing, time_candidates
+from .cache import Entry, Key, TacticCache, environment
+from .keys import Alias, OpContext, bounded_put, signature
+from .profiler import ProfilerSettings
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner, canonical_tactic
-from .synth import bucket_shapes, synthesize
+from .synth import bucket_shapes, new_generator
+from .tune import tune_bucket
+from .weights import WeightCache, max_bytes_from_env
 
 log = logging.getLogger("flashtune")
 
 TUNE_MODES = ("auto", "off")
 _override: ContextVar[bool | None] = ContextVar("flashtune_autotune", default=None)
-_MEMO_LIMIT = 8192
+_ALIAS_LIMIT = 1024  # callers passing fresh runner lists each call: keep the alias maps bounded
 _unset = object()
 
 
@@ -65,78 +68,18 @@ def autotune(enabled: bool = True) -> Iterator[None]:
         _override.reset(token)
 
 
-def _signature(inputs: Sequence[Any], Tensor: type = torch.Tensor) -> tuple:
-    """Everything a cache key can depend on: each tensor's shape, stride, dtype and device, and
-    the value of each scalar."""
-    sig = []
-    for x in inputs:
-        if isinstance(x, Tensor):
-            sig.append((x.shape, x.stride(), x.dtype, x.device))
-        elif x is None or isinstance(x, (int, float, str, bool)):
-            sig.append(x)
-        else:
-            sig.append(freeze(x) if isinstance(x, (list, tuple)) else type(x).__name__)
-    return tuple(sig)
-
-
-def _bounded_add(memo: set, sig: tuple) -> None:
-    if len(memo) >= _MEMO_LIMIT:
-        memo.clear()
-    memo.add(sig)
-
-
-class _Alias:
-    """One caller's (runners, config) objects: holds them alive (so their ids stay unique while
-    they key the alias map) and memoizes signature -> (runner, tactic) for cache hits, and the
-    signatures known to miss while tuning is off."""
-
-    __slots__ = ("ctx", "runners", "config", "memo", "missed")
-
-    def __init__(self, ctx: _OpContext, runners: Sequence[TunableRunner], config: TuningConfig) -> None:
-        self.ctx, self.runners, self.config = ctx, runners, config
-        self.memo: dict[tuple, tuple[TunableRunner, Tactic]] = {}
-        self.missed: set[tuple] = set()
-
-
-class _OpContext:
-    """What is fixed for one (op, runner names, config): how cache keys are made."""
-
-    def __init__(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig) -> None:
-        if not runners:
-            raise ValueError(f"choose_one({op!r}): needs at least one runner (the first is the default)")
-        names = tuple(r.name for r in runners)
-        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-            raise ValueError(f"choose_one({op!r}): runner names must be distinct non-empty strings, got {names}")
-        self.op, self.runners, self.config, self.names = op, runners, config, names
-        self.varying = {i: set(ds) for i, ds in config.varying_dims().items()}
-        self.validated: set[Key] = set()  # cache keys whose tactic was checked
-
-    def cache_key(self, inputs: Sequence[Any], bucket: tuple[int, ...]) -> Key:
-        static = []
-        for i, x in enumerate(inputs):
-            if isinstance(x, torch.Tensor):
-                dyn = {d % x.dim() for d in self.varying.get(i, ())}
-                shape = tuple(-1 if d in dyn else s for d, s in enumerate(x.shape))
-                static.append(("T", shape, str(x.dtype).removeprefix("torch."), x.device.type))
-            elif x is None or isinstance(x, (int, float, str, bool)):
-                static.append(x)
-            else:
-                static.append(freeze(x) if isinstance(x, (list, tuple)) else type(x).__name__)
-        extras = []
-        for r in self.runners:
-            try:
-                extras.append(freeze(r.cache_key_extras(inputs)))
-            except TypeError as e:
-                raise TypeError(f"{r!r}.cache_key_extras must return JSON values: {e}") from None
-        return (self.op, self.names, tuple(static), tuple(extras), bucket)
+def _cache_id(directory: Path | str | None) -> Path | None:
+    return Path(directory).expanduser().resolve() if directory is not None else None
 
 
 class AutoTuner:
-    """The process-wide tuner: one tactic cache, one stats record, one profiling lock."""
+    """The process-wide tuner. It owns everything flashtune keeps between calls, so a new tuner
+    (``AutoTuner.reset``) starts clean: the tactic caches (its default one and any a model names
+    with ``cache_dir``), the stats, compiled call sites, candidate runner sets, re-laid-out weight
+    copies, profiling generators, and what ops learn from real calls (``state``)."""
 
     _instance: AutoTuner | None = None
     _instance_lock = threading.Lock()
-    sites: dict = {}  # site key -> TunedSite (tuner/site.py); their memos are dropped on any cache change
 
     def __init__(
         self,
@@ -158,22 +101,20 @@ class AutoTuner:
         self.min_gain = min_gain
         self.stats = Stats()
         self.cache = TacticCache(cache_dir, environment(self.settings.mode), on_change=self._forget_memos)
-        self._fast: dict[int, _Alias] = {}  # id(runners) -> alias: the hot path's first lookup
-        self._contexts: dict[tuple, _OpContext] = {}
+        self.caches: dict[Path | None, TacticCache] = {_cache_id(cache_dir): self.cache}
+        self.sites: dict[str, Any] = {}  # site string -> TunedSite (tuner/site.py)
+        self.runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}  # (op, kernels) -> its runners
+        self.weights = WeightCache(max_bytes_from_env())  # copies runners keep (tuner/weights.py)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._state: dict[str, Any] = {}
+        self._fast: dict[int, Alias] = {}  # id(runners) -> alias: the hot path's first lookup
+        self._contexts: dict[tuple, OpContext] = {}
+        self._validated: set[tuple[int, Key]] = set()  # (id(cache), key): entries checked to be offered
         self._profile_lock = threading.RLock()
         self._said: set[Key] = set()
         # Called as fn(op, bucket, entry) when a bucket starts tuning (entry None) and when its winner
         # is cached; e.g. ft.warmup's progress bar. A listener must not raise.
         self.listeners: list[Callable[[str, tuple, Entry | None], None]] = []
-
-    def use_cache_dir(self, cache_dir: Path | str | None) -> None:
-        """Switch to the tactic cache in ``cache_dir`` (None: memory only); no-op if already there."""
-        new = Path(cache_dir).expanduser().resolve() if cache_dir is not None else None
-        old = self.cache.directory.resolve() if self.cache.directory is not None else None
-        if new == old:
-            return
-        self.cache = TacticCache(new, self.cache.env, on_change=self._forget_memos)
-        self._forget_memos()
 
     @classmethod
     def get(cls) -> AutoTuner:
@@ -188,17 +129,37 @@ class AutoTuner:
 
     @classmethod
     def reset(cls, tuner: AutoTuner | None = None) -> AutoTuner | None:
-        """Replace the process-wide tuner (None: a fresh one is made on next use, re-reading the
-        environment). Returns the old one."""
+        """Replace the process-wide tuner, and with it all its state (None: a fresh one is made on
+        next use, re-reading the environment). Returns the old one."""
         with cls._instance_lock:
             old, cls._instance = cls._instance, tuner
-        cls._clear_site_memos()
         return old
 
-    @classmethod
-    def _clear_site_memos(cls) -> None:
-        for site in list(cls.sites.values()):
-            site.memo.clear()
+    # -- state -------------------------------------------------------------------------------------
+
+    def cache_for(self, directory: Path | str | None) -> TacticCache:
+        """The tactic cache kept in ``directory`` (None: the in-memory one), made on first use;
+        one object per directory, this tuner's default cache included."""
+        key = _cache_id(directory)
+        found = self.caches.get(key)
+        if found is None:
+            found = self.caches[key] = TacticCache(key, self.cache.env, on_change=self._forget_memos)
+        return found
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This tuner's generator for ``device``, seeded once: profiling never draws from the user's."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = new_generator(device)
+        return gen
+
+    def state(self, name: str, make: Callable[[], Any]) -> Any:
+        """This tuner's object called ``name``, made by ``make()`` on first use: where ops keep what
+        they learn from real calls (e.g. MoE routing frequencies)."""
+        found = self._state.get(name)
+        if found is None:
+            found = self._state[name] = make()
+        return found
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -228,12 +189,15 @@ class AutoTuner:
         inputs: Sequence[Any],
         *,
         tune: bool | None = None,
+        cache: TacticCache | None = None,
     ) -> tuple[tuple[TunableRunner, Tactic], bool]:
-        """``choose_one``, and whether the answer came from the cache (False for a fallback)."""
+        """``choose_one`` against ``cache`` (default: this tuner's), and whether the answer came
+        from the cache (False for a fallback)."""
+        cache = self.cache if cache is None else cache
         alias = self._fast.get(id(runners))
-        if alias is None or alias.config is not config or alias.ctx.op != op:
-            alias = self._alias(op, runners, config)
-        sig = _signature(inputs)
+        if alias is None or alias.config is not config or alias.ctx.op != op or alias.cache is not cache:
+            alias = self._alias(op, runners, config, cache)
+        sig = signature(inputs)
         hit = alias.memo.get(sig)
         if hit is not None:
             self.stats.hits += 1
@@ -242,14 +206,16 @@ class AutoTuner:
 
     # -- everything else -----------------------------------------------------------------------
 
-    def _alias(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig) -> _Alias:
+    def _alias(self, op: str, runners: Sequence[TunableRunner], config: TuningConfig, cache: TacticCache) -> Alias:
         names = tuple(getattr(r, "name", None) for r in runners)
         ctx = self._contexts.get((op, names, id(config)))
         if ctx is None or ctx.config is not config:
-            ctx = self._contexts[(op, names, id(config))] = _OpContext(op, runners, config)
-        if len(self._fast) > 1024:  # callers passing fresh lists each call: keep the alias map bounded
+            if len(self._contexts) >= _ALIAS_LIMIT:
+                self._contexts.clear()
+            ctx = self._contexts[(op, names, id(config))] = OpContext(op, runners, config)
+        if len(self._fast) >= _ALIAS_LIMIT:
             self._fast.clear()
-        alias = self._fast[id(runners)] = _Alias(ctx, runners, config)
+        alias = self._fast[id(runners)] = Alias(ctx, runners, config, cache)
         return alias
 
     def _tuning_allowed(self, tune: bool | None) -> bool:
@@ -266,11 +232,11 @@ class AutoTuner:
         return (runners[0], DEFAULT_TACTIC), False
 
     def _choose_slow(
-        self, alias: _Alias, sig: tuple, inputs: Sequence[Any], tune: bool | None
+        self, alias: Alias, sig: tuple, inputs: Sequence[Any], tune: bool | None
     ) -> tuple[tuple[TunableRunner, Tactic], bool]:
         """The choice for a signature not memoized yet, and whether it came from the cache (and was
         memoized) rather than being the default's fallback."""
-        ctx, runners = alias.ctx, alias.runners
+        ctx, runners, cache = alias.ctx, alias.runners, alias.cache
         allowed = self._tuning_allowed(tune)
         if not allowed and sig in alias.missed:
             return self._fallback(runners)
@@ -278,7 +244,7 @@ class AutoTuner:
         if 0 in bucket:  # an empty call: nothing to tune, the default handles it
             return (runners[0], DEFAULT_TACTIC), False
         key = ctx.cache_key(inputs, bucket)
-        choice = self._lookup(ctx, key, inputs, bucket)
+        choice = self._lookup(ctx, cache, key, inputs, bucket)
         if choice is None:
             capturing = (
                 any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
@@ -286,7 +252,7 @@ class AutoTuner:
             )
             if not allowed or capturing:
                 if not capturing:
-                    _bounded_add(alias.missed, sig)
+                    bounded_put(alias.missed, sig)
                 if key not in self._said:
                     self._said.add(key)
                     why = "a CUDA graph is being captured" if capturing else "tuning is off"
@@ -299,30 +265,28 @@ class AutoTuner:
                     )
                 return self._fallback(runners)
             with self._profile_lock:
-                choice = self._lookup(ctx, key, inputs, bucket)  # another thread may have tuned it
+                choice = self._lookup(ctx, cache, key, inputs, bucket)  # another thread may have tuned it
                 if choice is None:
-                    choice = self._tune(ctx, runners, key, inputs, bucket)
+                    choice = self._tune(ctx, runners, cache, key, inputs, bucket)
                 else:
                     self.stats.hits += 1
         else:
             self.stats.hits += 1
             log.debug("flashtune: %s bucket %s from the cache: %s[%r]", ctx.op, bucket, ctx.names[choice[0]], choice[1])
         result = (runners[choice[0]], choice[1])
-        if len(alias.memo) >= _MEMO_LIMIT:
-            alias.memo.clear()
-        alias.memo[sig] = result
+        bounded_put(alias.memo, sig, result)
         return result, True
 
     def _lookup(
-        self, ctx: _OpContext, key: Key, inputs: Sequence[Any], bucket: tuple[int, ...]
+        self, ctx: OpContext, cache: TacticCache, key: Key, inputs: Sequence[Any], bucket: tuple[int, ...]
     ) -> tuple[int, Tactic] | None:
         """The cached choice for ``key``, checked (once per process) to name a tactic its runner
-        still offers; an entry that does not is dropped with a warning."""
-        entry = self.cache.get(key)
+        still offers; an entry that does not is dropped from the cache, on disk too, with a warning."""
+        entry = cache.get(key)
         if entry is None:
             return None
         idx = ctx.names.index(entry.runner)
-        if key not in ctx.validated:
+        if (id(cache), key) not in self._validated:
             if not (idx == 0 and entry.tactic == DEFAULT_TACTIC):
                 profile = BucketProfile(bucket, tuple(bucket_shapes(inputs, ctx.config, bucket)))
                 try:
@@ -340,124 +304,71 @@ class AutoTuner:
                         bucket,
                         f" ({entry_err})" if entry_err else "",
                     )
-                    self.cache.entries.pop(key, None)
+                    cache.drop(key)
                     return None
-            ctx.validated.add(key)
+            self._validated.add((id(cache), key))
         return idx, entry.tactic
 
     def _tune(
         self,
-        ctx: _OpContext,
+        ctx: OpContext,
         runners: Sequence[TunableRunner],
+        cache: TacticCache,
         key: Key,
         inputs: Sequence[Any],
         bucket: tuple[int, ...],
     ) -> tuple[int, Tactic]:
-        """Profile every valid (runner, tactic) of this bucket, cache and return the winner."""
+        """Profile this bucket (``tune.tune_bucket``), cache its winner and return it."""
         start = time.perf_counter()
         self.stats.misses += 1
         for listener in list(self.listeners):
             listener(ctx.op, bucket, None)
-        synth, shapes, made = synthesize(inputs, ctx.config, bucket)
-        self.stats.synthesized += made
-        profile = BucketProfile(bucket, shapes)
-        ref = runners[0].forward(synth, DEFAULT_TACTIC)  # the default must work: its error is the op's
-        candidates: list[tuple[int, Tactic]] = [(0, DEFAULT_TACTIC)]
-        rejected: list[str] = []
-        for i, runner in enumerate(runners):
-            try:
-                tactics = [canonical_tactic(t) for t in runner.get_valid_tactics(synth, profile)]
-            except Exception as e:
-                rejected.append(f"{runner.name}: get_valid_tactics raised {type(e).__name__}: {e}")
-                continue
-            for t in tactics:
-                if (i, t) in candidates:
-                    continue
-                try:
-                    why = mismatch(runner.forward(synth, t), ref, ctx.config.rtol)
-                except Exception as e:
-                    why = f"raised {type(e).__name__}: {e}"
-                if why is None:
-                    candidates.append((i, t))
-                else:
-                    rejected.append(f"{runner.name}[{t!r}]: {why}")
-        if rejected:
-            self.stats.rejected += len(rejected)
-            log.info("flashtune: %s bucket %s: never choosing %s", ctx.op, bucket, "; ".join(rejected))
-        if len(candidates) == 1:  # nothing to choose between: record the default untimed
-            times = [Timing(0.0, 0.0, 0.0)]
-        else:
-            fns = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
-            device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
-            times = time_candidates(fns, device, self.settings)
-            self.stats.profiles += len(candidates)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "flashtune: %s bucket %s medians: %s",
-                    ctx.op,
-                    bucket,
-                    ", ".join(
-                        f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for (i, t), tm in zip(candidates, times)
-                    ),
-                )
-        # The default is replaced only by a candidate that beats it by more than min_gain and by
-        # more than the measured noise; among those, the fastest median wins.
-        winners = [i for i in range(1, len(candidates)) if times[i].clearly_faster_than(times[0], self.min_gain)]
-        best = min(winners, key=lambda i: times[i].median, default=0)
-        idx, tactic = candidates[best]
-        entry = Entry(
-            runners[idx].name, tactic, times[best].median, times[0].median, timed=len(candidates), rejected=rejected
-        )
-        self.cache.put(key, entry)
-        ctx.validated.add(key)
+        tuned = tune_bucket(ctx, runners, inputs, bucket, self.settings, self.min_gain, self.generator)
+        self.stats.synthesized += tuned.synthesized
+        self.stats.profiles += tuned.timed
+        self.stats.rejected += len(tuned.entry.rejected)
+        cache.put(key, tuned.entry)
+        self._validated.add((id(cache), key))
         elapsed = time.perf_counter() - start
         self.stats.tuning_seconds += elapsed
+        e = tuned.entry
         log.info(
             "flashtune: tuned %s bucket %s in %.2fs: %s[%r] %.1f us (default %.1f us, %d timed)",
             ctx.op,
             bucket,
             elapsed,
-            entry.runner,
-            tactic,
-            entry.time_s * 1e6,
-            entry.default_s * 1e6,
-            len(candidates),
+            e.runner,
+            e.tactic,
+            e.time_s * 1e6,
+            e.default_s * 1e6,
+            e.timed,
         )
         for listener in list(self.listeners):
-            listener(ctx.op, bucket, entry)
-        return idx, tactic
+            listener(ctx.op, bucket, e)
+        return tuned.runner, tuned.tactic
 
     def _forget_memos(self) -> None:
+        """Called on any change to one of this tuner's caches: every memoized answer is dropped."""
         for alias in list(self._fast.values()):
             alias.memo.clear()
             alias.missed.clear()
-        for ctx in list(self._contexts.values()):
-            ctx.validated.clear()
-        if AutoTuner._instance is self:
-            AutoTuner._clear_site_memos()
+        self._validated.clear()
+        for site in list(self.sites.values()):
+            site.memo.clear()
 
     # -- reporting -----------------------------------------------------------------------------
 
     def tactics(self) -> list[dict[str, Any]]:
-        """One record per cached winner: op, shape key, bucket, kernel, tactic, times, speedup."""
+        """One record per cached winner (on disk too), of every cache this tuner uses: op, shape
+        key, bucket, kernel, tactic, times, speedup, and the cache's directory (None: in memory)."""
         out = []
-        for (op, runners, static, extras, bucket), e in list(self.cache.entries.items()):
-            out.append(
-                {
-                    "op": op,
-                    "shape_key": static,
-                    "extras": extras,
-                    "bucket": bucket,
-                    "kernel": e.runner,
-                    "tactic": e.tactic,
-                    "time_s": e.time_s,
-                    "default_s": e.default_s,
-                    "speedup": e.speedup,
-                    "candidates": list(runners),
-                    "timed": e.timed,
-                    "rejected": list(e.rejected),
-                }
-            )
+        for cache in list(self.caches.values()):
+            directory = str(cache.directory) if cache.directory is not None else None
+            for (op, runners, static, extras, bucket), e in cache.snapshot().items():
+                record = dict(op=op, shape_key=static, extras=extras, bucket=bucket, kernel=e.runner, tactic=e.tactic)
+                record.update(time_s=e.time_s, default_s=e.default_s, speedup=e.speedup, candidates=list(runners))
+                record.update(timed=e.timed, rejected=list(e.rejected), cache_dir=directory)
+                out.append(record)
         return out
 
     def stats_dict(self) -> dict[str, Any]:

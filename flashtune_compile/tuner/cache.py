@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import platform
-import tempfile
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +32,6 @@ from .runner import Tactic, canonical_tactic
 log = logging.getLogger("flashtune")
 
 FORMAT = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 Key = tuple  # (op, runner names, static key, extras, bucket)
 
 
@@ -190,9 +188,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Replace ``path`` with what ``write`` writes to a binary file: readers see the old file or
     the whole new one, never a part; on any error the old file stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+    # Mode 0o666 less the umask, as open() makes files (mkstemp's would be owner-only).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would make it: mkstemp's files are owner-only
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -239,6 +238,14 @@ class TacticCache:
         self._lock = threading.RLock()
         self._on_change = on_change
         self._write_failed = False
+        self._dropped: dict[Key, float] = {}  # dropped key -> created time of what was dropped
+
+    def _merge(self, incoming: dict[Key, Entry]) -> bool:
+        """Merge ``incoming`` into memory (newer wins), except entries this cache dropped and that
+        are no newer than what it dropped. True if memory changed."""
+        if self._dropped:
+            incoming = {k: e for k, e in incoming.items() if e.created > self._dropped.get(k, -1.0)}
+        return merge(self.entries, incoming)
 
     @property
     def path(self) -> Path | None:
@@ -283,7 +290,7 @@ class TacticCache:
                     "flashtune: cannot read the tactic cache in %s (%s); tuning in memory only", self.directory, e
                 )
                 return
-            if merge(self.entries, disk):
+            if self._merge(disk):
                 self._on_change()
 
     def _write_through(self) -> None:
@@ -293,7 +300,7 @@ class TacticCache:
             return
         try:
             with self._file_lock():
-                merge(self.entries, self._read_own())
+                self._merge(self._read_own())
                 write_document(self.path, self.env, self.entries)
         except (OSError, filelock.Timeout) as e:
             if not self._write_failed:
@@ -304,6 +311,19 @@ class TacticCache:
         """Record a winner and write it through (merging with other processes' entries)."""
         with self._lock:
             self.entries[key] = entry
+            self._write_through()
+        self._on_change()
+
+    def drop(self, key: Key) -> None:
+        """Forget the entry at ``key`` and write that through: it is gone from disk too, and an
+        entry no newer than it, merged from disk later (another process's copy), is not taken back."""
+        with self._lock:
+            if not self._loaded:
+                self._load_disk()
+            entry = self.entries.pop(key, None)
+            if entry is None:
+                return
+            self._dropped[key] = entry.created
             self._write_through()
         self._on_change()
 

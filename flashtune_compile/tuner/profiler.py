@@ -42,6 +42,13 @@ class Timing:
         return self.median <= other.median * (1.0 - min_gain) and self.q75 < other.q25
 
 
+def pick_winner(times: Sequence[Timing], min_gain: float) -> int:
+    """The index of the candidate to use, ``times[0]`` being the default's: among candidates
+    clearly faster than the default (``Timing.clearly_faster_than``), the fastest median; else 0."""
+    faster = [i for i in range(1, len(times)) if times[i].clearly_faster_than(times[0], min_gain)]
+    return min(faster, key=lambda i: times[i].median, default=0)
+
+
 @dataclass(frozen=True)
 class ProfilerSettings:
     """Knobs of the timer. ``mode`` goes into the cache's environment: timings taken with other

@@ -66,3 +66,18 @@ def canonical_tactic(value: Any) -> Tactic:
     if isinstance(value, (list, tuple)):
         return tuple(canonical_tactic(v) for v in value)
     raise TypeError(f"a tactic must be an int, str or tuple of them, got {type(value).__name__}: {value!r}")
+
+
+class DefaultOnly(TunableRunner):
+    """``runner``'s default tactic alone, under its own name (``<name>_default``) so that cache
+    entries chosen among its tactics and entries of the default alone never mix."""
+
+    def __init__(self, runner: TunableRunner) -> None:
+        self.runner = runner
+        self.name = f"{runner.name}_default"
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> Sequence[Tactic]:
+        return [DEFAULT_TACTIC]
+
+    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> Any:
+        return self.runner.forward(inputs, DEFAULT_TACTIC)

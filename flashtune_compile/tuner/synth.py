@@ -4,28 +4,26 @@ Guarantees: every dynamic dim is set to the bucket's size and every derived dim 
 constraint's value; each made tensor keeps the real input's dtype, device and dim order (so layout
 flags in cache keys agree); integers and bools are drawn from the values the real input holds (so
 ids stay in their valid range) unless an initializer says otherwise; inputs whose shape is
-unchanged and that have no initializer are reused as they are. Random values come from a private
-generator, so tuning never shifts the user's random stream.
+unchanged and that have no initializer are reused as they are. Random values come from the
+caller's private generators, so tuning never shifts the user's random stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .buckets import TuningConfig
 
-_generators: dict[torch.device, torch.Generator] = {}
+Generators = Callable[[torch.device], torch.Generator]  # device -> a private, seeded generator
 
 
-def private_generator(device: torch.device) -> torch.Generator:
-    """This module's generator for ``device`` (seeded once; never the user's stream)."""
-    gen = _generators.get(device)
-    if gen is None:
-        gen = _generators[device] = torch.Generator(device=device)
-        gen.manual_seed(0x5EED)
+def new_generator(device: torch.device) -> torch.Generator:
+    """A generator for ``device`` with a fixed seed: profiling inputs never touch the user's stream."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0x5EED)
     return gen
 
 
@@ -49,11 +47,11 @@ def _empty_like_layout(real: torch.Tensor, shape: tuple) -> torch.Tensor:
     return base.permute([order.index(d) for d in range(real.dim())])
 
 
-def _random_like(real: torch.Tensor, shape: tuple) -> torch.Tensor:
+def _random_like(real: torch.Tensor, shape: tuple, generators: Generators) -> torch.Tensor:
     out = _empty_like_layout(real, shape)
     if out.numel() == 0:
         return out
-    gen = private_generator(out.device)
+    gen = generators(out.device)
     if out.is_floating_point() or out.is_complex():
         return out.normal_(generator=gen)
     pool = real.reshape(-1)
@@ -64,8 +62,11 @@ def _random_like(real: torch.Tensor, shape: tuple) -> torch.Tensor:
     return out
 
 
-def synthesize(inputs: Sequence[Any], config: TuningConfig, bucket: tuple[int, ...]) -> tuple[list, tuple, int]:
-    """Inputs for profiling ``bucket``: (inputs, shapes, number of tensors made)."""
+def synthesize(
+    inputs: Sequence[Any], config: TuningConfig, bucket: tuple[int, ...], generators: Generators = new_generator
+) -> tuple[list, tuple, int]:
+    """Inputs for profiling ``bucket``: (inputs, shapes, number of tensors made). Random values
+    come from ``generators(device)`` (default: a fresh generator with a fixed seed)."""
     shapes = bucket_shapes(inputs, config, bucket)
     out: list = list(inputs)
     made = 0
@@ -78,7 +79,7 @@ def synthesize(inputs: Sequence[Any], config: TuningConfig, bucket: tuple[int, .
             if not isinstance(out[i], torch.Tensor) or tuple(out[i].shape) != shape:
                 raise ValueError(f"initializer for input {i} must return a tensor of shape {shape}")
         elif tuple(x.shape) != shape:
-            out[i] = _random_like(x, shape)
+            out[i] = _random_like(x, shape, generators)
         else:
             continue
         made += 1

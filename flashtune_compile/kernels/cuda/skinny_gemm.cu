@@ -22,7 +22,7 @@
 //    [deterministic: no atomics, no memset, bitwise reproducible run to run].
 //  * Accumulation is fp32 with IEEE fmaf; the output is rounded once to T (round-to-nearest-even).
 //
-// Only CUDA headers: the torch binding lives in flashtune_compile/kernels/cuda/__init__.py.
+// Only CUDA headers: the torch binding lives in skinny_binding.cu, next to this file.
 
 #include <cstddef>
 #include <cstdint>

@@ -4,7 +4,8 @@ An entry is keyed by the weight's identity and the kind of copy, and is served o
 weight is the same live object with the same version counter, data pointer, shape, stride and
 dtype: an in-place update (``w.add_``, ``optimizer.step()``, ``load_state_dict``) bumps the
 version and the copy is made again. Least recently used entries are dropped past ``max_bytes``
-(default 2 GiB, ``$FLASHTUNE_WEIGHT_CACHE_MB``); entries of weights that die go with them.
+(default 2 GiB, ``$FLASHTUNE_WEIGHT_CACHE_MB``); entries of weights that die go with them. The
+tuner owns one (``AutoTuner.weights``), so a new tuner starts with none.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 
 class WeightCache:
+    """Copies of weights by (weight, kind); one per tuner (``AutoTuner.weights``)."""
+
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, tuple] = OrderedDict()
@@ -70,4 +73,13 @@ class WeightCache:
             self.nbytes = 0
 
 
-CACHE = WeightCache(int(os.environ.get("FLASHTUNE_WEIGHT_CACHE_MB", "2048")) * 2**20)
+def max_bytes_from_env() -> int:
+    """``$FLASHTUNE_WEIGHT_CACHE_MB`` in bytes (default 2048 MiB); ValueError naming it if malformed."""
+    text = os.environ.get("FLASHTUNE_WEIGHT_CACHE_MB", "2048")
+    try:
+        mb = int(text)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ValueError(f"FLASHTUNE_WEIGHT_CACHE_MB={text!r} is not a non-negative whole number of MiB")
+    return mb * 2**20

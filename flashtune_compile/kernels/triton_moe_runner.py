@@ -1,0 +1,151 @@
+"""The fused-MoE Triton kernel (``triton_moe.py``) as candidates for ``flashtune.moe`` and
+``flashtune.grouped_mm``: their tactics, pruned per bucket, and their runners.
+
+Offered for CUDA tensors (and, in tests, CPU tensors under the interpreter: ``triton_runner.py``).
+Importing this module does not import Triton; running a tactic does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..tuner.buckets import next_pow2
+from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
+from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, _interpreting
+
+SMALLEST_TACTIC: Tactic = (16, 32, 32, 8, 4, 2)  # offered when no tile of the list fits a problem
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tactics
+# ----------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), from decode-sized row blocks to large tiles.
+TILES = (
+    (16, 32, 64, 4, 4),
+    (16, 64, 32, 4, 4),
+    (16, 64, 64, 4, 4),
+    (16, 64, 128, 4, 3),
+    (16, 128, 64, 4, 4),
+    (16, 128, 128, 4, 3),
+    (16, 256, 64, 8, 3),
+    (32, 64, 32, 4, 4),
+    (32, 64, 64, 4, 4),
+    (32, 64, 128, 4, 3),
+    (32, 128, 64, 4, 4),
+    (32, 128, 128, 8, 3),
+    (32, 256, 64, 8, 3),
+    (64, 64, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+    (64, 128, 32, 4, 4),
+    (64, 128, 64, 4, 3),
+    (64, 128, 64, 8, 4),
+    (64, 256, 32, 8, 4),
+    (64, 256, 64, 8, 3),
+    (128, 64, 32, 4, 4),
+    (128, 64, 64, 4, 3),
+    (128, 128, 32, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 128, 8, 2),
+    (128, 256, 64, 8, 3),
+)
+# Tiles also offered without grouped ordering (GROUP_M = 1), where many row blocks compete.
+UNGROUPED = {(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)}
+
+
+def tactics_for(m: int, n: int, k: int, elem_bytes: int, smem_bytes: int = 227 * 1024) -> list[Tactic]:
+    """Tactics for a grouped GEMM with about ``m`` rows per expert: BLOCK_M within the next power
+    of two of m (min 16) and at least a quarter of it (capped at 64), no tile wider than N or
+    deeper than K (min 32), shared memory within ``smem_bytes``; never empty."""
+    m_cap = max(16, next_pow2(max(m, 1)))
+    m_low = max(16, min(64, m_cap // 4))
+    n_cap = max(32, next_pow2(max(n, 1)))
+    k_cap = max(32, next_pow2(max(k, 1)))
+    out = []
+    for bm, bn, bk, warps, stages in TILES:
+        if not m_low <= bm <= m_cap or bn > n_cap or bk > k_cap:
+            continue
+        if (bm * bk + bk * bn) * elem_bytes * stages > smem_bytes:
+            continue
+        out.append((bm, bn, bk, 8, warps, stages))
+        if (bm, bn, bk, warps, stages) in UNGROUPED:
+            out.append((bm, bn, bk, 1, warps, stages))
+    return out or [SMALLEST_TACTIC]
+
+
+def _smem(x: torch.Tensor) -> int:
+    if x.is_cuda:
+        from triton.runtime import driver
+
+        return driver.active.utils.get_device_properties(x.device.index or 0)["max_shared_mem"]
+    return 227 * 1024
+
+
+def _offered(x: torch.Tensor) -> bool:
+    return x.dtype in DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runners
+# ----------------------------------------------------------------------------------------------
+
+
+class TritonMoeRunner(TunableRunner):
+    """Fused MoE experts (two grouped GEMMs with the routed weight fused into the second).
+    Inputs ``(hidden, topk_weights, topk_ids, w1, w2, activation)``."""
+
+    name = "triton_moe"
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        hidden, topk_weights, topk_ids, w1, w2, activation = inputs
+        if not _offered(hidden) or activation not in ACTIVATIONS:
+            return []
+        if w1.dtype != hidden.dtype or w2.dtype != hidden.dtype or not topk_weights.is_floating_point():
+            return []
+        if topk_ids.is_floating_point() or topk_ids.is_complex():
+            return []
+        if any(x.device != hidden.device for x in (topk_weights, topk_ids, w1, w2)):
+            return []
+        shapes = profile.shapes
+        t, h = shapes[0]
+        top_k = shapes[2][1]
+        e, two_i, h1 = shapes[3]
+        e2, h2, inter = shapes[4]
+        if two_i % 2 or inter != two_i // 2 or h1 != h or h2 != h or e2 != e:
+            return []
+        rows_per_expert = -(-t * top_k // max(e, 1))
+        tactics = tactics_for(rows_per_expert, max(two_i, h), max(h, inter), hidden.element_size(), _smem(hidden))
+        return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
+
+    def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
+        from .triton_moe import fused_moe  # imports triton: only when a tactic runs
+
+        return fused_moe(*inputs, tactic=tactic)
+
+
+class TritonGroupedMMRunner(TunableRunner):
+    """``torch._grouped_mm`` for x [S, K], w [E, K, N], offs int32 [E]. Inputs ``(x, w, offs)``."""
+
+    name = "triton_grouped_mm"
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        x, w, offs = inputs
+        if not _offered(x) or w.dtype != x.dtype or x.dim() != 2 or w.dim() != 3 or offs is None:
+            return []
+        if offs.dtype != torch.int32 or w.device != x.device or offs.device != x.device:
+            return []
+        (s, k), (e, k2, n) = profile.shapes[0], profile.shapes[1]
+        if k2 != k:
+            return []
+        tactics = tactics_for(-(-s // max(e, 1)), n, k, x.element_size(), _smem(x))
+        return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
+
+    def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
+        from .triton_moe import grouped_mm
+
+        x, w, offs = inputs
+        return grouped_mm(x, w, offs, tactic)
