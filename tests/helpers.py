@@ -69,12 +69,15 @@ class MMRaising(ft.TunableRunner):
 
 
 class MMSlow(ft.TunableRunner):
-    """Correct but slow: must lose to the default."""
+    """Correct but slow: must lose to the default (or win over a slower one)."""
 
     name = "mm_slow"
 
+    def __init__(self, seconds: float = 2e-4) -> None:
+        self.seconds = seconds
+
     def forward(self, inputs, tactic=-1):
-        time.sleep(2e-4)
+        time.sleep(self.seconds)
         return torch.mm(inputs[0], inputs[1])
 
 

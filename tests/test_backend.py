@@ -167,24 +167,44 @@ def test_ops_option_limits_routing(tuner):
     assert ft.stats()["routed_ops"] == 1
 
 
-def test_call_module_linear_nodes_are_routed(tuner):
-    """Graphs with nn.Linear as call_module nodes (symbolic_trace; older Dynamo) are routed too."""
+def _traced(model, x):
+    """``model`` as symbolic_trace leaves it (nn.Linear as call_module nodes), with fake values."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    gm = torch.fx.symbolic_trace(model)
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(mode.from_tensor(x))
+    return gm
+
+
+def test_call_module_linear_nodes_are_routed(tuner):
+    """Graphs with nn.Linear as call_module nodes (symbolic_trace; older Dynamo) are routed too."""
     from flashtune_compile.ops import SiteOptions
     from flashtune_compile.passes.matmul import rewrite
 
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4, bias=False))
-    gm = torch.fx.symbolic_trace(model)
+    gm = _traced(model, r(5, 8))
     assert [n.op for n in gm.graph.nodes].count("call_module") == 3
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(mode.from_tensor(r(5, 8)))
     assert rewrite(gm, frozenset({"linear"}), SiteOptions(kernels=("aten",), max_tokens=64)) == 2
     assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"].count("flashtune.linear.default") == 2
     x = r(5, 8)
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_call_module_linear_left_alone_leaves_the_graph_as_it_was(tuner):
+    """Matching has no side effects: a call_module linear the op does not serve (float64 here) adds
+    no get_attr node for its parameters, and the graph's code is unchanged."""
+    from flashtune_compile.ops import SiteOptions
+    from flashtune_compile.passes.matmul import rewrite
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    gm = _traced(model, r(5, 8).double())
+    nodes, code = [n.format_node() for n in gm.graph.nodes], gm.code
+    assert rewrite(gm, frozenset({"linear"}), SiteOptions()) == 0
+    assert [n.format_node() for n in gm.graph.nodes] == nodes and gm.code == code
+    assert "get_attr" not in {n.op for n in gm.graph.nodes}
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
@@ -277,6 +297,41 @@ def test_warm_calls_profile_and_synthesize_nothing(tuner):
         before["misses"],
     )
     assert after["hits"] > before["hits"]
+
+
+def test_a_new_tuner_starts_with_none_of_the_old_ones_state(tuner):
+    """Sites, runner sets, weight copies, profiling generators and learned MoE routing all belong to
+    the tuner: AutoTuner.reset leaves the next one with none of them, and it works from scratch."""
+    from test_moe import H, make_layer, moe_site
+
+    from flashtune_compile.ops import routing
+    from flashtune_compile.tuner.synth import new_generator
+
+    model = nn.Linear(16, 16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    compiled = torch.compile(model, backend="flashtune", options=EAGER)
+    compiled(r(3, 16))  # profiling the CPU tactics makes re-laid-out weight copies
+    w1, w2 = make_layer(4, torch.float32)
+    ids = torch.tensor([[1, 3]] * 5)
+    torch.ops.flashtune.moe(
+        torch.randn(5, H), torch.rand(5, 2), ids, w1, w2, "silu", moe_site(4, 2, torch.float32, routing_kind="learned")
+    )
+    cpu = torch.device("cpu")
+    old = ft.AutoTuner.get()
+    assert len(old.sites) == 2 and old.runner_sets and old.weights.nbytes > 0
+    assert routing.learned_routing(old).counts(4, 2).tolist() == [0, 5, 0, 5]
+    fresh_draw = torch.randn(8, generator=new_generator(cpu))
+    assert not torch.equal(torch.randn(8, generator=old.generator(cpu)), fresh_draw)  # used by profiling
+
+    new = ft.AutoTuner(settings=old.settings)
+    ft.AutoTuner.reset(new)
+    assert not new.sites and not new.runner_sets and new.weights.nbytes == 0 and ft.stats()["weight_cache_bytes"] == 0
+    assert routing.learned_routing().counts(4, 2) is None
+    assert torch.equal(torch.randn(8, generator=new.generator(cpu)), fresh_draw)
+    x = r(3, 16)
+    torch.testing.assert_close(compiled(x), model(x))  # the compiled graph's site is rebuilt in the new tuner
+    assert len(new.sites) == 1 and ft.stats()["misses"] == 0 and ft.stats()["hits"] == 1  # its winner is on disk
 
 
 def _entries(directory):

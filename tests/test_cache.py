@@ -119,6 +119,50 @@ def test_cached_tactic_the_runner_no_longer_offers_is_dropped(tuner, cache_dir, 
     assert tactic != 3 and fresh.stats.misses == 1
 
 
+def _buckets_on_disk(cache_dir):
+    return sorted(tuple(e["bucket"]) for e in json.loads(cache_file(cache_dir).read_text())["entries"])
+
+
+def test_a_dropped_stale_entry_stays_dropped_across_writes_and_reloads(tuner, cache_dir, caplog):
+    tune(tuner, [7, 2])  # buckets 8 and 2
+    path = cache_file(cache_dir)
+    doc = json.loads(path.read_text())
+    (stale,) = [e for e in doc["entries"] if e["bucket"] == [8]]
+    stale.update(runner="mm_chunked", tactic=3)  # MMChunked offers 1, 2, 4 only
+    path.write_text(json.dumps(doc))
+    off = ft.AutoTuner(tune="off", settings=tuner.settings)
+    with caplog.at_level(logging.WARNING, logger="flashtune"):
+        ((runner, tactic),) = tune(off, [7])
+    assert (runner.name, tactic) == ("mm", -1) and caplog.text.count("not offered") == 1
+    assert _buckets_on_disk(cache_dir) == [(2,)]  # the drop was written through
+    with ft.autotune():
+        tune(off, [20])  # another winner written through: the stale entry must not come back from memory
+    assert _buckets_on_disk(cache_dir) == [(2,), (32,)]
+    caplog.clear()
+    reloaded = ft.AutoTuner(tune="off", settings=tuner.settings)
+    with caplog.at_level(logging.WARNING, logger="flashtune"):
+        tune(reloaded, [7, 7])
+    assert "not offered" not in caplog.text and reloaded.stats.fallbacks == 2
+
+
+def test_an_entry_dropped_in_memory_is_not_merged_back_from_an_older_copy_on_disk(tmp_path):
+    from flashtune_compile.tuner.cache import Entry, TacticCache, write_document
+
+    env = {"test": 1}
+    key, other = ("op", ("r",), (), (), (8,)), ("op", ("r",), (), (), (16,))
+    old = Entry("r", -1, 1.0, 1.0, created=100.0)
+    cache = TacticCache(tmp_path, env)
+    cache.merge_in({key: old})
+    cache.drop(key)
+    write_document(cache.path, env, {key: old})  # another process writes its (older) copy back
+    cache.put(other, Entry("r", -1, 1.0, 1.0))  # this write merges the disk into memory
+    assert cache.get(key) is None and set(TacticCache(tmp_path, env).snapshot()) == {other}
+    newer = Entry("r", -1, 0.5, 1.0, created=200.0)  # a re-tuned entry is taken
+    write_document(cache.path, env, {key: newer, other: cache.get(other)})
+    cache.put(("op", ("r",), (), (), (32,)), Entry("r", -1, 1.0, 1.0))
+    assert cache.get(key) == newer
+
+
 def test_save_clear_load_round_trip(tuner, tmp_path):
     chosen = tune(tuner, [1, 2, 3, 5])
     assert ft.save_cache(tmp_path / "saved.json") == 4
@@ -154,3 +198,23 @@ def test_memory_only_cache(tmp_path):
     tuner = ft.AutoTuner(cache_dir=None)
     tune(tuner, [3])
     assert tuner.cache.path is None and len(tuner.tactics()) == 1
+
+
+def test_files_get_the_umasks_mode_and_importing_never_changes_the_umask(tmp_path):
+    """Cache documents are made as open() makes files (0o666 less the umask), without flashtune ever
+    calling os.umask (a process-wide setting: swapping it races with other threads)."""
+    code = """if True:
+        import json, os, sys
+        os.umask(0o027)
+        calls, real = [], os.umask
+        os.umask = lambda mask: calls.append(mask) or real(mask)
+        import flashtune_compile as ft
+        from flashtune_compile.tuner.cache import Entry, TacticCache
+        cache = TacticCache(sys.argv[1], {"test": 1})
+        cache.put(("op", ("r",), (), (), (8,)), Entry("r", -1, 1.0, 1.0))
+        print(json.dumps([calls, os.stat(cache.path).st_mode & 0o777]))
+        """
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    calls, mode = json.loads(out.stdout.strip().splitlines()[-1])
+    assert calls == [] and mode == 0o640

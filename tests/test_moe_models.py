@@ -73,19 +73,9 @@ def _config(kind, impl, e=4, k=2, **kw):
             **kw,
         )
     else:
-        cfg = DeepseekV3Config(
-            hidden_size=H,
-            moe_intermediate_size=I,
-            intermediate_size=48,
-            n_routed_experts=e,
-            num_experts_per_tok=k,
-            n_group=2,
-            topk_group=1,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-            **kw,
-        )
+        groups = {"n_group": 2, "topk_group": 1, "n_shared_experts": 1, "routed_scaling_factor": 2.5}
+        sizes = {"hidden_size": H, "moe_intermediate_size": I, "intermediate_size": 48, "n_routed_experts": e}
+        cfg = DeepseekV3Config(**sizes, **groups, num_experts_per_tok=k, norm_topk_prob=True, **kw)
     cfg._experts_implementation = impl
     return cfg
 
@@ -213,15 +203,9 @@ def test_learned_routing_option_records_real_routing(tuner):
 def _causal_lm(impl):
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    sizes = {"vocab_size": 64, "hidden_size": H, "intermediate_size": I, "num_hidden_layers": 2}
     cfg = MixtralConfig(
-        vocab_size=64,
-        hidden_size=H,
-        intermediate_size=I,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
+        **sizes, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2
     )
     torch.manual_seed(0)
     return MixtralForCausalLM._from_config(copy.deepcopy(cfg), experts_implementation=impl).eval()
@@ -280,3 +264,29 @@ def test_experts_module_with_symbolic_top_k_is_routed(tuner, impl):
             weights = torch.rand(t, k, generator=g)
             assert close(compiled(x, ids, weights), experts(x, ids, weights), torch.float32)
     assert spy.counts and all(c.get("moe") == 1 for c in spy.counts)
+
+
+def test_a_layer_left_alone_is_left_exactly_as_captured(tuner):
+    """Matching has no side effects: when the fused op does not serve a matched layer (here a
+    gradient is needed), the MoE pass changes nothing in the graph."""
+    from flashtune_compile.ops import SiteOptions
+    from flashtune_compile.passes import moe
+
+    block = _block("mixtral", "grouped_mm", torch.float32)
+    for p in block.parameters():
+        p.requires_grad_(True)
+    seen = []
+
+    def backend(gm, example_inputs):
+        before = [n.format_node() for n in gm.graph.nodes]
+        routed = moe.rewrite(gm, frozenset({"moe"}), SiteOptions())
+        seen.append((routed, before, [n.format_node() for n in gm.graph.nodes]))
+        return gm.forward
+
+    torch.compile(block, backend=backend, fullgraph=True)(torch.randn(1, 5, H))
+    ((routed, before, after),) = seen
+    assert routed == 0 and after == before
+    with torch.no_grad():  # the same layer, served: routed (so the pattern did match above)
+        torch._dynamo.reset()
+        torch.compile(block, backend=backend, fullgraph=True)(torch.randn(1, 5, H))
+    assert seen[1][0] == 1

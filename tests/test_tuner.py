@@ -80,6 +80,41 @@ def test_size_inside_a_bucket_runs_correctly_with_the_buckets_tactic(tuner):
     assert ft.stats()["misses"] == 1
 
 
+def test_clearly_faster_candidate_wins_over_a_slow_default(tuner):
+    """A default that sleeps 1 ms against a plain mm: the mm must be chosen (a broken timer or
+    winner rule that always keeps the default fails here, unlike the test below)."""
+    slow_default, fast = MMSlow(seconds=1e-3), MMDefault()
+    runner, tactic = tuner.choose_one("mm", (slow_default, fast), mm_config(), (torch.randn(4, 8), torch.randn(8, 8)))
+    assert (runner.name, tactic) == ("mm", -1)
+    (record,) = ft.tactics()
+    assert record["kernel"] == "mm" and record["speedup"] > 2 and record["default_s"] >= 1e-3
+
+
+def test_winner_rule_without_timing():
+    """pick_winner: the default (index 0) is replaced only by a candidate faster by more than
+    min_gain at the median and by more than the noise (interquartile ranges apart); among those,
+    the fastest median wins."""
+    from flashtune_compile.tuner.profiler import Timing, pick_winner
+
+    default = Timing(median=10.0, q25=9.5, q75=10.5)
+    clear = Timing(median=8.0, q25=7.8, q75=8.2)
+    clearer = Timing(median=6.0, q25=5.0, q75=9.0)  # fastest median, noisy, but still apart from the default
+    noisy = Timing(median=5.0, q25=3.0, q75=9.6)  # faster median, but its range reaches the default's
+    steady = Timing(median=10.0, q25=9.99, q75=10.01)
+    marginal = Timing(median=9.9, q25=9.89, q75=9.91)  # apart from `steady`, but only 1% faster
+    slower = Timing(median=12.0, q25=11.0, q75=13.0)
+    assert pick_winner([default], 0.02) == 0
+    assert pick_winner([default, slower], 0.02) == 0
+    assert pick_winner([default, clear], 0.02) == 1
+    assert pick_winner([default, noisy], 0.02) == 0
+    assert pick_winner([steady, marginal], 0.02) == 0
+    assert pick_winner([steady, marginal], 0.0) == 1
+    assert pick_winner([default, clear, noisy, clearer], 0.02) == 3
+    assert clear.clearly_faster_than(default, 0.02) and not default.clearly_faster_than(clear, 0.02)
+    assert not noisy.clearly_faster_than(default, 0.02)
+    assert Timing.of([3.0, 1.0, 2.0, 4.0, 5.0]) == Timing(median=3.0, q25=2.0, q75=4.0)
+
+
 def test_slower_candidate_loses_to_default(tuner):
     runner, tactic = tuner.choose_one(
         "mm", (MMDefault(), MMSlow()), mm_config(), (torch.randn(4, 8), torch.randn(8, 8))

@@ -34,6 +34,10 @@ class TritonGemmRunner(TunableRunner):
     def __init__(self, view: GemmView) -> None:
         self.view = view  # how the op's inputs read as one GEMM
 
+    @classmethod
+    def for_op(cls, op: Any) -> TritonGemmRunner:
+        return cls(op.gemm)
+
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         a = inputs[self.view.a]
         if a.dtype not in DTYPES or not (a.is_cuda or (a.device.type == "cpu" and _interpreting())):

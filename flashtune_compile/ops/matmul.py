@@ -30,16 +30,12 @@ def _mm_fake(a, b, site):
     return a.new_empty((*a.shape[:-1], b.shape[1]))
 
 
-def _addmm_fake(bias, a, b, beta, alpha, site):
-    return a.new_empty((a.shape[0], b.shape[1]))
-
-
 def _bmm_fake(a, b, site):
     return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
 
 
-def _baddbmm_fake(bias, a, b, beta, alpha, site):
-    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+def _scaled_fake(bias, a, b, beta, alpha, site):  # addmm, baddbmm
+    return a.new_empty((*a.shape[:-1], b.shape[-1]))
 
 
 # -- backward formulas (ctx.saved_tensors: the tensor arguments; ctx.scalars: beta, alpha) ---------
@@ -61,15 +57,6 @@ def _mm_bwd(ctx: Any, grad: torch.Tensor):
     return ga, gb, None
 
 
-def _addmm_bwd(ctx: Any, grad: torch.Tensor):
-    bias, a, b = ctx.saved_tensors
-    beta, alpha = ctx.scalars
-    gbias = (grad * beta).sum_to_size(bias.shape) if ctx.needs_input_grad[0] else None
-    ga = (grad @ b.t()) * alpha if ctx.needs_input_grad[1] else None
-    gb = (a.t() @ grad) * alpha if ctx.needs_input_grad[2] else None
-    return gbias, ga, gb, None, None, None
-
-
 def _bmm_bwd(ctx: Any, grad: torch.Tensor):
     a, b = ctx.saved_tensors
     ga = torch.bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
@@ -77,18 +64,18 @@ def _bmm_bwd(ctx: Any, grad: torch.Tensor):
     return ga, gb, None
 
 
-def _baddbmm_bwd(ctx: Any, grad: torch.Tensor):
+def _scaled_bwd(ctx: Any, grad: torch.Tensor):  # addmm, baddbmm: beta * bias + alpha * (a @ b)
     bias, a, b = ctx.saved_tensors
     beta, alpha = ctx.scalars
     gbias = (grad * beta).sum_to_size(bias.shape) if ctx.needs_input_grad[0] else None
-    ga = torch.bmm(grad, b.transpose(1, 2)) * alpha if ctx.needs_input_grad[1] else None
-    gb = torch.bmm(a.transpose(1, 2), grad) * alpha if ctx.needs_input_grad[2] else None
+    ga = (grad @ b.transpose(-2, -1)) * alpha if ctx.needs_input_grad[1] else None
+    gb = (a.transpose(-2, -1) @ grad) * alpha if ctx.needs_input_grad[2] else None
     return gbias, ga, gb, None, None, None
 
 
 # -- the ops ------------------------------------------------------------------------------------
 
-TRITON = Candidate("triton", lambda op: TritonGemmRunner(op.gemm))  # one GEMM kernel for the whole family
+TRITON = Candidate("triton", TritonGemmRunner)  # one GEMM kernel for the whole family
 # Operand rules (dtype kind, min rank, max rank): a matrix, N-D rows of a matrix, a batch of matrices.
 MAT, ROWS, BATCH = ("op", 2, 2), ("op", 2, None), ("op", 3, 3)
 
@@ -103,10 +90,10 @@ LINEAR = register(
         operands=(ROWS, MAT, ("op", 1, 1)),
         gemm=GemmView(a=0, b=1, b_transposed=True, bias=2),
         candidates=(
-            Candidate("aten", lambda op: AtenLinearRunner()),
+            Candidate("aten", AtenLinearRunner),
             TRITON,
-            Candidate("cuda", lambda op: CudaSkinnyLinearRunner()),
-            Candidate("cpu", lambda op: CpuLinearRunner()),
+            Candidate("cuda", CudaSkinnyLinearRunner),
+            Candidate("cpu", CpuLinearRunner),
         ),
     )
 )
@@ -120,22 +107,29 @@ MM = register(
         flatten_rows=True,
         operands=(ROWS, MAT),
         gemm=GemmView(a=0, b=1),
-        candidates=(Candidate("aten", lambda op: AtenMMRunner()), TRITON),
+        candidates=(Candidate("aten", AtenMMRunner), TRITON),
     )
 )
-ADDMM = register(
-    OpSpec(
-        name="addmm",
-        schema="addmm(Tensor bias, Tensor a, Tensor b, float beta, float alpha, str site) -> Tensor",
-        family="mm",
-        fake=_addmm_fake,
-        backward=_addmm_bwd,
-        operands=(("op", 0, 2), MAT, MAT),
-        token_dims=((1, 0),),
+
+
+def _scaled(name: str, family: str, operand: tuple, aten: type) -> OpSpec:
+    """``beta * bias + alpha * (a @ b)`` over matrices (addmm) or batches of them (baddbmm): the
+    bias broadcasts to the output; the token count is the rows of ``a``."""
+    rank = operand[1]
+    return OpSpec(
+        name=name,
+        schema=f"{name}(Tensor bias, Tensor a, Tensor b, float beta, float alpha, str site) -> Tensor",
+        family=family,
+        fake=_scaled_fake,
+        backward=_scaled_bwd,
+        operands=(("op", 0, rank), operand, operand),
+        token_dims=((1, rank - 2),),
         gemm=GemmView(a=1, b=2, bias=0, alpha=4, beta=3),
-        candidates=(Candidate("aten", lambda op: AtenAddmmRunner()), TRITON),
+        candidates=(Candidate("aten", aten), TRITON),
     )
-)
+
+
+ADDMM = register(_scaled("addmm", "mm", MAT, AtenAddmmRunner))
 BMM = register(
     OpSpec(
         name="bmm",
@@ -146,20 +140,8 @@ BMM = register(
         operands=(BATCH, BATCH),
         token_dims=((0, 1),),
         gemm=GemmView(a=0, b=1),
-        candidates=(Candidate("aten", lambda op: AtenBmmRunner()), TRITON),
+        candidates=(Candidate("aten", AtenBmmRunner), TRITON),
     )
 )
-BADDBMM = register(
-    OpSpec(
-        name="baddbmm",
-        schema="baddbmm(Tensor bias, Tensor a, Tensor b, float beta, float alpha, str site) -> Tensor",
-        family="bmm",
-        fake=_baddbmm_fake,
-        backward=_baddbmm_bwd,
-        operands=(("op", 0, 3), BATCH, BATCH),
-        token_dims=((1, 1),),
-        gemm=GemmView(a=1, b=2, bias=0, alpha=4, beta=3),
-        candidates=(Candidate("aten", lambda op: AtenBaddbmmRunner()), TRITON),
-    )
-)
+BADDBMM = register(_scaled("baddbmm", "bmm", BATCH, AtenBaddbmmRunner))
 MATMUL_OPS = tuple(spec.name for spec in (LINEAR, MM, ADDMM, BMM, BADDBMM))

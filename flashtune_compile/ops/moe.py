@@ -84,9 +84,9 @@ MOE = register(
         routing=RoutedInputs(ids=2, weights=1, experts=(3, 0)),  # w1 [E, 2I, H]
         check=_check_moe,
         candidates=(
-            Candidate("aten", lambda op: AtenMoeRunner()),
-            Candidate("triton", lambda op: TritonMoeRunner()),
-            Candidate("cpu", lambda op: CpuMoeRunner()),
+            Candidate("aten", AtenMoeRunner),
+            Candidate("triton", TritonMoeRunner),
+            Candidate("cpu", CpuMoeRunner),
         ),
     )
 )
@@ -99,9 +99,9 @@ GROUPED_MM = register(
         reference=grouped_loop,
         operands=(("op", 2, 2), ("op", 3, 3), ("int32", 1, 1)),
         candidates=(
-            Candidate("aten", lambda op: AtenGroupedMMRunner()),
-            Candidate("triton", lambda op: TritonGroupedMMRunner()),
-            Candidate("cpu", lambda op: CpuGroupedMMRunner()),
+            Candidate("aten", AtenGroupedMMRunner),
+            Candidate("triton", TritonGroupedMMRunner),
+            Candidate("cpu", CpuGroupedMMRunner),
         ),
     )
 )

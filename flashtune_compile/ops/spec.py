@@ -33,11 +33,14 @@ OPERAND_KINDS = ("op", "float", "int")
 
 @dataclass(frozen=True)
 class Candidate:
-    """One candidate runner of an op: its kernel ``family`` (``kernels.FAMILIES``) and ``make(op)``,
-    which builds it from the op's spec (once per tuner and set of allowed families)."""
+    """One candidate runner of an op: its kernel ``family`` (``kernels.FAMILIES``) and its class,
+    built with ``runner.for_op(spec)`` (once per tuner and set of allowed families)."""
 
     family: str
-    make: Callable[[OpSpec], TunableRunner]
+    runner: type[TunableRunner]
+
+    def make(self, op: OpSpec) -> TunableRunner:
+        return self.runner.for_op(op)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

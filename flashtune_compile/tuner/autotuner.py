@@ -35,6 +35,9 @@ log = logging.getLogger("flashtune")
 
 TUNE_MODES = ("auto", "off")
 _override: ContextVar[bool | None] = ContextVar("flashtune_autotune", default=None)
+Runners = Sequence[TunableRunner]  # runners[0] with tactic -1 is the default
+Inputs = Sequence[Any]
+Choice = tuple[TunableRunner, Tactic]
 _ALIAS_LIMIT = 1024  # callers passing fresh runner lists each call: keep the alias maps bounded
 _unset = object()
 
@@ -164,14 +167,8 @@ class AutoTuner:
     # -- the hot path ----------------------------------------------------------------------------
 
     def choose_one(
-        self,
-        op: str,
-        runners: Sequence[TunableRunner],
-        config: TuningConfig,
-        inputs: Sequence[Any],
-        *,
-        tune: bool | None = None,
-    ) -> tuple[TunableRunner, Tactic]:
+        self, op: str, runners: Runners, config: TuningConfig, inputs: Inputs, *, tune: bool | None = None
+    ) -> Choice:
         """The (runner, tactic) to run ``inputs`` with. ``runners[0]`` with tactic -1 is the default.
 
         Cache hit: returned at once, nothing made or launched. Miss with tuning allowed
@@ -184,13 +181,13 @@ class AutoTuner:
     def choose_cached(
         self,
         op: str,
-        runners: Sequence[TunableRunner],
+        runners: Runners,
         config: TuningConfig,
-        inputs: Sequence[Any],
+        inputs: Inputs,
         *,
         tune: bool | None = None,
         cache: TacticCache | None = None,
-    ) -> tuple[tuple[TunableRunner, Tactic], bool]:
+    ) -> tuple[Choice, bool]:
         """``choose_one`` against ``cache`` (default: this tuner's), and whether the answer came
         from the cache (False for a fallback)."""
         cache = self.cache if cache is None else cache

@@ -48,6 +48,12 @@ class TunableRunner:
         """Extra JSON-able values that select a different cache entry (default: none)."""
         return ()
 
+    @classmethod
+    def for_op(cls, op: Any) -> TunableRunner:
+        """This runner as a candidate of ``op`` (an ``ops.spec.OpSpec``); the default takes no
+        arguments. Generic runners read what they need from the op, e.g. its GEMM view."""
+        return cls()
+
     def __call__(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> Any:
         return self.forward(inputs, tactic)
 
