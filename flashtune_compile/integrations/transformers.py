@@ -74,8 +74,11 @@ def _activation(module: torch.nn.Module) -> str | None:
     return None
 
 
-def _fused_applies(module: torch.nn.Module, hidden: torch.Tensor) -> str | None:
-    """The activation name when the fused op computes exactly what this module does, else None."""
+def _fused_applies(
+    module: torch.nn.Module, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> str | None:
+    """The activation name when the fused op computes exactly what this module does (and serves
+    these operands: ``MOE.serves``), else None."""
     from transformers.integrations.moe import _default_apply_gate
 
     if not (
@@ -87,10 +90,7 @@ def _fused_applies(module: torch.nn.Module, hidden: torch.Tensor) -> str | None:
         and getattr(type(module), "_apply_gate", None) is _default_apply_gate
     ):
         return None
-    w1, w2 = module.gate_up_proj, module.down_proj
-    if not (hidden.dtype == w1.dtype == w2.dtype and hidden.dim() == 2 and w1.dim() == 3 and w2.dim() == 3):
-        return None
-    if torch.is_grad_enabled() and (hidden.requires_grad or w1.requires_grad or w2.requires_grad):
+    if MOE.serves([hidden, weights, ids, module.gate_up_proj, module.down_proj], hidden.dtype) is not None:
         return None
     return _activation(module)
 
@@ -112,7 +112,7 @@ def experts_forward(options: SiteOptions) -> Callable[..., torch.Tensor]:
 
 
 def _forward(self, hidden_states, top_k_index, top_k_weights, site_key) -> torch.Tensor:
-    activation = _fused_applies(self, hidden_states)
+    activation = _fused_applies(self, hidden_states, top_k_weights, top_k_index)
     if activation is None:
         from transformers.integrations.moe import grouped_mm_experts_forward
 

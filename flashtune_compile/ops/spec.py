@@ -75,10 +75,19 @@ class OpSpec:
     check: Callable[..., None] | None = None
     dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
     arguments: tuple = field(init=False, repr=False, compare=False)
+    tensor_args: tuple[int, ...] = field(init=False, repr=False, compare=False)  # positions of tensor arguments
+    _required: tuple[str | None, ...] = field(
+        init=False, repr=False, compare=False
+    )  # per tensor arg: its name if not optional
 
     def __post_init__(self) -> None:
         args = torch._C.parse_schema(f"flashtune::{self.schema}").arguments
         object.__setattr__(self, "arguments", tuple(args))
+        tensors = tuple(i for i, a in enumerate(args) if "Tensor" in str(a.type))
+        object.__setattr__(self, "tensor_args", tensors)
+        object.__setattr__(
+            self, "_required", tuple(None if "Optional" in str(args[i].type) else args[i].name for i in tensors)
+        )
         if self.schema.split("(", 1)[0] != self.name or not args or args[-1].name != "site":
             raise ValueError(f"OpSpec {self.name!r}: the schema must be '{self.name}(..., str site) -> ...'")
         if len(self.operands) != len(self.tensor_args):
@@ -87,11 +96,6 @@ class OpSpec:
             raise ValueError(f"OpSpec {self.name!r}: give exactly one of backward and reference")
         if not self.candidates or self.candidates[0].family != "aten":
             raise ValueError(f"OpSpec {self.name!r}: the first candidate is the ATen default")
-
-    @property
-    def tensor_args(self) -> tuple[int, ...]:
-        """Positions of the tensor arguments (optional ones included)."""
-        return tuple(i for i, a in enumerate(self.arguments) if "Tensor" in str(a.type))
 
     def tuning_shapes(self, shapes: Sequence[Any]) -> list:
         """The tuning inputs' shapes from the arguments' shapes (ints or SymInts; None for
@@ -106,11 +110,12 @@ class OpSpec:
 
     def serves(self, values: Sequence[Any], out_dtype: torch.dtype | None = None) -> str | None:
         """None if the op serves a call with these tensor arguments (tensors or fake tensors, None
-        for an absent optional one) and output dtype, else why not. Reads metadata only."""
+        for an absent optional one) and output dtype, else why not. Reads metadata only (and plain
+        Python data: Dynamo can trace it)."""
         present = [v for v in values if v is not None]
-        for i, v in zip(self.tensor_args, values):
-            if v is None and "Optional" not in str(self.arguments[i].type):
-                return f"argument {self.arguments[i].name!r} is missing"
+        for name, v in zip(self._required, values):
+            if v is None and name is not None:
+                return f"argument {name!r} is missing"
         if len({v.device for v in present}) != 1 or present[0].device.type not in ("cpu", "cuda"):
             return f"device {sorted({str(v.device) for v in present})} not served"
         if any(v.layout != torch.strided for v in present):

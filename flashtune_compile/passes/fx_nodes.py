@@ -147,3 +147,28 @@ def _pure(node: Node) -> bool:
         return True
     name = getattr(node.target, "__name__", "")
     return getattr(node.target, "__module__", "") != "_operator" and not name.endswith("_") and not node.is_impure()
+
+
+def erase_dead(graph: torch.fx.Graph, out: Node, matched: list) -> None:
+    """Erase what a replaced region computed and nothing reads any more: pure ancestors of ``out``
+    left without users, and the in-place ``buffer[index] = value`` nodes among ``matched`` (with the
+    buffer they write, once nothing else reads it). Nothing impure is erased."""
+    region: set = set()
+    stack = [out, *(n for n in matched if _fn(n, operator.setitem))]
+    while stack:
+        node = stack.pop()
+        if node in region or not isinstance(node, Node):
+            continue
+        region.add(node)
+        stack.extend(node.all_input_nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node not in region or node.users or node.op in ("placeholder", "output", "get_attr"):
+                continue
+            scatter = _fn(node, operator.setitem) and node in matched and all(u is node for u in node.args[0].users)
+            if scatter or _pure(node):
+                graph.erase_node(node)
+                region.discard(node)
+                changed = True

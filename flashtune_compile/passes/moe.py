@@ -37,13 +37,13 @@ from .fx_nodes import (
     _getitem,
     _method,
     _mul_operands,
-    _pure,
     _same_size,
     _squeezed,
     _strip_to,
     _transposed_param,
     _unsqueezed,
     _val,
+    erase_dead,
     replace_with_call,
     routable,
 )
@@ -339,33 +339,8 @@ def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: _Moe, options: SiteOpti
         new = graph.call_function(torch.ops.flashtune.moe.default, args)
     new.meta = dict(out.meta)
     out.replace_all_uses_with(new)
-    _erase_dead(graph, out, m.nodes)
+    erase_dead(graph, out, m.nodes)
     return True
-
-
-def _erase_dead(graph: torch.fx.Graph, out: Node, matched: list) -> None:
-    """Erase what the replaced layer computed and nothing reads any more: pure ancestors of
-    ``out`` left without users, and the inverse-permutation scatter the pattern matched (with the
-    buffer it writes, once nothing else reads that)."""
-    region: set = set()
-    stack = [out, *(n for n in matched if _fn(n, operator.setitem))]
-    while stack:
-        node = stack.pop()
-        if node in region or not isinstance(node, Node):
-            continue
-        region.add(node)
-        stack.extend(node.all_input_nodes)
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph.nodes)):
-            if node not in region or node.users or node.op in ("placeholder", "output", "get_attr"):
-                continue
-            scatter = _fn(node, operator.setitem) and node in matched and all(u is node for u in node.args[0].users)
-            if scatter or _pure(node):
-                graph.erase_node(node)
-                region.discard(node)
-                changed = True
 
 
 def _output_of(out: Node) -> Node:
