@@ -29,7 +29,8 @@ Axes = tuple[tuple[tuple[tuple[int, int], ...], int, int], ...]  # ((positions, 
 
 @dataclass(frozen=True)
 class SiteOptions:
-    """The compile options a site carries (see the backend's options)."""
+    """The compile options a site carries (see the backend's options). ``max_tokens`` bounds the
+    dynamic axes when a site is made; the axes then hold it, so it is not encoded again."""
 
     ladder: Any = "hybrid"
     max_tokens: int = 8192
