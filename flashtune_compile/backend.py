@@ -20,10 +20,11 @@ import torch
 from .kernels import FAMILIES as KERNEL_FAMILIES
 from .ops import DIRECT, op_families
 from .ops.routing import ROUTINGS
-from .ops.site import DEFAULT_CACHE, SiteOptions, resolve_cache_dir
+from .ops.site import DEFAULT_CACHE, SiteOptions
 from .passes import REWRITES  # first: importing the passes registers their ops
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
+from .tuner.cache import resolve_dir
 
 log = logging.getLogger("flashtune")
 
@@ -47,10 +48,12 @@ class Options:
 
     def site_options(self) -> SiteOptions:
         """What each routed call's site carries: this model's tuning options and tactic cache."""
-        cache_dir = DEFAULT_CACHE if self.cache_dir is _UNSET else resolve_cache_dir(self.cache_dir)
-        ladder = self.buckets if isinstance(self.buckets, str) else tuple(self.buckets)
+        cache_dir: str | None = DEFAULT_CACHE
+        if self.cache_dir is not _UNSET:  # a site carries the directory as an absolute path string
+            resolved = resolve_dir(self.cache_dir)
+            cache_dir = None if resolved is None else str(resolved)
         kernels = tuple(sorted(self.kernels))
-        return SiteOptions(ladder, self.max_tokens, self.tune, kernels, self.moe_routing, cache_dir)
+        return SiteOptions(self.buckets, self.max_tokens, self.tune, kernels, self.moe_routing, cache_dir)
 
 
 def _subset(name: str, value: Any, valid: Sequence[str]) -> frozenset:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..kernels import FAMILIES
@@ -56,16 +55,16 @@ class SiteSpec:
 
     def encode(self) -> str:
         o = self.options
-        ladder = o.ladder if isinstance(o.ladder, str) else list(o.ladder)
-        fields = [self.op, self.axes, self.sig, ladder, o.tune, list(o.kernels), o.routing, o.cache_dir]
-        return json.dumps(fields, separators=(",", ":"))
+        fields = [self.op, self.axes, self.sig, o.ladder, o.tune, o.kernels, o.routing, o.cache_dir]
+        return json.dumps(fields, separators=(",", ":"))  # tuples become lists
 
     @classmethod
     def decode(cls, text: str) -> SiteSpec:
         op, axes, sig, ladder, tune, kernels, routing, cache_dir = json.loads(text)
         axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
         ladder = ladder if isinstance(ladder, str) else tuple(ladder)
-        return cls(op, axes, sig, SiteOptions(ladder, 8192, tune, tuple(kernels), routing, cache_dir))
+        options = SiteOptions(ladder=ladder, tune=tune, kernels=tuple(kernels), routing=routing, cache_dir=cache_dir)
+        return cls(op, axes, sig, options)
 
     def build(self, tuner: AutoTuner) -> TunedSite:
         """The site, as ``tuner`` runs it: the op's candidates allowed here, its bucket axes, its
@@ -115,16 +114,11 @@ def runners_for(op: str, kernels: Sequence[str], tuner: AutoTuner | None = None)
     if found is None:
         spec = OPS[op]
         default, *others = spec.candidates
-        first = default.make(spec)
+        first = default.runner.for_op(spec)
         runners = [first if default.family in key[1] else DefaultOnly(first)]
-        runners += [c.make(spec) for c in others if c.family in key[1]]
+        runners += [c.runner.for_op(spec) for c in others if c.family in key[1]]
         found = tuner.runner_sets[key] = tuple(runners)
     return found
-
-
-def resolve_cache_dir(directory: str | Path | None) -> str | None:
-    """A ``cache_dir`` option as a site carries it: an absolute path, or None (memory only)."""
-    return None if directory is None else str(Path(directory).expanduser().resolve())
 
 
 def site_of(site: str) -> TunedSite:

@@ -1,11 +1,11 @@
-"""What one tunable op *is* (``OpSpec``), and ``register``, which makes it ``torch.ops.flashtune.<name>``.
+"""What one tunable op *is*: ``OpSpec`` (``registry.register`` makes it ``torch.ops.flashtune.<name>``).
 
 An op's spec, written next to its code (``ops/matmul.py``, ``ops/moe.py``), is the only place that
 says what the op is: its schema, fake implementation and gradient; the ``ops`` option family that
 routes it and the operands it serves; how its arguments become the tuner's inputs; its candidate
 runners, one line per kernel family with ATen's default first; how its inputs read as a GEMM for the
 generic GEMM runners; and, for MoE ops, which inputs carry the routing to synthesize for profiling.
-The graph passes, the registration below, the runners, the backend's option checks and the
+The graph passes, the registration, the runners, the backend's option checks and the
 transformers integration all read it.
 
 Every op takes its tensors and scalars, then ``site`` (a string, ``ops/site.py``); its *tuning
@@ -39,9 +39,6 @@ class Candidate:
     family: str
     runner: type[TunableRunner]
 
-    def make(self, op: OpSpec) -> TunableRunner:
-        return self.runner.for_op(op)
-
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"candidate family {self.family!r} is not one of kernels.FAMILIES {FAMILIES}")
@@ -74,15 +71,15 @@ class OpSpec:
     routing: Any = None  # ops/routing.RoutedInputs for ops profiled on synthetic MoE routing
     check: Callable[..., None] | None = None
     dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
-    arguments: tuple = field(init=False, repr=False, compare=False)
-    tensor_args: tuple[int, ...] = field(init=False, repr=False, compare=False)  # positions of tensor arguments
-    _required: tuple[str | None, ...] = field(
-        init=False, repr=False, compare=False
-    )  # per tensor arg: its name if not optional
+    # Read off the schema: how many tuning inputs (arguments less ``site``), where the tensor
+    # arguments are, and per tensor argument its name if it is required (None if optional).
+    num_inputs: int = field(init=False, repr=False, compare=False)
+    tensor_args: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _required: tuple[str | None, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         args = torch._C.parse_schema(f"flashtune::{self.schema}").arguments
-        object.__setattr__(self, "arguments", tuple(args))
+        object.__setattr__(self, "num_inputs", len(args) - 1)
         tensors = tuple(i for i, a in enumerate(args) if "Tensor" in str(a.type))
         object.__setattr__(self, "tensor_args", tensors)
         object.__setattr__(

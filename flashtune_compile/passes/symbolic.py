@@ -53,7 +53,7 @@ def dynamic_axes(shapes: Sequence[Shape | None], max_tokens: int) -> tuple:
 def site_for(op: OpSpec, values: Sequence[Any], options: SiteOptions) -> str:
     """The ``site`` argument of a routed call of ``op`` whose tensor arguments have these fake
     values (None for an absent optional one): its dynamic axes come from their SymInts."""
-    shapes: list = [None] * (len(op.arguments) - 1)
+    shapes: list = [None] * op.num_inputs
     dtypes: list = [None] * len(shapes)
     for i, v in zip(op.tensor_args, values):
         if v is not None:

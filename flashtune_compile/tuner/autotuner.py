@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .buckets import TuningConfig
-from .cache import Entry, Key, TacticCache, environment
+from .cache import Entry, Key, TacticCache, environment, resolve_dir
 from .keys import Alias, OpContext, bounded_put, signature
 from .profiler import ProfilerSettings
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner, canonical_tactic
@@ -71,10 +71,6 @@ def autotune(enabled: bool = True) -> Iterator[None]:
         _override.reset(token)
 
 
-def _cache_id(directory: Path | str | None) -> Path | None:
-    return Path(directory).expanduser().resolve() if directory is not None else None
-
-
 class AutoTuner:
     """The process-wide tuner. It owns everything flashtune keeps between calls, so a new tuner
     (``AutoTuner.reset``) starts clean: the tactic caches (its default one and any a model names
@@ -104,7 +100,7 @@ class AutoTuner:
         self.min_gain = min_gain
         self.stats = Stats()
         self.cache = TacticCache(cache_dir, environment(self.settings.mode), on_change=self._forget_memos)
-        self.caches: dict[Path | None, TacticCache] = {_cache_id(cache_dir): self.cache}
+        self.caches: dict[Path | None, TacticCache] = {resolve_dir(cache_dir): self.cache}
         self.sites: dict[str, Any] = {}  # site string -> TunedSite (tuner/site.py)
         self.runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}  # (op, kernels) -> its runners
         self.weights = WeightCache(max_bytes_from_env())  # copies runners keep (tuner/weights.py)
@@ -143,7 +139,7 @@ class AutoTuner:
     def cache_for(self, directory: Path | str | None) -> TacticCache:
         """The tactic cache kept in ``directory`` (None: the in-memory one), made on first use;
         one object per directory, this tuner's default cache included."""
-        key = _cache_id(directory)
+        key = resolve_dir(directory)
         found = self.caches.get(key)
         if found is None:
             found = self.caches[key] = TacticCache(key, self.cache.env, on_change=self._forget_memos)

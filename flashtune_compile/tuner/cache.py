@@ -68,6 +68,11 @@ def environment(timing_mode: str) -> dict[str, Any]:
     }
 
 
+def resolve_dir(directory: Path | str | None) -> Path | None:
+    """A cache directory as one path names it everywhere (absolute, ``~`` expanded); None stays None."""
+    return Path(directory).expanduser().resolve() if directory is not None else None
+
+
 def env_id(env: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
 
