@@ -9,9 +9,10 @@ survive; or eager FX). Registered through the ``torch_dynamo_backends`` entry po
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,36 @@ class Options:
     max_tokens: int = 8192
     kernels: frozenset = frozenset(KERNEL_FAMILIES)
     moe_routing: str = "zipf"
+    mode: str | None = None  # Inductor's mode (as torch.compile's mode=), for when options are given too
+    inductor_config: Mapping[str, Any] = field(default_factory=dict)  # patches of torch._inductor.config
 
-    def site_options(self) -> SiteOptions:
-        """What each routed call's site carries: this model's tuning options and tactic cache."""
+    def inductor_patches(self, mode: str | None = None) -> dict[str, Any]:
+        """The config the inner Inductor compiles under: ``mode``'s settings (torch.compile's
+        ``mode=``, else the ``mode`` option), then ``inductor_config`` on top."""
+        from torch._inductor import list_mode_options
+
+        mode = mode or self.mode
+        return {**(list_mode_options(mode) if mode else {}), **self.inductor_config}
+
+    def cuda_graphs(self, mode: str | None = None) -> bool:
+        """Whether the inner compiler will replay CUDA graphs (Inductor's ``triton.cudagraphs``)."""
+        if self.inner != "inductor":
+            return False
+        from torch._inductor import config
+
+        return bool(self.inductor_patches(mode).get("triton.cudagraphs", config.triton.cudagraphs))
+
+    def site_options(self, mode: str | None = None) -> SiteOptions:
+        """What each routed call's site carries: this model's tuning options and tactic cache, and
+        whether candidates are timed as CUDA graph replays (when the inner Inductor uses them)."""
         cache_dir: str | None = DEFAULT_CACHE
         if self.cache_dir is not _UNSET:  # a site carries the directory as an absolute path string
             resolved = resolve_dir(self.cache_dir)
             cache_dir = None if resolved is None else str(resolved)
         kernels = tuple(sorted(self.kernels))
-        return SiteOptions(self.buckets, self.max_tokens, self.tune, kernels, self.moe_routing, cache_dir)
+        return SiteOptions(
+            self.buckets, self.max_tokens, self.tune, kernels, self.moe_routing, cache_dir, self.cuda_graphs(mode)
+        )
 
 
 def _subset(name: str, value: Any, valid: Sequence[str]) -> frozenset:
@@ -66,6 +88,35 @@ def _subset(name: str, value: Any, valid: Sequence[str]) -> frozenset:
     if bad:
         raise ValueError(f"flashtune option {name!r}: unknown {bad}; valid: {sorted(valid)}")
     return chosen
+
+
+def check_mode(mode: Any) -> str | None:
+    """``mode`` if it is one of Inductor's modes (or None); else ValueError listing them."""
+    from torch._inductor import list_mode_options
+
+    modes = list(list_mode_options())
+    if mode is not None and mode not in modes:
+        raise ValueError(f"flashtune: mode must be one of {modes}, got {mode!r}")
+    return mode
+
+
+def _inductor_config(value: Any) -> dict[str, Any]:
+    """A dict of torch._inductor.config settings, every key checked to exist there."""
+    from torch._inductor import config
+
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(
+            f"flashtune option 'inductor_config' must be a dict of torch._inductor.config names, got {value!r}"
+        )
+    known = config.get_config_copy()
+    for key in value:
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), n=3)
+            hint = f"; did you mean {near}?" if near else ""
+            raise ValueError(
+                f"flashtune option 'inductor_config': {key!r} is not a torch._inductor.config setting{hint}"
+            )
+    return dict(value)
 
 
 def parse_options(options: Mapping[str, Any] | None) -> Options:
@@ -115,7 +166,14 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
         except (ValueError, TypeError) as e:
             raise ValueError(f"flashtune option 'buckets': {e}") from None
         kw["buckets"] = b if isinstance(b, str) else tuple(int(x) for x in b)
-    return Options(**kw)
+    if "mode" in options:
+        kw["mode"] = check_mode(options["mode"])
+    if "inductor_config" in options:
+        kw["inductor_config"] = _inductor_config(options["inductor_config"])
+    opts = Options(**kw)
+    if opts.inner != "inductor" and (opts.mode or opts.inductor_config):
+        raise ValueError("flashtune options 'mode' and 'inductor_config' apply to inner='inductor' only")
+    return opts
 
 
 def _direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -142,19 +200,32 @@ def backend(
 ) -> Callable[..., Any]:
     """Route the graph's matmul and MoE nodes to tunable ops, then compile it with the inner
     compiler. Each routed call carries this model's options (its site), so models compiled with
-    different options, ``cache_dir`` included, keep their tuning apart in one process."""
+    different options, ``cache_dir`` included, keep their tuning apart in one process.
+
+    ``mode`` is torch.compile's ``mode=`` (Inductor's modes; torch.compile passes it here when no
+    options are given, else give it as the ``mode`` option). Under a CUDA-graph mode the inner
+    Inductor captures the graph after its warm-up runs; buckets are tuned in those runs, timed as
+    graph replays, and a bucket first seen during capture runs its cached choice or the default."""
     opts = parse_options(options)
-    site_options = opts.site_options()
+    mode = check_mode(mode)
+    if mode is not None and opts.inner != "inductor":
+        raise ValueError(f"flashtune: mode={mode!r} applies to inner='inductor' only")
+    site_options = opts.site_options(mode)
     routed = sum(rewrite(gm, opts.ops, site_options) for rewrite in REWRITES)
     tuner = AutoTuner.get()
     tuner.stats.routed_ops += routed
     tuner.stats.compiles += 1
+    patches = opts.inductor_patches(mode) if opts.inner == "inductor" else {}
     log.info(
-        "flashtune: routed %d op(s) of a %d-node graph; inner compiler %s", routed, len(gm.graph.nodes), opts.inner
+        "flashtune: routed %d op(s) of a %d-node graph; inner compiler %s%s%s",
+        routed,
+        len(gm.graph.nodes),
+        opts.inner,
+        f" {patches}" if patches else "",
+        "; candidates timed as CUDA graph replays" if site_options.cuda_graph else "",
     )
     if opts.inner == "eager":
         return _direct_calls(gm).forward
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)

@@ -29,15 +29,18 @@ def tol(dtype):
 
 
 class Fn(nn.Module):
-    """Wraps a function of (params..., inputs...) so parameters live on a module."""
+    """Wraps a function of (params..., inputs...) so parameters live on a module (as attributes
+    p0, p1, ...: Dynamo 2.11 cannot trace unpacking an nn.ParameterList into a call)."""
 
     def __init__(self, fn, *params):
         super().__init__()
-        self.fn = fn
-        self.ps = nn.ParameterList([nn.Parameter(p, requires_grad=False) for p in params])
+        self.fn, self.num_params = fn, len(params)
+        for i, p in enumerate(params):
+            self.register_parameter(f"p{i}", nn.Parameter(p, requires_grad=False))
 
     def forward(self, *xs):
-        return self.fn(*self.ps, *xs)
+        params = [getattr(self, f"p{i}") for i in range(self.num_params)]
+        return self.fn(*params, *xs)
 
 
 def r(*shape, dtype=torch.float32):

@@ -44,3 +44,62 @@ def test_graph_capture_takes_the_default_without_profiling(cache_dir):
     torch.cuda.synchronize()
     assert (runner.name, tactic) == ("mm", -1) and tuner.stats.profiles == 0
     torch.testing.assert_close(out, x @ w)
+
+
+def test_graph_replay_timing_orders_matmuls_and_refuses_host_syncs():
+    a, b = torch.randn(2048, 2048, device="cuda"), torch.randn(64, 64, device="cuda")
+    settings = ProfilerSettings(cuda_graph=True)
+    big, small, syncing = time_cuda([lambda: a @ a, lambda: b @ b, lambda: (b @ b).sum().item()], settings)
+    assert big.median > 5 * small.median > 0 and syncing is None
+    (default,) = time_cuda([lambda: (b @ b).sum().item()], settings)  # the default is timed anyway, eagerly
+    assert default is not None and default.median > 0
+
+
+class MMHostSync(MMChunked):
+    """Correct, but reads a value on the host: cannot run inside a CUDA graph."""
+
+    name = "mm_host_sync"
+
+    def forward(self, inputs, tactic=-1):
+        inputs[0].sum().item()
+        return super().forward(inputs, tactic)
+
+
+def test_graph_timed_tuning_never_chooses_an_uncapturable_candidate(tuner, tmp_path):
+    runners, cfg = (MMDefault(), MMHostSync()), mm_config()
+    cache = tuner.cache_for(tmp_path, cuda_graph=True)
+    x, w = torch.randn(64, 256, device="cuda"), torch.randn(256, 256, device="cuda")
+    (runner, _), _ = tuner.choose_cached("mm", runners, cfg, (x, w), cache=cache)
+    (entry,) = cache.entries.values()
+    assert runner.name == "mm" and any("cannot be captured in a CUDA graph" in r for r in entry.rejected)
+
+
+def test_reduce_overhead_tunes_in_warmup_and_replays_graphs(tuner, cache_dir):
+    import torch.nn as nn
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda().half()
+    compiled = torch.compile(model, backend="flashtune", mode="reduce-overhead", dynamic=True)
+    with torch.no_grad():
+        for n in (8, 64):
+            x = torch.randn(n, 256, device="cuda", dtype=torch.half)
+            for _ in range(4):  # warm-up (tunes), record, replays
+                out = compiled(x)
+            torch.testing.assert_close(out, model(x), rtol=2e-2, atol=2e-2)
+    records = ft.tactics()
+    assert records and {r["timing"] for r in records} == {"cold_l2+cuda_graph"}
+    assert ft.stats()["fallbacks"] == 0  # nothing was first seen during capture
+
+
+def test_triton_precompile_then_every_tactic_is_correct():
+    from flashtune_compile.kernels.triton_runner import TritonGemmRunner
+    from flashtune_compile.ops.matmul import MM
+    from flashtune_compile.tuner.runner import BucketProfile
+
+    a = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    runner = TritonGemmRunner.for_op(MM)
+    tactics = runner.get_valid_tactics((a, b), BucketProfile((64,), (a.shape, b.shape)))
+    runner.precompile((a, b), tactics)
+    for t in tactics:
+        torch.testing.assert_close(runner.forward((a, b), t), a @ b, rtol=2e-2, atol=2e-1)

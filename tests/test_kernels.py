@@ -195,3 +195,49 @@ def test_backend_tunes_triton_end_to_end(tuner, triton_on_cpu):
     torch.testing.assert_close(compiled(x), model(x))
     (rec,) = ft.tactics()
     assert rec["candidates"] == ["aten_linear_default", "triton_gemm"] and rec["timed"] >= 2
+
+
+@needs_interpreter
+def test_compile_only_launches_nothing_and_precompile_builds_every_tactic(triton_on_cpu):
+    """Inside compile_only() a Triton launch only compiles (on a GPU: JITFunction.warmup), so a
+    split-K GEMM's zero-filled output stays zero; precompile runs forward once per tactic in a
+    thread pool that way, and the real launch afterwards computes the product."""
+    from flashtune_compile.kernels.triton_launch import compile_only, precompile
+
+    x, w, _ = make_inputs("linear", 4, 16, 1024, torch.float32, bias=False)
+    runner = TritonGemmRunner.for_op(OPS["linear"])
+    split = (16, 32, 64, 8, 4, 4, 2)  # split-K: the output starts as zeros and kernels add to it
+    with compile_only():
+        assert runner.forward((x, w, None), split).abs().max() == 0
+    seen = []
+    precompile(
+        lambda inputs, t: seen.append(t) or runner.forward(inputs, t), (x, w, None), [split, (16, 32, 64, 8, 4, 4, 4)]
+    )
+    assert sorted(seen) == [split, (16, 32, 64, 8, 4, 4, 4)]
+    torch.testing.assert_close(runner.forward((x, w, None), split), x @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_tuning_precompiles_each_runners_tactics_before_running_any(tuner, caplog):
+    from helpers import MMChunked, MMDefault, mm_config
+
+    events = []
+
+    class Recording(MMChunked):
+        def precompile(self, inputs, tactics):
+            events.append(("precompile", tuple(tactics)))
+
+        def forward(self, inputs, tactic=-1):
+            events.append(("forward", tactic))
+            return super().forward(inputs, tactic)
+
+    class Failing(MMChunked):
+        name = "mm_failing_precompile"
+
+        def precompile(self, inputs, tactics):
+            raise RuntimeError("no compiler here")
+
+    runners, cfg = (MMDefault(), Recording(), Failing()), mm_config()
+    tuner.choose_one("mm", runners, cfg, (torch.randn(8, 16), torch.randn(16, 16)))
+    assert events[0] == ("precompile", (1, 2, 4)) and all(e[0] == "forward" for e in events[1:])
+    assert "mm_failing_precompile: precompiling 3 tactic(s) failed: RuntimeError: no compiler here" in caplog.text
+    assert runners[2].calls  # a failed precompile costs time only: its tactics were still checked and timed

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import launch
+
 Tactic = tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SPLIT_K)
 INTERPRET = bool(triton.knobs.runtime.interpret)  # kernels run on the CPU through Triton's interpreter
 
@@ -108,7 +110,9 @@ def gemm(
     precision = "tf32" if a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and a.is_cuda else "ieee"
     if m and n:
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split_k, batch)
-        _gemm_kernel[grid](
+        launch(
+            _gemm_kernel,
+            grid,
             a,
             b,
             c,

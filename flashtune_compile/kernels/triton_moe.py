@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..tuner.runner import DEFAULT_TACTIC
+from .triton_launch import launch
 from .triton_moe_align import align_offsets, align_tokens
 
 Tactic = tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
@@ -131,7 +132,9 @@ def moe_gemm(
     tw = topk_weights if topk_weights is not None else out
     s_tw = topk_weights.stride(0) if topk_weights is not None else 0
     grid = (num_blocks * triton.cdiv(n, bn),)
-    _moe_gemm_kernel[grid](
+    launch(
+        _moe_gemm_kernel,
+        grid,
         a,
         w,
         out,

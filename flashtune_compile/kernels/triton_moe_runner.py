@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ..tuner.buckets import next_pow2
-from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
-from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, _interpreting
+from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic
+from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, TritonRunner, _interpreting
 
 SMALLEST_TACTIC: Tactic = (16, 32, 32, 8, 4, 2)  # offered when no tile of the list fits a problem
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -78,7 +78,7 @@ def _offered(x: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-class TritonMoeRunner(TunableRunner):
+class TritonMoeRunner(TritonRunner):
     """Fused MoE experts (two grouped GEMMs with the routed weight fused into the second).
     Inputs ``(hidden, topk_weights, topk_ids, w1, w2, activation)``."""
 
@@ -111,7 +111,7 @@ class TritonMoeRunner(TunableRunner):
         return fused_moe(*inputs, tactic=tactic)
 
 
-class TritonGroupedMMRunner(TunableRunner):
+class TritonGroupedMMRunner(TritonRunner):
     """``torch._grouped_mm`` for x [S, K], w [E, K, N], offs int32 [E]. Inputs ``(x, w, offs)``."""
 
     name = "triton_grouped_mm"

@@ -25,7 +25,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and os.environ.get("FLASHTUNE_TRITON_ON_CPU") == "1"
 
 
-class TritonGemmRunner(TunableRunner):
+class TritonRunner(TunableRunner):
+    """A runner whose tactics are Triton kernels: a bucket compiles them all at once, in parallel
+    (``triton_launch.precompile``), before timing any. Interpreted kernels need no compiling."""
+
+    def precompile(self, inputs: Sequence[Any], tactics: Sequence[Tactic]) -> None:
+        if tactics and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            from .triton_launch import precompile
+
+            precompile(self.forward, inputs, tactics)
+
+
+class TritonGemmRunner(TritonRunner):
     """The Triton GEMM for any op whose inputs read as one GEMM (``view``); tactics are
     tile/warp/stage/split-K tuples pruned per bucket."""
 

@@ -37,6 +37,7 @@ class SiteOptions:
     kernels: tuple[str, ...] = FAMILIES
     routing: str = "zipf"
     cache_dir: str | None = DEFAULT_CACHE
+    cuda_graph: bool = False  # the inner compiler replays CUDA graphs: time candidates as graph replays
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,22 @@ class SiteSpec:
 
     def encode(self) -> str:
         o = self.options
-        fields = [self.op, self.axes, self.sig, o.ladder, o.tune, o.kernels, o.routing, o.cache_dir]
+        fields = [self.op, self.axes, self.sig, o.ladder, o.tune, o.kernels, o.routing, o.cache_dir, o.cuda_graph]
         return json.dumps(fields, separators=(",", ":"))  # tuples become lists
 
     @classmethod
     def decode(cls, text: str) -> SiteSpec:
-        op, axes, sig, ladder, tune, kernels, routing, cache_dir = json.loads(text)
+        op, axes, sig, ladder, tune, kernels, routing, cache_dir, cuda_graph = json.loads(text)
         axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
         ladder = ladder if isinstance(ladder, str) else tuple(ladder)
-        options = SiteOptions(ladder=ladder, tune=tune, kernels=tuple(kernels), routing=routing, cache_dir=cache_dir)
+        options = SiteOptions(
+            ladder=ladder,
+            tune=tune,
+            kernels=tuple(kernels),
+            routing=routing,
+            cache_dir=cache_dir,
+            cuda_graph=cuda_graph,
+        )
         return cls(op, axes, sig, options)
 
     def build(self, tuner: AutoTuner) -> TunedSite:
@@ -85,7 +93,8 @@ class SiteSpec:
                 if learn:
                     spec.routing.observe(tuner, inputs)
 
-        cache = tuner.cache if o.cache_dir == DEFAULT_CACHE else tuner.cache_for(o.cache_dir)
+        directory = tuner.cache.directory if o.cache_dir == DEFAULT_CACHE else o.cache_dir
+        cache = tuner.cache_for(directory, o.cuda_graph)
         tune = None if o.tune is None else o.tune == "auto"
         runners = runners_for(self.op, o.kernels, tuner)
         return TunedSite(tuner, self.op, runners, TuningConfig(dynamic=dyn, initializers=inits), tune, on_new, cache)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class AutoTuner:
         self.min_gain = min_gain
         self.stats = Stats()
         self.cache = TacticCache(cache_dir, environment(self.settings.mode), on_change=self._forget_memos)
-        self.caches: dict[Path | None, TacticCache] = {resolve_dir(cache_dir): self.cache}
+        self.caches: dict[tuple[Path | None, bool], TacticCache] = {(resolve_dir(cache_dir), False): self.cache}
         self.sites: dict[str, Any] = {}  # site string -> TunedSite (tuner/site.py)
         self.runner_sets: dict[tuple, tuple[TunableRunner, ...]] = {}  # (op, kernels) -> its runners
         self.weights = WeightCache(max_bytes_from_env())  # copies runners keep (tuner/weights.py)
@@ -136,14 +136,21 @@ class AutoTuner:
 
     # -- state -------------------------------------------------------------------------------------
 
-    def cache_for(self, directory: Path | str | None) -> TacticCache:
-        """The tactic cache kept in ``directory`` (None: the in-memory one), made on first use;
-        one object per directory, this tuner's default cache included."""
-        key = resolve_dir(directory)
+    def cache_for(self, directory: Path | str | None, cuda_graph: bool = False) -> TacticCache:
+        """The tactic cache kept in ``directory`` (None: the in-memory one), made on first use; one
+        object per directory and timing, this tuner's default cache included. ``cuda_graph``: for
+        deployments that replay CUDA graphs, whose candidates are timed as graph replays; its
+        environment (and so its file) differs, so eager-timed and graph-timed winners never mix."""
+        key = (resolve_dir(directory), cuda_graph)
         found = self.caches.get(key)
         if found is None:
-            found = self.caches[key] = TacticCache(key, self.cache.env, on_change=self._forget_memos)
+            env = environment(self.settings_for(cuda_graph).mode)
+            found = self.caches[key] = TacticCache(key[0], env, on_change=self._forget_memos)
         return found
+
+    def settings_for(self, cuda_graph: bool) -> ProfilerSettings:
+        """This tuner's profiler settings, timing CUDA graph replays or not."""
+        return replace(self.settings, cuda_graph=cuda_graph)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This tuner's generator for ``device``, seeded once: profiling never draws from the user's."""
@@ -316,13 +323,15 @@ class AutoTuner:
         self.stats.misses += 1
         for listener in list(self.listeners):
             listener(ctx.op, bucket, None)
-        tuned = tune_bucket(ctx, runners, inputs, bucket, self.settings, self.min_gain, self.generator)
+        settings = self.settings_for(cache.env.get("timing", "").endswith("+cuda_graph"))
+        tuned = tune_bucket(ctx, runners, inputs, bucket, settings, self.min_gain, self.generator)
         self.stats.synthesized += tuned.synthesized
         self.stats.profiles += tuned.timed
         self.stats.rejected += len(tuned.entry.rejected)
+        elapsed = time.perf_counter() - start
+        tuned.entry.tune_s = elapsed
         cache.put(key, tuned.entry)
         self._validated.add((id(cache), key))
-        elapsed = time.perf_counter() - start
         self.stats.tuning_seconds += elapsed
         e = tuned.entry
         log.info(
@@ -360,7 +369,8 @@ class AutoTuner:
             for (op, runners, static, extras, bucket), e in cache.snapshot().items():
                 record = dict(op=op, shape_key=static, extras=extras, bucket=bucket, kernel=e.runner, tactic=e.tactic)
                 record.update(time_s=e.time_s, default_s=e.default_s, speedup=e.speedup, candidates=list(runners))
-                record.update(timed=e.timed, rejected=list(e.rejected), cache_dir=directory)
+                record.update(timed=e.timed, rejected=list(e.rejected), tune_s=e.tune_s, cache_dir=directory)
+                record.update(timing=cache.env.get("timing"))
                 out.append(record)
         return out
 
@@ -374,7 +384,11 @@ class AutoTuner:
 
 
 def default_cache_dir() -> Path:
-    """The platform's user cache dir for flashtune (e.g. ~/.cache/flashtune on Linux)."""
-    import platformdirs
-
+    """The platform's user cache dir for flashtune (e.g. ~/.cache/flashtune on Linux). Without
+    platformdirs installed (e.g. a GPU box set up with ``pip install --no-deps``), the XDG rule:
+    $XDG_CACHE_HOME/flashtune, else ~/.cache/flashtune."""
+    try:
+        import platformdirs
+    except ImportError:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashtune"
     return Path(platformdirs.user_cache_dir("flashtune"))

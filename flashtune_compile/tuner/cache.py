@@ -97,6 +97,7 @@ class Entry:
     created: float = field(default_factory=time.time)
     timed: int = 0
     rejected: list[str] = field(default_factory=list)
+    tune_s: float = 0.0  # wall seconds this bucket took to tune (synthesis, compiles, checks, timings)
 
     @property
     def speedup(self) -> float:
@@ -134,10 +135,17 @@ def _entry_from_json(obj: Any) -> tuple[Key, Entry]:
     rejected = obj.get("rejected", [])
     if not isinstance(rejected, list) or not all(isinstance(r, str) for r in rejected):
         raise TypeError("rejected is not a list of strings")
-    timed = obj.get("timed", 0)
+    timed, tune_s = obj.get("timed", 0), obj.get("tune_s", 0.0)
     key = (op, tuple(runners), freeze(obj.get("static")), freeze(obj.get("extras")), tuple(bucket))
     return key, Entry(
-        runner, tactic, float(times[0]), float(times[1]), float(times[2]), timed if type(timed) is int else 0, rejected
+        runner,
+        tactic,
+        float(times[0]),
+        float(times[1]),
+        float(times[2]),
+        timed if type(timed) is int else 0,
+        rejected,
+        float(tune_s) if isinstance(tune_s, (int, float)) and not isinstance(tune_s, bool) else 0.0,
     )
 
 

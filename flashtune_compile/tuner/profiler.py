@@ -8,10 +8,14 @@ Clearly slower candidates are dropped after a few rounds to save time.
 
 CUDA: ``triton.testing.do_bench`` (CUDA events, warmup, repeats, median; it flushes L2 before
 every repeat, i.e. cold L2) or, with ``cold_l2=False``, the same event loop without the flush.
+With ``cuda_graph=True`` (a deployment that replays CUDA graphs), each candidate is captured into
+a graph once and its replays are timed: launch overhead then counts as it will when deployed, and
+a candidate that cannot be captured (a host sync, say) is never chosen.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import statistics
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger("flashtune")
 
 
 @dataclass(frozen=True)
@@ -63,10 +69,12 @@ class ProfilerSettings:
     cuda_warmup_ms: float = 10.0
     cuda_rep_ms: float = 40.0
     cold_l2: bool = True
+    cuda_graph: bool = False  # CUDA: time replays of a captured graph (see the module docstring)
 
     @property
     def mode(self) -> str:
-        return "cold_l2" if self.cold_l2 else "warm_l2"
+        """The timing method, as the cache's environment records it."""
+        return ("cold_l2" if self.cold_l2 else "warm_l2") + ("+cuda_graph" if self.cuda_graph else "")
 
 
 def _per_call_seconds(fn: Callable[[], Any], budget: float) -> float:
@@ -108,10 +116,20 @@ def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = Prof
     return [Timing.of(s) for s in samples]
 
 
-def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[Timing]:
-    """Seconds per call of each fn on the current CUDA stream."""
-    out = []
-    for fn in fns:
+def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[Timing | None]:
+    """Seconds per call of each fn on the current CUDA stream. With ``settings.cuda_graph``, of a
+    replay of the fn captured into a CUDA graph; None for a fn that cannot be captured, except the
+    first (the default, the reference every other is compared with), which is then timed eagerly."""
+    out: list[Timing | None] = []
+    for i, fn in enumerate(fns):
+        if settings.cuda_graph:
+            try:
+                fn = _captured(fn)
+            except Exception as e:  # noqa: BLE001  (any capture failure means: not graph-safe)
+                log.info("flashtune: candidate %d cannot be captured in a CUDA graph: %s: %s", i, type(e).__name__, e)
+                if i > 0:
+                    out.append(None)
+                    continue
         if settings.cold_l2:
             from triton.testing import do_bench
 
@@ -122,6 +140,20 @@ def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = Pro
         else:
             out.append(Timing.of([ms * 1e-3 for ms in _cuda_events_ms(fn, settings)]))
     return out
+
+
+def _captured(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured into a CUDA graph (after one warm-up call on a side stream, as capture
+    requires); returns the graph's replay. Raises if ``fn`` cannot be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _cuda_events_ms(fn: Callable[[], Any], settings: ProfilerSettings) -> list[float]:
@@ -148,8 +180,9 @@ def _cuda_events_ms(fn: Callable[[], Any], settings: ProfilerSettings) -> list[f
 
 def time_candidates(
     fns: Sequence[Callable[[], Any]], device: torch.device, settings: ProfilerSettings = ProfilerSettings()
-) -> list[Timing]:
-    """Seconds per call (median, quartiles) of each candidate on ``device``."""
+) -> list[Timing | None]:
+    """Seconds per call (median, quartiles) of each candidate on ``device``; None for one that
+    cannot run the way it is timed (``time_cuda``). The first is never None."""
     if device.type == "cuda":
         return time_cuda(fns, settings)
     return time_cpu(fns, settings)

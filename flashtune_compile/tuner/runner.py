@@ -44,6 +44,11 @@ class TunableRunner:
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> Any:
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
+    def precompile(self, inputs: Sequence[Any], tactics: Sequence[Tactic]) -> None:
+        """Build whatever ``forward(inputs, t)`` for each of ``tactics`` would build on first call
+        (e.g. Triton kernels, all at once in parallel), so that tuning a bucket costs about one
+        compile plus the timings. Optional: a failure here only costs time, ``forward`` still runs."""
+
     def cache_key_extras(self, inputs: Sequence[Any]) -> tuple:
         """Extra JSON-able values that select a different cache entry (default: none)."""
         return ()

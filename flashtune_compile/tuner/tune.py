@@ -50,6 +50,16 @@ def _correct_candidates(
         except Exception as e:
             rejected.append(f"{runner.name}: get_valid_tactics raised {type(e).__name__}: {e}")
             continue
+        try:
+            runner.precompile(synth, [t for t in tactics if (i, t) not in candidates])
+        except Exception as e:  # only time is lost: each tactic still compiles on its first call
+            log.warning(
+                "flashtune: %s: precompiling %d tactic(s) failed: %s: %s",
+                runner.name,
+                len(tactics),
+                type(e).__name__,
+                e,
+            )
         for t in tactics:
             if (i, t) in candidates:
                 continue
@@ -84,13 +94,16 @@ def tune_bucket(
     else:
         fns: list[Callable[[], Any]] = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
         device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        times = time_candidates(fns, device, settings)
+        timed = time_candidates(fns, device, settings)
+        for (i, t), tm in zip(candidates, timed):
+            if tm is None:
+                rejected.append(f"{runners[i].name}[{t!r}]: cannot be captured in a CUDA graph")
+        kept = [n for n, tm in enumerate(timed) if tm is not None]  # the default (0) always is
+        candidates, times = [candidates[n] for n in kept], [timed[n] for n in kept]
         if log.isEnabledFor(logging.DEBUG):
             medians = (f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for (i, t), tm in zip(candidates, times))
             log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(medians))
     best = pick_winner(times, min_gain)
     idx, tactic = candidates[best]
-    entry = Entry(
-        runners[idx].name, tactic, times[best].median, times[0].median, timed=len(candidates), rejected=rejected
-    )
-    return Tuned(idx, tactic, entry, made, len(candidates) if len(candidates) > 1 else 0)
+    entry = Entry(runners[idx].name, tactic, times[best].median, times[0].median, timed=len(times), rejected=rejected)
+    return Tuned(idx, tactic, entry, made, len(times) if len(times) > 1 else 0)
