@@ -1,0 +1,793 @@
+"""Every GPU figure we claim, measured in one command: one short device window gives them all.
+
+    python benchmarks/gpu_suite.py --out DIR [--tier quick|full]   # on an NVIDIA GPU
+    python benchmarks/gpu_suite.py --dry-run --out DIR             # the same code, CPU, tiny shapes
+
+Writes ``DIR/report.md`` (tables) and ``DIR/results.json`` (every figure, with versions, GPU and
+date) after each section, so a run cut short still leaves what it measured. Sections, each
+independent (one that fails records its traceback and the suite goes on), each within a time
+budget of its tier (rows past the budget are skipped and said so):
+
+- env:     versions, GPU, SM count; whether each kernel family loads (Triton compiles and runs, the
+           CUDA extension builds, ``torch._grouped_mm`` runs), with seconds.
+- tests:   the GPU tests (test_gpu, test_cuda_kernels, and the Triton kernel tests compiled for real):
+           pass/fail counts and the failing tests' names.
+- linear:  the tuned linear op (the kernel it chose, timed alone) vs cuBLAS (``F.linear``) over M x
+           (N, K); the Triton GEMM's best tactic vs cuBLAS at 4096^3; the skinny-M CUDA kernel's best
+           tactic vs cuBLAS at M <= 16; cold tuning seconds per bucket.
+- moe:     ``flashtune.moe`` tuned vs the ``torch._grouped_mm`` formulation for Mixtral-8x7B and
+           DeepSeek-V3 shaped experts, Zipf-skewed routing.
+- e2e:     a Llama-3-8B-shaped decoder (a few layers) for prefill and decode under eager, Inductor
+           (default, max-autotune-no-cudagraphs, reduce-overhead), flashtune and flashtune with CUDA
+           graphs; compile + tune seconds of each.
+- offline: a cold process (compile, ``ft.warmup``, save the artifact) vs a fresh warm process
+           loading it: seconds to first output and to ready; timings run in the warm one (must be 0).
+
+Timing: CUDA events through ``triton.testing.do_bench`` (median, L2 flushed before each repeat),
+the timer the tuner itself uses; contenders of one row are timed back to back in one process.
+``--dry-run`` runs on the CPU with the Triton interpreter (the test suite runs it, so the script
+cannot rot between GPU windows); its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+if "--dry-run" in sys.argv:  # before Triton is imported: its kernels then run on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FLASHTUNE_TRITON_ON_CPU", "1")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import flashtune_compile as ft  # noqa: E402
+from flashtune_compile.kernels import FAMILIES  # noqa: E402
+from flashtune_compile.kernels.moe import moe_grouped  # noqa: E402
+from flashtune_compile.ops.matmul import LINEAR, MM  # noqa: E402
+from flashtune_compile.ops.moe import MOE  # noqa: E402
+from flashtune_compile.ops.site import SiteOptions, site_of, site_string  # noqa: E402
+from flashtune_compile.tuner.profiler import ProfilerSettings, time_candidates  # noqa: E402
+from flashtune_compile.tuner.runner import BucketProfile  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- tiers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Llama:
+    """Decoder shape: Llama-3-8B is dim 4096, 32 heads, 8 KV heads, FFN 14336, vocab 128256."""
+
+    dim: int = 4096
+    heads: int = 32
+    kv_heads: int = 8
+    ffn: int = 14336
+    vocab: int = 128256
+    layers: int = 2
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    device: str
+    dtype: torch.dtype
+    budgets: dict[str, float]  # section -> seconds
+    linear_m: tuple[int, ...]
+    linear_nk: tuple[tuple[int, int], ...]
+    square: int  # Triton best tactic vs cuBLAS at square^3
+    skinny_m: tuple[int, ...]
+    moe: tuple[tuple[str, int, int, int, int], ...]  # (name, E, k, H, I)
+    moe_tokens: tuple[int, ...]
+    llama: Llama
+    prefill: tuple[int, ...]
+    decode: tuple[int, ...]
+    offline_tokens: tuple[int, ...]
+    tests: tuple[str, ...] = ("tests/test_gpu.py", "tests/test_cuda_kernels.py")
+    triton_tests: tuple[str, ...] = ("tests/test_kernels.py", "tests/test_triton_moe.py")
+    settings: ProfilerSettings = field(default_factory=lambda: ProfilerSettings(cuda_warmup_ms=5, cuda_rep_ms=25))
+
+
+NK = ((4096, 4096), (14336, 4096), (4096, 14336))
+MOE_MODELS = (("Mixtral-8x7B", 8, 2, 4096, 14336), ("DeepSeek-V3", 256, 8, 7168, 2048))
+TIERS = {
+    "quick": Tier(
+        "quick",
+        "cuda",
+        torch.bfloat16,
+        dict(env=15, tests=75, linear=40, moe=45, e2e=75, offline=35),
+        linear_m=(1, 16, 256, 4096),
+        linear_nk=NK[:2],
+        square=4096,
+        skinny_m=(1, 16),
+        moe=MOE_MODELS,
+        moe_tokens=(1, 64, 1024),
+        llama=Llama(layers=2),
+        prefill=(128, 2048),
+        decode=(1, 8, 64),
+        offline_tokens=(1, 16, 128),
+    ),
+    "full": Tier(
+        "full",
+        "cuda",
+        torch.bfloat16,
+        dict(env=20, tests=150, linear=90, moe=110, e2e=110, offline=50),
+        linear_m=(1, 8, 16, 64, 256, 1024, 4096),
+        linear_nk=NK,
+        square=4096,
+        skinny_m=(1, 8, 16),
+        moe=MOE_MODELS,
+        moe_tokens=(1, 16, 64, 256, 1024, 4096),
+        llama=Llama(layers=4),
+        prefill=(128, 2048),
+        decode=(1, 8, 64),
+        offline_tokens=(1, 8, 64, 512),
+    ),
+    "dry": Tier(  # the CPU rehearsal: same code, tiny shapes, Triton interpreted
+        "dry",
+        "cpu",
+        torch.float32,
+        dict(env=60, tests=60, linear=60, moe=60, e2e=90, offline=90),
+        linear_m=(1, 16),
+        linear_nk=((32, 64),),
+        square=32,
+        skinny_m=(1,),
+        moe=(("tiny", 4, 2, 32, 16),),
+        moe_tokens=(1, 8),
+        llama=Llama(dim=64, heads=4, kv_heads=2, ffn=96, vocab=128, layers=1),
+        prefill=(8,),
+        decode=(1, 2),
+        offline_tokens=(1, 4),
+        settings=ProfilerSettings(block_seconds=2e-4, rounds=3, min_rounds=2, max_seconds=0.2, prune_after=2),
+    ),
+}
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+class Report:
+    """Sections' tables and figures, written to DIR/report.md and DIR/results.json as they come."""
+
+    def __init__(self, out: Path, tier: Tier) -> None:
+        self.out, self.tier = out, tier
+        self.meta = meta(tier)
+        self.sections: dict[str, dict[str, Any]] = {}
+
+    def run(self, name: str, fn: Callable[[Section], None]) -> None:
+        sec = Section(name, time.perf_counter() + self.tier.budgets[name])
+        self.sections[name] = sec.record
+        say(f"== {name} (budget {self.tier.budgets[name]:.0f}s)")
+        start = time.perf_counter()
+        try:
+            fn(sec)
+            sec.record["status"] = "ok"
+        except Exception:  # a failed section is reported, the suite goes on
+            sec.record["status"] = "failed"
+            sec.record["error"] = traceback.format_exc()
+            say(sec.record["error"])
+        sec.record["seconds"] = round(time.perf_counter() - start, 2)
+        say(f"== {name}: {sec.record['status']} in {sec.record['seconds']:.1f}s")
+        self.write()
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        doc = {"meta": self.meta, "sections": self.sections}
+        (self.out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+        (self.out / "report.md").write_text(self.markdown())
+
+    def markdown(self) -> str:
+        m = self.meta
+        lines = [
+            f"# flashtune GPU suite ({m['tier']} tier)",
+            "",
+            f"{m['date']} · {m['gpu'] or 'no GPU'} ({m['sms']} SMs) · torch {m['torch']} · triton {m['triton']}"
+            f" · CUDA {m['cuda']} · Python {m['python']} · flashtune {m['flashtune']}",
+            "",
+            "| section | status | seconds |",
+            "| --- | --- | ---: |",
+        ]
+        lines += [f"| {n} | {s.get('status', 'running')} | {s.get('seconds', '')} |" for n, s in self.sections.items()]
+        for name, sec in self.sections.items():
+            lines += ["", f"## {name}", ""]
+            for table in sec["tables"]:
+                lines += [f"**{table['title']}**", "", "| " + " | ".join(table["header"]) + " |"]
+                lines.append("| " + " | ".join("---" for _ in table["header"]) + " |")
+                lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table["rows"]]
+                lines.append("")
+            lines += [f"- {note}" for note in sec["notes"]]
+            if sec.get("error"):
+                lines += ["", "```", sec["error"].rstrip(), "```"]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Section:
+    """What one section records: tables (title, header, rows), notes, raw figures."""
+
+    name: str
+    deadline: float
+    record: dict[str, Any] = field(default_factory=lambda: {"tables": [], "notes": [], "data": {}})
+
+    def table(self, title: str, header: list[str], rows: list[list[Any]]) -> None:
+        self.record["tables"].append({"title": title, "header": header, "rows": rows})
+
+    def note(self, text: str) -> None:
+        self.record["notes"].append(text)
+        say(f"   note: {text}")
+
+    def over_budget(self, what: str) -> bool:
+        """True (and noted once per ``what``) once the section's budget is spent."""
+        if time.perf_counter() < self.deadline:
+            return False
+        self.note(f"budget spent: skipped {what}")
+        return True
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def meta(tier: Tier) -> dict[str, Any]:
+    def version(dist: str) -> str | None:
+        try:
+            from importlib.metadata import version as v
+
+            return v(dist)
+        except Exception:
+            return None
+
+    cuda = torch.cuda.is_available()
+    props = torch.cuda.get_device_properties(0) if cuda else None
+    return {
+        "tier": tier.name,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "flashtune": ft.__version__,
+        "transformers": version("transformers"),
+        "numpy": version("numpy"),
+        "gpu": props.name if props else None,
+        "sms": props.multi_processor_count if props else None,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1) if props else None,
+        "cpu": f"{platform.processor() or platform.machine()} x{os.cpu_count()}",
+        "host": platform.node(),
+    }
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def medians(tier: Tier, fns: list[Callable[[], Any]]) -> list[float]:
+    """Median seconds per call of each fn (the tuner's own timer)."""
+    for fn in fns:
+        fn()
+    times = time_candidates(fns, torch.device(tier.device), tier.settings)
+    return [t.median if t is not None else math.nan for t in times]
+
+
+def sync(tier: Tier) -> None:
+    if tier.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def tuned_site(spec: Any, inputs: tuple, token_positions: tuple, max_tokens: int = 8192) -> Any:
+    """The process tuner's site for ``spec`` called with ``inputs`` (dims in ``token_positions``
+    dynamic, as the backend would mark them), as a compiled graph's node would have it."""
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
+    dtypes = [x.dtype if isinstance(x, torch.Tensor) else None for x in inputs]
+    axes = ((token_positions, 1, max_tokens),)
+    return site_of(site_string(spec, axes, shapes, dtypes, SiteOptions()))
+
+
+def entry_for(op: str, bucket: int) -> Any:
+    """The cached winner of ``op`` whose bucket starts with ``bucket`` (latest), or None."""
+    found = [r for r in ft.tactics() if r["op"] == op and r["bucket"] and r["bucket"][0] == bucket]
+    return found[-1] if found else None
+
+
+def randn(*shape: int, tier: Tier, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, device=tier.device, dtype=tier.dtype) * scale
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+
+def section_env(sec: Section, tier: Tier) -> None:
+    rows = []
+    device = torch.device(tier.device)
+    x, w = randn(16, 64, tier=tier), randn(32, 64, tier=tier)
+    for family in FAMILIES:
+        start = time.perf_counter()
+        try:
+            status = _family_loads(family, device, x, w)
+        except Exception as e:
+            status = f"no: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append([family, status, round(time.perf_counter() - start, 2)])
+    sec.table("kernel families", ["family", "loads", "seconds"], rows)
+    sec.record["data"]["families"] = {r[0]: r[1] for r in rows}
+    sec.record["data"]["meta"] = meta(tier)
+
+
+def _family_loads(family: str, device: torch.device, x: torch.Tensor, w: torch.Tensor) -> str:
+    """'yes' when ``family`` builds and gives F.linear's answer here, else why not."""
+    ref = F.linear(x.float(), w.float())
+    if family == "aten":
+        from flashtune_compile.kernels.experts import grouped_mm_available
+
+        return f"yes (torch._grouped_mm: {'yes' if grouped_mm_available(device, x.dtype) else 'no'})"
+    if family == "triton":
+        from flashtune_compile.kernels.triton_runner import TritonGemmRunner
+
+        runner = TritonGemmRunner.for_op(LINEAR)
+        tactics = runner.get_valid_tactics((x, w, None), BucketProfile((16,), (x.shape, w.shape, None)))
+        if not tactics:
+            return "no: not offered for these tensors"
+        out = runner.forward((x, w, None), tactics[0])
+    elif family == "cuda":
+        from flashtune_compile.kernels.cuda.runner import CudaSkinnyLinearRunner
+
+        out = CudaSkinnyLinearRunner().forward((x, w, None))
+    else:  # cpu: re-laid-out weights for CPU tensors
+        if device.type != "cpu":
+            return "n/a (CPU tensors only)"
+        return "yes"
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    return "yes"
+
+
+def section_tests(sec: Section, tier: Tier, dry: bool) -> None:
+    files = [*tier.tests, *tier.triton_tests]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHTUNE_TRITON_ON_CPU")}
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *files]
+        if dry:
+            cmd.append("--collect-only")  # the CPU rehearsal: the files import and their tests are found
+        elif _has("xdist"):
+            cmd += ["-n", "4"]
+        budget = max(10.0, sec.deadline - time.perf_counter())
+        say(f"   {' '.join(cmd[3:])}")
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget)
+            output, timed_out = proc.stdout + proc.stderr, False
+        except subprocess.TimeoutExpired as e:
+            output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            timed_out = True
+        counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|tests? collected)", output)}
+        failing = _failing(junit)
+    rows = [[k, v] for k, v in counts.items()]
+    if timed_out:
+        rows.append(["timed out after (s)", round(budget)])
+    sec.table("GPU tests: " + " ".join(files), ["outcome", "count"], rows)
+    if failing:
+        sec.table("failing tests", ["test", "message"], [[n, m] for n, m in failing[:30]])
+    sec.record["data"] = {"counts": counts, "failing": failing, "timed_out": timed_out, "tail": output[-3000:]}
+    if not counts:
+        raise RuntimeError(f"pytest printed no summary:\n{output[-2000:]}")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _failing(junit: Path) -> list[tuple[str, str]]:
+    if not junit.exists():
+        return []
+    import xml.etree.ElementTree as ET
+
+    out = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        for bad in list(case.findall("failure")) + list(case.findall("error")):
+            name = f"{case.get('classname')}::{case.get('name')}"
+            out.append((name, (bad.get("message") or "").splitlines()[0][:200] if bad.get("message") else ""))
+    return out
+
+
+def section_linear(sec: Section, tier: Tier) -> None:
+    rows, data = [], []
+    for n, k in tier.linear_nk:
+        w = randn(n, k, tier=tier, scale=k**-0.5)
+        for m in tier.linear_m:
+            if sec.over_budget(f"linear rows from M={m}, N={n}, K={k}"):
+                break
+            x = randn(m, k, tier=tier)
+            site = tuned_site(LINEAR, (x, w, None), ((0, 0),))
+            start = time.perf_counter()
+            with ft.autotune():
+                runner, tactic = site.choose((x, w, None))
+            tune_s = time.perf_counter() - start
+            torch.testing.assert_close(
+                runner.forward((x, w, None), tactic).float(), F.linear(x, w).float(), **_tol(tier)
+            )
+            t_cublas, t_tuned = medians(
+                tier, [lambda x=x, w=w: F.linear(x, w), lambda r=runner, t=tactic, x=x, w=w: r.forward((x, w, None), t)]
+            )
+            kernel = f"{runner.name}[{tactic}]"
+            rows.append([m, n, k, t_cublas * 1e6, t_tuned * 1e6, t_cublas / t_tuned, kernel, round(tune_s, 2)])
+            data.append(dict(m=m, n=n, k=k, cublas_s=t_cublas, tuned_s=t_tuned, kernel=kernel, tune_s=tune_s))
+    header = ["M", "N", "K", "cuBLAS us", "tuned us", "tuned vs cuBLAS", "chosen kernel", "cold tune s"]
+    sec.table(f"linear, {_name(tier.dtype)}: tuned (its chosen kernel) vs F.linear", header, rows)
+    small = [r["cublas_s"] / r["tuned_s"] for r in data if r["m"] <= 16]
+    if small:
+        sec.note(f"geomean tuned vs cuBLAS at M <= 16: {_geomean(small):.3f}x (aim >= 1.2x)")
+    if data:
+        sec.note(f"worst row: {min(r['cublas_s'] / r['tuned_s'] for r in data):.3f}x (aim >= 0.98x)")
+    sec.record["data"]["linear"] = data
+    if not sec.over_budget("the Triton square GEMM"):
+        _triton_square(sec, tier)
+    if not sec.over_budget("the skinny-M CUDA kernel"):
+        _skinny(sec, tier)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tol(tier: Tier) -> dict[str, float]:
+    return dict(rtol=2e-2, atol=2e-2) if tier.dtype != torch.float32 else dict(rtol=1e-3, atol=1e-3)
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def best_tactic(tier: Tier, baseline: Callable[[], Any], runner: Any, inputs: tuple, tactics: list) -> tuple:
+    """(baseline seconds, best tactic, its seconds): every tactic of ``runner`` timed with the baseline."""
+    times = medians(tier, [baseline] + [lambda t=t: runner.forward(inputs, t) for t in tactics])
+    best = min(range(len(tactics)), key=lambda i: times[i + 1])
+    return times[0], tactics[best], times[best + 1]
+
+
+def _triton_square(sec: Section, tier: Tier) -> None:
+    from flashtune_compile.kernels.triton_runner import TritonGemmRunner
+
+    s = tier.square
+    a, b = randn(s, s, tier=tier, scale=s**-0.5), randn(s, s, tier=tier)
+    runner = TritonGemmRunner.for_op(MM)
+    tactics = runner.get_valid_tactics((a, b), BucketProfile((s,), (a.shape, b.shape)))
+    start = time.perf_counter()
+    runner.precompile((a, b), tactics)
+    compile_s = time.perf_counter() - start
+    base, tactic, best = best_tactic(tier, lambda: torch.mm(a, b), runner, (a, b), tactics)
+    row = [
+        s,
+        base * 1e3,
+        best * 1e3,
+        base / best,
+        str(tactic),
+        2 * s**3 / best / 1e12,
+        len(tactics),
+        round(compile_s, 2),
+    ]
+    header = ["M=N=K", "cuBLAS ms", "Triton ms", "Triton vs cuBLAS", "best tactic", "TFLOP/s", "tactics", "compile s"]
+    sec.table("Triton GEMM: best tactic vs torch.mm (compile: all tactics, in parallel)", header, [row])
+    sec.note(f"Triton best tactic vs cuBLAS at {s}^3: {base / best:.3f}x (aim >= 0.95x)")
+    sec.record["data"]["triton_square"] = dict(zip(header, row))
+
+
+def _skinny(sec: Section, tier: Tier) -> None:
+    from flashtune_compile.kernels.cuda.runner import CudaSkinnyLinearRunner
+
+    runner, rows = CudaSkinnyLinearRunner(), []
+    for n, k in tier.linear_nk:
+        w = randn(n, k, tier=tier, scale=k**-0.5)
+        for m in tier.skinny_m:
+            x = randn(m, k, tier=tier)
+            tactics = runner.get_valid_tactics((x, w, None), BucketProfile((m,), (x.shape, w.shape, None)))
+            if not tactics:
+                rows.append([m, n, k, "not offered here", "", "", ""])
+                continue
+            base, tactic, best = best_tactic(tier, partial(F.linear, x, w), runner, (x, w, None), tactics)
+            rows.append([m, n, k, base * 1e6, best * 1e6, base / best, str(tactic)])
+    header = ["M", "N", "K", "cuBLAS us", "skinny us", "vs cuBLAS", "best tactic"]
+    sec.table("skinny-M CUDA kernel: best tactic vs F.linear", header, rows)
+    sec.record["data"]["skinny"] = rows
+
+
+def zipf_routing(t: int, e: int, k: int, tier: Tier, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of softmax(noise + Zipf-like per-expert bias): a trained router's skew; fp32 weights."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    bias = torch.log((torch.randperm(e, generator=g).float() + 1) ** -1.2)
+    logits = torch.randn(t, e, generator=g) + 2 * bias
+    weights, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True)).to(tier.device), ids.to(tier.device)
+
+
+def section_moe(sec: Section, tier: Tier) -> None:
+    rows, data = [], []
+    for name, e, k, h, inter in tier.moe:
+        w1 = randn(e, 2 * inter, h, tier=tier, scale=h**-0.5)
+        w2 = randn(e, h, inter, tier=tier, scale=inter**-0.5)
+        for t in tier.moe_tokens:
+            if sec.over_budget(f"{name} from T={t}"):
+                break
+            hidden = randn(t, h, tier=tier)
+            weights, ids = zipf_routing(t, e, k, tier)
+            inputs = (hidden, weights, ids, w1, w2, "silu")
+            site = tuned_site(MOE, inputs, ((0, 0), (1, 0), (2, 0)))
+            start = time.perf_counter()
+            with ft.autotune():
+                runner, tactic = site.choose(inputs)
+            tune_s = time.perf_counter() - start
+            ref = moe_grouped(*inputs) if tier.device == "cuda" else None
+            out = runner.forward(inputs, tactic)
+            if ref is not None:
+                torch.testing.assert_close(out.float(), ref.float(), **_tol(tier))
+            fns = [lambda inputs=inputs: moe_grouped(*inputs)] if ref is not None else []
+            fns.append(lambda r=runner, tc=tactic, inputs=inputs: r.forward(inputs, tc))
+            times = medians(tier, fns)
+            base = times[0] if ref is not None else math.nan
+            kernel = f"{runner.name}[{tactic}]"
+            rows.append([name, t, base * 1e6, times[-1] * 1e6, base / times[-1], kernel, round(tune_s, 2)])
+            data.append(dict(model=name, t=t, grouped_mm_s=base, tuned_s=times[-1], kernel=kernel, tune_s=tune_s))
+        del w1, w2
+    header = ["model", "T", "torch._grouped_mm us", "flashtune.moe us", "speedup", "chosen kernel", "cold tune s"]
+    sec.table("MoE experts, Zipf routing: flashtune.moe (tuned) vs the torch._grouped_mm formulation", header, rows)
+    small = [r["grouped_mm_s"] / r["tuned_s"] for r in data if r["t"] <= 64 and not math.isnan(r["grouped_mm_s"])]
+    if small:
+        sec.note(f"geomean speedup at T <= 64: {_geomean(small):.2f}x (aim >= 1.5x)")
+    if tier.device != "cuda":
+        sec.note("torch._grouped_mm needs CUDA bf16: no baseline on this device")
+    sec.record["data"]["moe"] = data
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Llama) -> None:
+        super().__init__()
+        self.c, self.hd = c, c.dim // c.heads
+        self.wqkv = nn.Linear(c.dim, (c.heads + 2 * c.kv_heads) * self.hd, bias=False)
+        self.wo = nn.Linear(c.dim, c.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        c, hd = self.c, self.hd
+        q, k, v = self.wqkv(x).split([c.heads * hd, c.kv_heads * hd, c.kv_heads * hd], dim=-1)
+        q = q.view(b, t, c.heads, hd).transpose(1, 2)
+        k, v = (
+            z.view(b, t, c.kv_heads, hd).transpose(1, 2).repeat_interleave(c.heads // c.kv_heads, 1) for z in (k, v)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, c.dim))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Llama) -> None:
+        super().__init__()
+        self.n1, self.attn, self.n2 = nn.RMSNorm(c.dim), Attention(c), nn.RMSNorm(c.dim)
+        self.w13 = nn.Linear(c.dim, 2 * c.ffn, bias=False)
+        self.w2 = nn.Linear(c.ffn, c.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.n1(x))
+        g, u = self.w13(self.n2(x)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(g) * u)
+
+
+class Decoder(nn.Module):
+    """A Llama-3-shaped decoder: tokens [B, T] -> logits [B, T, vocab] (no KV cache)."""
+
+    def __init__(self, c: Llama) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(c.vocab, c.dim)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.norm, self.head = nn.RMSNorm(c.dim), nn.Linear(c.dim, c.vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def decoder(tier: Tier, layers: int | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    c = tier.llama if layers is None else Llama(**{**asdict(tier.llama), "layers": layers})
+    return Decoder(c).to(device=tier.device, dtype=tier.dtype).eval()
+
+
+def contenders(tier: Tier) -> list[tuple[str, dict[str, Any] | None]]:
+    """(name, torch.compile kwargs; None = eager). CUDA-graph modes only where there is CUDA."""
+    out: list[tuple[str, dict[str, Any] | None]] = [
+        ("eager", None),
+        ("inductor", dict(backend="inductor")),
+        ("flashtune", dict(backend="flashtune")),
+    ]
+    if tier.device == "cuda":
+        out += [
+            ("flashtune + CUDA graphs", dict(backend="flashtune", mode="reduce-overhead")),
+            ("inductor reduce-overhead", dict(backend="inductor", mode="reduce-overhead")),
+            ("inductor max-autotune-no-cudagraphs", dict(backend="inductor", mode="max-autotune-no-cudagraphs")),
+        ]
+    return out
+
+
+def section_e2e(sec: Section, tier: Tier) -> None:
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    base = decoder(tier)
+    shapes = [("prefill", 1, t) for t in tier.prefill] + [("decode", b, 1) for b in tier.decode]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    tokens = {(b, t): torch.randint(0, tier.llama.vocab, (b, t), generator=g).to(tier.device) for _, b, t in shapes}
+    with torch.no_grad():
+        ref = {key: base(x).float() for key, x in tokens.items()}
+    ready: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    setup_rows = []
+    for name, kwargs in contenders(tier):
+        if sec.over_budget(f"contender {name} and later ones"):
+            break
+        model = copy.deepcopy(base)
+        fn = model if kwargs is None else torch.compile(model, dynamic=True, **kwargs)
+        start = time.perf_counter()
+        worst = 0.0
+        with torch.no_grad(), ft.autotune():
+            for key, x in tokens.items():
+                for _ in range(3):  # CUDA-graph modes warm up, then record, then replay
+                    out = fn(x)
+                worst = max(worst, (out.float() - ref[key]).abs().max().item() / ref[key].abs().max().item())
+        sync(tier)
+        setup_rows.append([name, round(time.perf_counter() - start, 2), f"{worst:.2e}"])
+        ready[name] = fn
+    sec.table(
+        "compile + tune (first three calls of every shape)",
+        ["contender", "seconds", "max rel. err vs eager"],
+        setup_rows,
+    )
+    names = list(ready)
+    rows, data = [], []
+    for phase, b, t in shapes:
+        if sec.over_budget(f"timing from {phase} B={b} T={t}"):
+            break
+        x = tokens[(b, t)]
+        with torch.no_grad():
+            times = medians(tier, [lambda f=ready[n], x=x: f(x) for n in names])
+        rows.append([phase, b, t, *(s * 1e3 for s in times)])
+        data.append(dict(phase=phase, batch=b, tokens=t, ms={n: s * 1e3 for n, s in zip(names, times)}))
+    sec.table(f"Llama-3-8B-shaped decoder, {tier.llama.layers} layers: ms per call", ["phase", "B", "T", *names], rows)
+    for flash, peers in (
+        ("flashtune", ("inductor", "inductor max-autotune-no-cudagraphs")),
+        ("flashtune + CUDA graphs", ("inductor reduce-overhead",)),
+    ):
+        have = [p for p in peers if p in names]
+        if flash in names and have:
+            ratios = [min(r["ms"][p] for p in have) / r["ms"][flash] for r in data]
+            if ratios:
+                sec.note(f"{flash} vs best of {have}: worst {min(ratios):.3f}x, geomean {_geomean(ratios):.3f}x")
+    sec.record["data"].update(setup=setup_rows, timings=data)
+
+
+def section_offline(sec: Section, tier: Tier, dry: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / "model.ftart"
+        rows, results = [], {}
+        for phase in ("cold", "warm"):
+            env = dict(os.environ)
+            env["FLASHTUNE_CACHE_DIR"] = str(Path(tmp) / f"{phase}-cache")  # nothing cached but the artifact
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / f"{phase}-inductor")
+            cmd = [sys.executable, __file__, "--offline-worker", phase, "--artifact", str(artifact)]
+            cmd += ["--dry-run"] if dry else ["--tier", tier.name]
+            start = time.perf_counter()
+            budget = max(30.0, sec.deadline - time.perf_counter())
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget)
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise RuntimeError(f"{phase} process failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[phase] = {**result, "process_s": wall}
+            rows.append(
+                [phase, round(wall, 2), result["first_output_s"], result["ready_s"], result["timings"], result["tuned"]]
+            )
+    header = ["process", "wall s", "to first output s", "to ready s", "timings run", "buckets tuned"]
+    sec.table(
+        f"offline: cold process vs a fresh one loading the artifact (token counts {list(tier.offline_tokens)})",
+        header,
+        rows,
+    )
+    sec.record["data"] = results
+    if results["warm"]["timings"] != 0:
+        raise AssertionError(f"the warm process ran {results['warm']['timings']} timings (must be 0)")
+
+
+def offline_worker(phase: str, artifact: Path, tier: Tier) -> None:
+    """One process of the offline section: prints one JSON line."""
+    start = time.perf_counter()
+    loaded = ft.load_artifacts(artifact) if phase == "warm" else None
+    model = decoder(tier, layers=1)
+    compiled = torch.compile(model, backend="flashtune", dynamic=True)
+    x = torch.randint(0, tier.llama.vocab, (1, tier.offline_tokens[0]), device=tier.device)
+    with torch.no_grad(), ft.autotune():
+        compiled(x)
+    sync(tier)
+    first = time.perf_counter() - start
+    report = ft.warmup(
+        compiled,
+        lambda n: (torch.randint(0, tier.llama.vocab, (1, n), device=tier.device),),
+        num_tokens=list(tier.offline_tokens),
+        progress=False,
+    )
+    sync(tier)
+    saved = ft.save_artifacts(artifact) if phase == "cold" else None
+    ready = time.perf_counter() - start
+    stats = ft.stats()
+    out = dict(first_output_s=round(first, 2), ready_s=round(ready, 2), timings=stats["profiles"], tuned=report.tuned)
+    print(json.dumps({**out, "loaded": loaded, "saved": saved}))
+
+
+SECTIONS = ("env", "tests", "linear", "moe", "e2e", "offline")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="directory for report.md and results.json")
+    p.add_argument("--tier", choices=("quick", "full"), default="quick")
+    p.add_argument("--dry-run", action="store_true", help="CPU rehearsal: tiny shapes, Triton interpreted")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {list(SECTIONS)}")
+    p.add_argument("--offline-worker", choices=("cold", "warm"), help=argparse.SUPPRESS)
+    p.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    tier = TIERS["dry" if args.dry_run else args.tier]
+    if args.offline_worker:
+        offline_worker(args.offline_worker, args.artifact, tier)
+        return 0
+    if args.out is None:
+        p.error("--out DIR is required")
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = sorted(set(only) - set(SECTIONS))
+    if bad:
+        p.error(f"unknown section(s) {bad}; valid: {list(SECTIONS)}")
+    if tier.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device here: run on an NVIDIA GPU, or pass --dry-run for the CPU rehearsal")
+    # Every bucket is tuned here, in a cache of this run's own: figures never come from an old cache.
+    cache = Path(tempfile.mkdtemp(prefix="flashtune-suite-"))
+    ft.AutoTuner.reset(ft.AutoTuner(cache_dir=cache, settings=tier.settings if args.dry_run else None))
+    report = Report(args.out, tier)
+    say(f"flashtune GPU suite, {tier.name} tier -> {args.out} ({report.meta['gpu'] or 'CPU'})")
+    runs = {
+        "env": lambda s: section_env(s, tier),
+        "tests": lambda s: section_tests(s, tier, args.dry_run),
+        "linear": lambda s: section_linear(s, tier),
+        "moe": lambda s: section_moe(s, tier),
+        "e2e": lambda s: section_e2e(s, tier),
+        "offline": lambda s: section_offline(s, tier, args.dry_run),
+    }
+    start = time.perf_counter()
+    for name in SECTIONS:
+        if name in only:
+            report.run(name, runs[name])
+    report.meta["suite_seconds"] = round(time.perf_counter() - start, 1)
+    report.write()
+    failed = [n for n, s in report.sections.items() if s["status"] != "ok"]
+    say(f"done in {report.meta['suite_seconds']}s; failed sections: {failed or 'none'}; see {args.out / 'report.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
