@@ -16,7 +16,9 @@ from test_moe import H, I, close
 import flashtune_compile as ft
 from flashtune_compile.ops import DIRECT, routing
 
-pytest.importorskip("transformers", reason="the graph patterns come from transformers 5 models")
+pytest.importorskip(
+    "transformers", minversion="5.23", reason="the graph patterns come from transformers >= 5.23 models"
+)
 
 
 @pytest.fixture(autouse=True)

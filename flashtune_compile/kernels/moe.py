@@ -56,8 +56,11 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     valid = (flat >= 0) & (flat < num_experts)
     ids = torch.where(valid, flat, num_experts).long()
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]
-    return order, counts, valid[order]
+    # scatter_add, not bincount: bincount reads the ids' max on the host (no CUDA graph could hold it)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids)
+    )
+    return order, counts[:num_experts], valid[order]
 
 
 def combine(

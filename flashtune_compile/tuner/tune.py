@@ -1,9 +1,11 @@
 """Profiling one bucket: synthesize its inputs, check every candidate, time the correct ones, pick.
 
 ``tune_bucket`` guarantees: the default (``runners[0]``, tactic -1) runs first and its result is the
-reference; a candidate that raises, or whose output is not the same function as the reference's
-(``check.mismatch``), is never timed or chosen, and its reason is kept; the default is replaced
-only by a candidate that is *clearly* faster (``profiler.pick_winner``).
+reference; each runner builds all its tactics at once first (``TunableRunner.precompile``); a
+candidate that raises, or whose output is not the same function as the reference's
+(``check.mismatch``), or that cannot run the way it is timed (captured in a CUDA graph, when the
+deployment replays graphs), is never chosen, and its reason is kept; the default is replaced only
+by a candidate that is *clearly* faster (``profiler.pick_winner``).
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def _correct_candidates(
         except Exception as e:
             rejected.append(f"{runner.name}: get_valid_tactics raised {type(e).__name__}: {e}")
             continue
+        tactics = [t for t in dict.fromkeys(tactics) if (i, t) not in candidates]  # each once
         try:
-            runner.precompile(synth, [t for t in tactics if (i, t) not in candidates])
+            runner.precompile(synth, tactics)  # e.g. all Triton kernels at once, in parallel
         except Exception as e:  # only time is lost: each tactic still compiles on its first call
             log.warning(
                 "flashtune: %s: precompiling %d tactic(s) failed: %s: %s",
@@ -61,8 +64,6 @@ def _correct_candidates(
                 e,
             )
         for t in tactics:
-            if (i, t) in candidates:
-                continue
             try:
                 why = mismatch(runner.forward(synth, t), ref, ctx.config.rtol)
             except Exception as e:
