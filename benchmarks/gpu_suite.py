@@ -60,7 +60,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import flashtune_compile as ft  # noqa: E402
 from flashtune_compile.kernels import FAMILIES  # noqa: E402
-from flashtune_compile.kernels.moe import moe_grouped  # noqa: E402
+from flashtune_compile.kernels.moe import moe_grouped, moe_loop  # noqa: E402
 from flashtune_compile.ops.matmul import LINEAR, MM  # noqa: E402
 from flashtune_compile.ops.moe import MOE  # noqa: E402
 from flashtune_compile.ops.site import SiteOptions, site_of, site_string  # noqa: E402
@@ -448,27 +448,33 @@ def section_linear(sec: Section, tier: Tier) -> None:
             with ft.autotune():
                 runner, tactic = site.choose((x, w, None))
             tune_s = time.perf_counter() - start
-            torch.testing.assert_close(
-                runner.forward((x, w, None), tactic).float(), F.linear(x, w).float(), **_tol(tier)
-            )
+            err = rel_err(runner.forward((x, w, None), tactic), F.linear(x.double(), w.double()))
             t_cublas, t_tuned = medians(
                 tier, [lambda x=x, w=w: F.linear(x, w), lambda r=runner, t=tactic, x=x, w=w: r.forward((x, w, None), t)]
             )
             kernel = f"{runner.name}[{tactic}]"
-            rows.append([m, n, k, t_cublas * 1e6, t_tuned * 1e6, t_cublas / t_tuned, kernel, round(tune_s, 2)])
-            data.append(dict(m=m, n=n, k=k, cublas_s=t_cublas, tuned_s=t_tuned, kernel=kernel, tune_s=tune_s))
-    header = ["M", "N", "K", "cuBLAS us", "tuned us", "tuned vs cuBLAS", "chosen kernel", "cold tune s"]
+            rows.append([m, n, k, t_cublas * 1e6, t_tuned * 1e6, t_cublas / t_tuned, kernel, round(tune_s, 2), err])
+            data.append(dict(m=m, n=n, k=k, cublas_s=t_cublas, tuned_s=t_tuned, kernel=kernel, tune_s=tune_s, err=err))
+    header = ["M", "N", "K", "cuBLAS us", "tuned us", "tuned vs cuBLAS", "chosen kernel", "cold tune s", "rel err"]
     sec.table(f"linear, {_name(tier.dtype)}: tuned (its chosen kernel) vs F.linear", header, rows)
     small = [r["cublas_s"] / r["tuned_s"] for r in data if r["m"] <= 16]
     if small:
         sec.note(f"geomean tuned vs cuBLAS at M <= 16: {_geomean(small):.3f}x (aim >= 1.2x)")
     if data:
         sec.note(f"worst row: {min(r['cublas_s'] / r['tuned_s'] for r in data):.3f}x (aim >= 0.98x)")
+    _flag_errors(sec, data, tier)
     sec.record["data"]["linear"] = data
     if not sec.over_budget("the Triton square GEMM"):
         _triton_square(sec, tier)
     if not sec.over_budget("the skinny-M CUDA kernel"):
         _skinny(sec, tier)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|: one number per row, recorded rather than asserted (a wrong
+    kernel is a finding of the run, not a reason to lose the section's other rows)."""
+    ref = ref.float()
+    return ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() if ref.numel() else 0.0
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -545,6 +551,14 @@ def zipf_routing(t: int, e: int, k: int, tier: Tier, seed: int = 0) -> tuple[tor
     return (weights / weights.sum(-1, keepdim=True)).to(tier.device), ids.to(tier.device)
 
 
+def moe_reference(hidden, weights, ids, w1, w2, activation) -> torch.Tensor:
+    """The experts' loop in fp32, each expert's weights widened only while it runs (DeepSeek-V3's
+    expert weights would take 45 GB in fp32 at once)."""
+    mm1 = lambda e, x: F.linear(x, w1[e].float())  # noqa: E731
+    mm2 = lambda e, x: F.linear(x, w2[e].float())  # noqa: E731
+    return moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=torch.float32, mm1=mm1, mm2=mm2)
+
+
 def section_moe(sec: Section, tier: Tier) -> None:
     rows, data = [], []
     for name, e, k, h, inter in tier.moe:
@@ -561,26 +575,29 @@ def section_moe(sec: Section, tier: Tier) -> None:
             with ft.autotune():
                 runner, tactic = site.choose(inputs)
             tune_s = time.perf_counter() - start
-            ref = moe_grouped(*inputs) if tier.device == "cuda" else None
-            out = runner.forward(inputs, tactic)
-            if ref is not None:
-                torch.testing.assert_close(out.float(), ref.float(), **_tol(tier))
-            fns = [lambda inputs=inputs: moe_grouped(*inputs)] if ref is not None else []
-            fns.append(lambda r=runner, tc=tactic, inputs=inputs: r.forward(inputs, tc))
-            times = medians(tier, fns)
-            base = times[0] if ref is not None else math.nan
+            err = rel_err(runner.forward(inputs, tactic), moe_reference(*inputs))
+            fns = [lambda inputs=inputs: moe_grouped(*inputs), lambda r=runner, tc=tactic, i=inputs: r.forward(i, tc)]
+            base, tuned = medians(tier, fns)
             kernel = f"{runner.name}[{tactic}]"
-            rows.append([name, t, base * 1e6, times[-1] * 1e6, base / times[-1], kernel, round(tune_s, 2)])
-            data.append(dict(model=name, t=t, grouped_mm_s=base, tuned_s=times[-1], kernel=kernel, tune_s=tune_s))
+            rows.append([name, t, base * 1e6, tuned * 1e6, base / tuned, kernel, round(tune_s, 2), err])
+            data.append(dict(model=name, t=t, grouped_mm_s=base, tuned_s=tuned, kernel=kernel, tune_s=tune_s, err=err))
         del w1, w2
     header = ["model", "T", "torch._grouped_mm us", "flashtune.moe us", "speedup", "chosen kernel", "cold tune s"]
+    header.append("rel err")
     sec.table("MoE experts, Zipf routing: flashtune.moe (tuned) vs the torch._grouped_mm formulation", header, rows)
-    small = [r["grouped_mm_s"] / r["tuned_s"] for r in data if r["t"] <= 64 and not math.isnan(r["grouped_mm_s"])]
+    small = [r["grouped_mm_s"] / r["tuned_s"] for r in data if r["t"] <= 64]
     if small:
         sec.note(f"geomean speedup at T <= 64: {_geomean(small):.2f}x (aim >= 1.5x)")
-    if tier.device != "cuda":
-        sec.note("torch._grouped_mm needs CUDA bf16: no baseline on this device")
+    _flag_errors(sec, data, tier)
     sec.record["data"]["moe"] = data
+
+
+def _flag_errors(sec: Section, data: list[dict], tier: Tier) -> None:
+    """A note for each row whose output is off the float64 reference by more than the dtype allows."""
+    limit = _tol(tier)["rtol"]
+    for row in data:
+        if not row["err"] <= limit:
+            sec.note(f"WRONG: {row['kernel']} at {row} is off by {row['err']:.3g} (> {limit})")
 
 
 class Attention(nn.Module):

@@ -35,7 +35,8 @@ def test_dry_run_writes_the_report_and_every_section_passes(tmp_path):
     assert sections["env"]["data"]["families"]["triton"] == "yes"
     assert sections["tests"]["data"]["counts"]["tests collected"] > 50
     assert [r["m"] for r in sections["linear"]["data"]["linear"]] == [1, 16]
-    assert all(r["tuned_s"] > 0 for r in sections["moe"]["data"]["moe"])
+    assert all(r["tuned_s"] > 0 and r["grouped_mm_s"] > 0 for r in sections["moe"]["data"]["moe"])
+    assert not [n for s in sections.values() for n in s["notes"] if n.startswith("WRONG")]  # every kernel is right
     assert [row[0] for row in sections["e2e"]["data"]["setup"]] == ["eager", "inductor", "flashtune"]
     assert all(float(row[-1]) < 1e-3 for row in sections["e2e"]["data"]["setup"])  # compiled == eager
     offline = sections["offline"]["data"]
