@@ -4,6 +4,8 @@ Models: L x (Linear(256, 256) + ReLU), 1 token, for L = 4 and L = 12. Contenders
 rounds in one process, median us per forward:
   eager            the nn.Sequential as is
   functional       the same layers as a plain loop of F.linear + relu (no module calls)
+  dynamo_eager     torch.compile(backend="eager"): Dynamo's own per-call costs (guards on every
+                   parameter), with the graph run as captured
   inductor         torch.compile(backend="inductor")
   flashtune        torch.compile(backend="flashtune") (inner Inductor), tactic cache warm
   flashtune_eager  torch.compile(backend="flashtune", options={"inner": "eager"})
@@ -50,6 +52,7 @@ def contenders(layers: int, wrapped) -> tuple[nn.Module, dict]:
     return model, {
         "eager": model,
         "functional": functional,
+        "dynamo_eager": torch.compile(model, backend="eager"),
         "inductor": torch.compile(model, backend="inductor"),
         "flashtune": torch.compile(model, backend="flashtune"),
         "flashtune_eager": torch.compile(model, backend="flashtune", options={"inner": "eager"}),
@@ -96,6 +99,7 @@ def main() -> None:
     print(
         f"routing overhead per op: flashtune - inductor = {slope['flashtune'] - slope['inductor']:+.1f} us; "
         f"flashtune_eager - functional = {slope['flashtune_eager'] - slope['functional']:+.1f} us; "
+        f"flashtune_eager - dynamo_eager = {slope['flashtune_eager'] - slope['dynamo_eager']:+.1f} us; "
         f"dispatcher floor (custom_op_floor - functional) = {slope['custom_op_floor'] - slope['functional']:+.1f} us"
     )
 

@@ -20,6 +20,7 @@ import torch
 
 from .kernels import FAMILIES as KERNEL_FAMILIES
 from .ops import DIRECT, op_families
+from .ops.registry import IMPLS, NO_GRAD
 from .ops.routing import ROUTINGS
 from .ops.site import DEFAULT_CACHE, SiteOptions
 from .passes import REWRITES  # first: importing the passes registers their ops
@@ -176,19 +177,37 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     return opts
 
 
-def _direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Point flashtune op nodes at their kernels as plain callables: nothing traces this graph
-    any more, so the dispatcher's round trip buys nothing."""
+def _direct_calls(gm: torch.fx.GraphModule, grad: bool) -> torch.fx.GraphModule:
+    """Point flashtune op nodes at plain callables: nothing traces this graph any more, so the
+    dispatcher's round trip buys nothing. ``grad``: grad mode when compiled. Dynamo guards on it and
+    on every input tensor's type, so a graph compiled under no_grad whose op arguments are plain
+    tensors only ever runs that way: its nodes call the ops' implementations (``registry.IMPLS``).
+    Otherwise a node calls the op's Autograd-key kernel (``DIRECT``; ``NO_GRAD`` without grad mode),
+    which decides per call."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         target = node.target
         if isinstance(target, torch._ops.OpOverloadPacket) and hasattr(target, "default"):
             target = target.default  # user code calling torch.ops.flashtune.moe(...) records the packet
-        if target in DIRECT:
+        if target not in DIRECT:
+            continue
+        if grad:
             node.target = DIRECT[target]
+        elif all(_plain(a) for a in node.args if isinstance(a, torch.fx.Node)):
+            node.target = IMPLS[target._opname]
+        else:
+            node.target = NO_GRAD[target]
     gm.recompile()
     return gm
+
+
+def _plain(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a plain tensor (not a subclass such as DTensor) as Dynamo traced it."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return type(value) is FakeTensor
 
 
 def backend(
@@ -225,7 +244,10 @@ def backend(
         "; candidates timed as CUDA graph replays" if site_options.cuda_graph else "",
     )
     if opts.inner == "eager":
-        return _direct_calls(gm).forward
+        return _direct_calls(gm, torch.is_grad_enabled()).forward
     from torch._inductor.compile_fx import compile_fx
 
+    from .ops import inductor
+
+    inductor.install()  # Inductor's code calls our ops' implementations directly
     return compile_fx(gm, example_inputs, config_patches=patches or None)

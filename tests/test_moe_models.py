@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from test_moe import H, I, close
 
 import flashtune_compile as ft
-from flashtune_compile.ops import DIRECT, routing
+from flashtune_compile.ops import routing
+from flashtune_compile.ops.registry import op_name
 
 pytest.importorskip(
     "transformers", minversion="5.23", reason="the graph patterns come from transformers >= 5.23 models"
@@ -42,10 +43,9 @@ class Spy:
         fn = ft.backend(gm, example_inputs, options=self.options)
         names = {}
         for node in gm.graph.nodes:
-            for name in ("moe", "grouped_mm", "linear", "bmm"):
-                op = getattr(torch.ops.flashtune, name).default
-                if node.target in (op, DIRECT[op]):
-                    names[name] = names.get(name, 0) + 1
+            name = op_name(node.target)
+            if name in ("moe", "grouped_mm", "linear", "bmm"):
+                names[name] = names.get(name, 0) + 1
         self.counts.append(names)
         self.leftover |= {str(n.target) for n in gm.graph.nodes if n.op != "placeholder"} & {
             str(torch.sort),

@@ -43,7 +43,7 @@ def _scaled_fake(bias, a, b, beta, alpha, site):  # addmm, baddbmm
 
 def _linear_bwd(ctx: Any, grad: torch.Tensor):
     x, w = ctx.saved_tensors[:2]
-    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    g2, x2 = grad.flatten(0, -2), x.flatten(0, -2)  # not reshape(-1, n): ambiguous when n == 0
     gx = grad @ w if ctx.needs_input_grad[0] else None
     gw = g2.t() @ x2 if ctx.needs_input_grad[1] else None
     gb = g2.sum(0) if ctx.needs_input_grad[2] else None
@@ -53,7 +53,7 @@ def _linear_bwd(ctx: Any, grad: torch.Tensor):
 def _mm_bwd(ctx: Any, grad: torch.Tensor):
     a, b = ctx.saved_tensors
     ga = grad @ b.t() if ctx.needs_input_grad[0] else None
-    gb = a.reshape(-1, a.shape[-1]).t() @ grad.reshape(-1, grad.shape[-1]) if ctx.needs_input_grad[1] else None
+    gb = a.flatten(0, -2).t() @ grad.flatten(0, -2) if ctx.needs_input_grad[1] else None
     return ga, gb, None
 
 

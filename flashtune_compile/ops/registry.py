@@ -22,12 +22,24 @@ from .spec import OpSpec
 
 OPS: dict[str, OpSpec] = {}  # name -> spec, in registration order
 DIRECT: dict[Any, Callable[..., Any]] = {}  # overload -> its Autograd-key kernel as a plain callable
+NO_GRAD: dict[Any, Callable[..., Any]] = {}  # overload -> the half of that kernel for calls needing no gradient
+IMPLS: dict[str, Callable[..., Any]] = {}  # name -> its implementation (below autograd: what Inductor calls)
 _lib = torch.library.Library("flashtune", "DEF")
 
 # Argument types that let a call skip the dispatcher: plain tensors and the ops' scalars.
 _DIRECT_TYPES = frozenset({torch.Tensor, torch.nn.Parameter, str, float, int, type(None)})
 _dispatch_depth = torch._C._len_torch_dispatch_stack
 _grad_enabled = torch.is_grad_enabled
+
+
+def op_name(target: Any) -> str | None:
+    """The flashtune op a graph node's target calls (the op itself, or any of the callables the
+    backend points nodes at: ``DIRECT``, ``NO_GRAD``, ``IMPLS``), else None."""
+    for name in OPS:
+        overload = getattr(torch.ops.flashtune, name).default
+        if target is overload or target is DIRECT[overload] or target is NO_GRAD[overload] or target is IMPLS[name]:
+            return name
+    return None
 
 
 def op_families() -> tuple[str, ...]:
@@ -61,6 +73,7 @@ def register(spec: OpSpec) -> OpSpec:
     kernel = _autograd_kernel(spec, overload, impl)
     _lib.impl(spec.name, kernel, "Autograd")
     DIRECT[overload] = kernel
+    IMPLS[spec.name] = impl
     OPS[spec.name] = spec
     return spec
 
@@ -91,12 +104,24 @@ def _with_grad(spec: OpSpec, overload: Any) -> Callable[..., Any]:
 
 def _autograd_kernel(spec: OpSpec, overload: Any, impl: Callable[..., Any]) -> Callable[..., Any]:
     with_grad = _with_grad(spec, overload)
+    without_grad = _no_grad_kernel(overload, impl)
 
     def kernel(*args: Any) -> Any:
         if _grad_enabled():
             for t in args:
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     return with_grad(*args)
+        return without_grad(*args)
+
+    NO_GRAD[overload] = without_grad
+    return kernel
+
+
+def _no_grad_kernel(overload: Any, impl: Callable[..., Any]) -> Callable[..., Any]:
+    """A call that needs no gradient: real tensors go straight to the implementation; fake or
+    functional tensors, or an active dispatch mode, are redispatched below autograd."""
+
+    def kernel(*args: Any) -> Any:
         if _dispatch_depth() == 0:
             for t in args:
                 if type(t) not in _DIRECT_TYPES:

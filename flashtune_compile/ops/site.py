@@ -140,6 +140,8 @@ def site_of(site: str) -> TunedSite:
 
 
 def run(site: str, inputs: Sequence[Any]) -> Any:
-    """Run ``inputs`` with the tactic this site chooses for them (cache first, tuning a new bucket)."""
-    runner, tactic = site_of(site).choose(inputs)
-    return runner.forward(inputs, tactic)
+    """Run ``inputs`` with the tactic this site chooses for them (cache first, tuning a new bucket).
+    The warm path: one dict lookup for the site, one size read and one dict lookup for the choice."""
+    tuner = AutoTuner._instance
+    found = tuner.sites.get(site) if tuner is not None else None
+    return (found or site_of(site)).run(inputs)

@@ -356,7 +356,7 @@ class AutoTuner:
             alias.missed.clear()
         self._validated.clear()
         for site in list(self.sites.values()):
-            site.memo.clear()
+            site.forget()
 
     # -- reporting -----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """A tuned call site: an op call whose static metadata is fixed, such as a node of a compiled graph.
 
-Its hits cost reading the dynamic sizes and one dict lookup keyed by them: Dynamo's guards already
+Its hits (``run``) cost reading the dynamic sizes, one dict lookup keyed by them and the call: Dynamo's guards already
 fix every static shape, dtype and device of a compiled graph's nodes, so nothing else can change
 between calls. The first call of each new size goes through ``AutoTuner.choose_cached``
 (cache-first, tuning a never-seen bucket), and a cached answer is remembered per size. A site
@@ -22,10 +22,11 @@ if TYPE_CHECKING:
 
 
 class TunedSite:
-    """``choose(inputs)`` for one site. Requires every call to have the same static metadata
-    (shapes outside the dynamic dims, dtypes, devices); runners must be correct for any strides."""
+    """``run(inputs)`` (and ``choose(inputs)``) for one site. Requires every call to have the same
+    static metadata (shapes outside the dynamic dims, dtypes, devices); runners must be correct for
+    any strides."""
 
-    __slots__ = ("op", "runners", "config", "tune", "on_new", "tuner", "cache", "_readers", "memo", "_stats")
+    __slots__ = ("op", "runners", "config", "tune", "on_new", "tuner", "cache", "_readers", "memo", "calls", "_stats")
 
     def __init__(
         self,
@@ -43,25 +44,61 @@ class TunedSite:
         self.tuner, self.op, self.runners, self.config, self.tune = tuner, op, tuple(runners), config, tune
         self.on_new, self.cache = on_new, cache if cache is not None else tuner.cache
         self._readers = tuple((spec.input_idx[0], spec.dim_idx[0]) for spec in config.dynamic)
-        self.memo: dict[Any, tuple[TunableRunner, Tactic]] = {}
+        self.memo: dict[Any, tuple[TunableRunner, Tactic]] = {}  # sizes -> the cached choice
+        self.calls: dict[Any, tuple[Callable[..., Any], Tactic]] = {}  # sizes -> (bound forward, tactic)
         self._stats = tuner.stats
 
-    def choose(self, inputs: Sequence[Any]) -> tuple[TunableRunner, Tactic]:
-        readers = self._readers
-        if len(readers) == 1:
+    def run(self, inputs: Sequence[Any]) -> Any:
+        """The op's result for ``inputs`` by the chosen (runner, tactic). The warm path: read the
+        dynamic sizes, one dict lookup, the kernel call."""
+        readers = self._readers  # self._sizes(inputs), inlined: this is the warm path
+        if not readers:
+            sizes: Any = ()
+        elif len(readers) == 1:
             i, d = readers[0]
-            sizes: Any = inputs[i].shape[d]
+            sizes = inputs[i].shape[d]
         else:
             sizes = tuple([inputs[i].shape[d] for i, d in readers])
+        call = self.calls.get(sizes)
+        if call is not None:
+            self._stats.hits += 1
+            forward, tactic = call
+            return forward(inputs, tactic)
+        runner, tactic = self._choose_new(inputs, sizes)
+        return runner.forward(inputs, tactic)
+
+    def choose(self, inputs: Sequence[Any]) -> tuple[TunableRunner, Tactic]:
+        """The (runner, tactic) for ``inputs``: from the memo, else the tuner (cache first)."""
+        sizes = self._sizes(inputs)
         hit = self.memo.get(sizes)
         if hit is not None:
             self._stats.hits += 1
             return hit
+        return self._choose_new(inputs, sizes)
+
+    def _sizes(self, inputs: Sequence[Any]) -> Any:
+        """The dynamic sizes of ``inputs``: one int for one axis, else a tuple."""
+        readers = self._readers
+        if not readers:
+            return ()
+        if len(readers) == 1:
+            i, d = readers[0]
+            return inputs[i].shape[d]
+        return tuple([inputs[i].shape[d] for i, d in readers])
+
+    def _choose_new(self, inputs: Sequence[Any], sizes: Any) -> tuple[TunableRunner, Tactic]:
         if self.on_new is not None:
             self.on_new(inputs)
         result, cached = self.tuner.choose_cached(
             self.op, self.runners, self.config, inputs, tune=self.tune, cache=self.cache
         )
         if cached:
+            runner, tactic = result
             bounded_put(self.memo, sizes, result)
+            bounded_put(self.calls, sizes, (runner.forward, tactic))
         return result
+
+    def forget(self) -> None:
+        """Drop every remembered choice (the tuner calls this when a cache changes)."""
+        self.memo.clear()
+        self.calls.clear()
