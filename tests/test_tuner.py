@@ -112,7 +112,7 @@ def test_winner_rule_without_timing():
     assert pick_winner([default, clear, noisy, clearer], 0.02) == 3
     assert clear.clearly_faster_than(default, 0.02) and not default.clearly_faster_than(clear, 0.02)
     assert not noisy.clearly_faster_than(default, 0.02)
-    assert Timing.of([3.0, 1.0, 2.0, 4.0, 5.0]) == Timing(median=3.0, q25=2.0, q75=4.0)
+    assert Timing.of([3.0, 1.0, 2.0, 4.0, 5.0]) == Timing(3.0, 2.0, 4.0, samples=(3.0, 1.0, 2.0, 4.0, 5.0))
 
 
 def test_slower_candidate_loses_to_default(tuner):
@@ -205,3 +205,41 @@ def test_bad_arguments_get_clear_errors(tuner):
         tuner.choose_one("mm", (MMDefault(), MMDefault()), mm_config(), (torch.randn(3, 4), torch.randn(4, 4)))
     with pytest.raises(ValueError, match="unknown bucket ladder"):
         ft.DynamicDim(0, 0, buckets="fibonacci")
+
+
+def test_round_by_round_wins_decide_what_overlapping_spreads_cannot():
+    """Interleaved rounds pair up: a candidate that wins nearly every round by more than min_gain
+    is clearly faster even when a load that came and went makes the spreads overlap; one that wins
+    about half the rounds is not."""
+    from flashtune_compile.tuner.profiler import Timing, pick_winner
+
+    load = [1.0, 1.6, 1.1, 2.0, 1.0, 1.3, 1.9, 1.2, 1.0, 1.5, 1.7, 1.1]  # the machine's background, per round
+    default = Timing.of([10.0 * x for x in load])
+    steady_win = Timing.of([9.0 * x for x in load])  # 10% faster in every round
+    coin_flip = Timing.of([10.0 * x * (0.85 if r % 2 else 1.1) for r, x in enumerate(load)])
+    assert not (steady_win.q75 < default.q25)  # the spreads overlap ...
+    assert steady_win.clearly_faster_than(default, 0.02)  # ... yet every round says it is faster
+    assert not coin_flip.clearly_faster_than(default, 0.02)
+    assert pick_winner([default, coin_flip, steady_win], 0.02) == 2
+    few = Timing.of([9.0 * x for x in load[:5]])  # too few rounds to tell from chance
+    assert not few.clearly_faster_than(Timing.of([10.0 * x for x in load[:5]]), 0.02)
+
+
+def test_settling_measures_more_until_a_faster_candidate_is_clear():
+    import time
+
+    from flashtune_compile.tuner.profiler import ProfilerSettings, Timing, pick_winner, settle_cpu
+
+    def slow():
+        time.sleep(2e-3)
+
+    def fast():
+        time.sleep(1.4e-3)
+
+    settings = ProfilerSettings(block_seconds=1e-3, settle_seconds=2.0, settle_rounds=4)
+    overlapping = [Timing.of([2e-3, 1.5e-3, 2.2e-3]), Timing.of([1.6e-3, 2.1e-3, 1.5e-3])]  # 3 noisy rounds each
+    assert pick_winner(overlapping, 0.02) == 0
+    settled = settle_cpu([slow, fast], overlapping, 0.02, settings)
+    assert len(settled[1].samples) > 3 and pick_winner(settled, 0.02) == 1
+    same = settle_cpu([slow, slow], overlapping, 0.02, ProfilerSettings(block_seconds=1e-3, settle_seconds=0.3))
+    assert pick_winner(same, 0.02) == 0  # never replaced on noise: equal candidates stay undecided

@@ -29,23 +29,49 @@ import torch
 log = logging.getLogger("flashtune")
 
 
+SIGN_TEST_P = 0.01  # a paired win must be this unlikely under "no difference" (one-sided sign test)
+MIN_PAIRS = 8  # ... and rest on at least this many interleaved rounds
+
+
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call of one candidate: median and interquartile range over repeats."""
+    """Seconds per call of one candidate: median and interquartile range over repeats, and the
+    repeats themselves in round order (CPU: round r of every candidate ran side by side)."""
 
     median: float
     q25: float
     q75: float
+    samples: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, samples: Sequence[float]) -> Timing:
         qs = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
-        return cls(qs[1], qs[0], qs[2])
+        return cls(qs[1], qs[0], qs[2], tuple(samples))
+
+    def ahead_of(self, other: Timing, min_gain: float) -> bool:
+        """Faster than ``other`` by more than ``min_gain`` at the median."""
+        return self.median <= other.median * (1.0 - min_gain)
 
     def clearly_faster_than(self, other: Timing, min_gain: float) -> bool:
-        """Faster by more than ``min_gain`` at the median *and* by more than the noise: the two
-        interquartile ranges do not overlap."""
-        return self.median <= other.median * (1.0 - min_gain) and self.q75 < other.q25
+        """Ahead by more than ``min_gain`` at the median *and* by more than the noise: either the
+        two interquartile ranges do not overlap, or, round by round (the rounds are interleaved, so
+        a load that comes and goes hits both alike), this one won so often that chance would
+        explain it less than ``SIGN_TEST_P`` of the time and by ``min_gain`` at the median ratio."""
+        if not self.ahead_of(other, min_gain):
+            return False
+        if self.q75 < other.q25:
+            return True
+        pairs = list(zip(self.samples, other.samples))
+        if len(pairs) < MIN_PAIRS:
+            return False
+        ratios = [a / b for a, b in pairs if b > 0]
+        wins = sum(r < 1.0 for r in ratios)
+        return statistics.median(ratios) <= 1.0 - min_gain and _sign_test_p(wins, len(ratios)) <= SIGN_TEST_P
+
+
+def _sign_test_p(wins: int, n: int) -> float:
+    """P(at least ``wins`` of ``n`` fair coin flips): how likely the wins are by chance alone."""
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
 
 
 def pick_winner(times: Sequence[Timing], min_gain: float) -> int:
@@ -53,6 +79,15 @@ def pick_winner(times: Sequence[Timing], min_gain: float) -> int:
     clearly faster than the default (``Timing.clearly_faster_than``), the fastest median; else 0."""
     faster = [i for i in range(1, len(times)) if times[i].clearly_faster_than(times[0], min_gain)]
     return min(faster, key=lambda i: times[i].median, default=0)
+
+
+def undecided(times: Sequence[Timing], min_gain: float) -> list[int]:
+    """Candidates ahead of the default at the median but not clearly (the noise may explain it)."""
+    return [
+        i
+        for i in range(1, len(times))
+        if times[i].ahead_of(times[0], min_gain) and not times[i].clearly_faster_than(times[0], min_gain)
+    ]
 
 
 @dataclass(frozen=True)
@@ -66,6 +101,8 @@ class ProfilerSettings:
     max_seconds: float = 1.5  # CPU: time budget of one bucket's timing loop
     prune_after: int = 3  # CPU: rounds before clearly slower candidates stop being timed
     prune_ratio: float = 1.5  # CPU: "clearly slower" = this many times the best median
+    settle_seconds: float = 1.5  # CPU: extra budget to decide candidates ahead of the default but not clearly
+    settle_rounds: int = 4  # CPU: rounds per settling step
     cuda_warmup_ms: float = 10.0
     cuda_rep_ms: float = 40.0
     cold_l2: bool = True
@@ -112,8 +149,43 @@ def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = Prof
             samples[i].append((time.perf_counter() - start) / n)
         if r + 1 == settings.prune_after and len(live) > 1:
             best = min(statistics.median(samples[i]) for i in live)
-            live = [i for i in live if statistics.median(samples[i]) <= settings.prune_ratio * best]
+            # the default (0) stays: it is what every other candidate is compared with, round by round
+            live = [i for i in live if i == 0 or statistics.median(samples[i]) <= settings.prune_ratio * best]
     return [Timing.of(s) for s in samples]
+
+
+def settle_cpu(
+    fns: Sequence[Callable[[], Any]],
+    times: list[Timing],
+    min_gain: float,
+    settings: ProfilerSettings = ProfilerSettings(),
+) -> list[Timing]:
+    """More interleaved rounds of the default and of the candidates ahead of it but not clearly
+    (``undecided``), until each is decided or ``settings.settle_seconds`` is spent; returns the
+    timings with the new rounds added. Only candidates timed in every round so far take part, so
+    round r of each still ran side by side with round r of the default."""
+    todo = [i for i in undecided(times, min_gain) if len(times[i].samples) == len(times[0].samples)]
+    if not todo:
+        return times
+    samples = {i: list(times[i].samples) for i in [0, *todo]}
+    inner = {i: max(1, math.ceil(settings.block_seconds / max(times[i].median, 1e-9))) for i in samples}
+    shuffler = random.Random(len(fns) + len(todo))
+    start = time.perf_counter()
+    while todo and time.perf_counter() - start < settings.settle_seconds:
+        for _ in range(settings.settle_rounds):
+            order = [0, *todo]
+            shuffler.shuffle(order)
+            for i in order:
+                fn, n = fns[i], inner[i]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[i].append((time.perf_counter() - t0) / n)
+        now = {i: Timing.of(v) for i, v in samples.items()}
+        todo = [
+            i for i in todo if now[i].ahead_of(now[0], min_gain) and not now[i].clearly_faster_than(now[0], min_gain)
+        ]
+    return [Timing.of(samples[i]) if i in samples else t for i, t in enumerate(times)]
 
 
 def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[Timing | None]:
