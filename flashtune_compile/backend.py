@@ -20,9 +20,9 @@ import torch
 
 from .kernels import FAMILIES as KERNEL_FAMILIES
 from .ops import DIRECT, op_families
-from .ops.registry import IMPLS, NO_GRAD
+from .ops.registry import IMPLS, NO_GRAD, OPS
 from .ops.routing import ROUTINGS
-from .ops.site import DEFAULT_CACHE, SiteOptions
+from .ops.site import DEFAULT_CACHE, SiteOptions, run
 from .passes import REWRITES  # first: importing the passes registers their ops
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
@@ -194,12 +194,20 @@ def _direct_calls(gm: torch.fx.GraphModule, grad: bool) -> torch.fx.GraphModule:
             continue
         if grad:
             node.target = DIRECT[target]
-        elif all(_plain(a) for a in node.args if isinstance(a, torch.fx.Node)):
-            node.target = IMPLS[target._opname]
-        else:
+        elif not all(_plain(a) for a in node.args if isinstance(a, torch.fx.Node)):
             node.target = NO_GRAD[target]
+        elif node.kwargs or (OPS[target._opname].flatten_rows and _rank(node.args[0]) != 2):
+            node.target = IMPLS[target._opname]  # e.g. flattens the rows first
+        else:  # the op's inputs as they are: run(site, inputs) is all its implementation does
+            *inputs, site = node.args
+            node.target, node.args = run, (site, tuple(inputs))
     gm.recompile()
     return gm
+
+
+def _rank(node: Any) -> int | None:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
 
 
 def _plain(node: torch.fx.Node) -> bool:

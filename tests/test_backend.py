@@ -396,3 +396,41 @@ def test_in_place_methods_with_unused_results_survive_routing(tuner):
     mod, x = InPlaceUnusedResult(), torch.randn(3, 8)
     out = torch.compile(mod, backend="flashtune", options={"inner": "eager"})(x)
     assert torch.equal(out, mod(x)) and ft.stats()["routed_ops"] == 1
+
+
+def test_inductor_code_calls_the_ops_implementation_not_the_dispatcher(tuner):
+    from torch._inductor.utils import run_and_get_code
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    compiled = torch.compile(model, backend="flashtune")
+    x = r(4, 16)
+    with torch.no_grad():
+        out, (code, *_) = run_and_get_code(compiled, x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    assert code.count("extern_kernels.flashtune_linear(") == 2 and "torch.ops.flashtune.linear.default(" not in code
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_inner_eager_nodes_skip_the_autograd_kernel_only_under_no_grad(tuner, grad):
+    """Dynamo guards on grad mode: a graph compiled under no_grad calls run(site, inputs) directly;
+    one compiled with grad enabled keeps the Autograd-key kernel, so training still works."""
+    from flashtune_compile.ops.registry import DIRECT, op_name
+    from flashtune_compile.ops.site import run
+
+    targets = []
+
+    def spy(gm, example_inputs):
+        fn = ft.backend(gm, example_inputs, options=EAGER)
+        targets.extend(n.target for n in gm.graph.nodes if op_name(n))
+        return fn
+
+    model = nn.Linear(16, 8)
+    x = r(4, 16, dtype=torch.float32).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = torch.compile(model, backend=spy)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    expected = DIRECT[torch.ops.flashtune.linear.default] if grad else run
+    assert targets == [expected]
+    if grad:
+        out.sum().backward()
+        assert x.grad is not None and model.weight.grad is not None

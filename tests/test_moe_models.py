@@ -43,7 +43,7 @@ class Spy:
         fn = ft.backend(gm, example_inputs, options=self.options)
         names = {}
         for node in gm.graph.nodes:
-            name = op_name(node.target)
+            name = op_name(node)
             if name in ("moe", "grouped_mm", "linear", "bmm"):
                 names[name] = names.get(name, 0) + 1
         self.counts.append(names)

@@ -60,7 +60,9 @@ class AtenLinearRunner(_NamedVariants):
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         x, w, b = inputs
-        return linear_variant(x, w, b, "linear" if tactic == DEFAULT_TACTIC else tactic)
+        if tactic == DEFAULT_TACTIC:  # the common warm path: no further dispatch on the name
+            return F.linear(x, w, b)
+        return linear_variant(x, w, b, tactic)
 
 
 class AtenMMRunner(_NamedVariants):

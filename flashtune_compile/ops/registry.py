@@ -32,9 +32,14 @@ _dispatch_depth = torch._C._len_torch_dispatch_stack
 _grad_enabled = torch.is_grad_enabled
 
 
-def op_name(target: Any) -> str | None:
-    """The flashtune op a graph node's target calls (the op itself, or any of the callables the
-    backend points nodes at: ``DIRECT``, ``NO_GRAD``, ``IMPLS``), else None."""
+def op_name(node: Any) -> str | None:
+    """The flashtune op an FX node calls: the op itself, or any of the callables the backend points
+    nodes at (``DIRECT``, ``NO_GRAD``, ``IMPLS``, or ``site.run`` with the site first); else None."""
+    from .site import SiteSpec, run
+
+    target = getattr(node, "target", None)
+    if target is run:
+        return SiteSpec.decode(node.args[0]).op
     for name in OPS:
         overload = getattr(torch.ops.flashtune, name).default
         if target is overload or target is DIRECT[overload] or target is NO_GRAD[overload] or target is IMPLS[name]:
