@@ -65,6 +65,11 @@ def test_artifacts_round_trip_into_a_fresh_process_that_profiles_and_recompiles_
 
 
 def _eager_artifact(tuner, path):
+    """An artifact of an inner-eager model: tactics only. Inductor artifacts recorded by earlier
+    tests in this process are cleared first (torch 2.11's dynamo.reset keeps them)."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    CacheArtifactManager.clear()
     model = torch.nn.Linear(16, 8)
     compiled = torch.compile(model, backend="flashtune", dynamic=True, options={"inner": "eager"})
     ft.warmup(compiled, lambda n: (torch.randn(n, 16),), num_tokens=[2, 4], progress=False)
