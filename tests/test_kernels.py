@@ -241,3 +241,17 @@ def test_tuning_precompiles_each_runners_tactics_before_running_any(tuner, caplo
     assert events[0] == ("precompile", (1, 2, 4)) and all(e[0] == "forward" for e in events[1:])
     assert "mm_failing_precompile: precompiling 3 tactic(s) failed: RuntimeError: no compiler here" in caplog.text
     assert runners[2].calls  # a failed precompile costs time only: its tactics were still checked and timed
+
+
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_a_runners_unpacked_function_computes_its_forward(op):
+    """What a warm call runs directly (``unpacked``) is the same function as ``forward``."""
+    inputs = make_inputs(op, 5, 7, 9, torch.float32)
+    offered = 0
+    for runner in runners_for(op, ["aten", "cpu", "cuda", "triton"]):
+        for tactic in runner.get_valid_tactics(inputs, profile_for(inputs, op)):
+            fn = runner.unpacked(tactic)
+            if fn is not None:
+                offered += 1
+                torch.testing.assert_close(fn(*inputs), runner.forward(inputs, tactic))
+    assert offered == (1 if op in ("linear", "mm", "bmm") else 0)

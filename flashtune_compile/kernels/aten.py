@@ -60,9 +60,10 @@ class AtenLinearRunner(_NamedVariants):
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         x, w, b = inputs
-        if tactic == DEFAULT_TACTIC:  # the common warm path: no further dispatch on the name
-            return F.linear(x, w, b)
-        return linear_variant(x, w, b, tactic)
+        return linear_variant(x, w, b, "linear" if tactic == DEFAULT_TACTIC else tactic)
+
+    def unpacked(self, tactic: Tactic) -> Any:
+        return F.linear if tactic == DEFAULT_TACTIC else None
 
 
 class AtenMMRunner(_NamedVariants):
@@ -72,6 +73,9 @@ class AtenMMRunner(_NamedVariants):
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         return torch.mm(inputs[0], inputs[1])
+
+    def unpacked(self, tactic: Tactic) -> Any:
+        return torch.mm
 
 
 class _ScaledProductRunner(_NamedVariants):
@@ -99,6 +103,9 @@ class AtenBmmRunner(_NamedVariants):
 
     name = "aten_bmm"
     VARIANTS = ("loop_mm",)
+
+    def unpacked(self, tactic: Tactic) -> Any:
+        return torch.bmm if tactic == DEFAULT_TACTIC else None
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         a, b = inputs

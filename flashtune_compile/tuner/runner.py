@@ -7,7 +7,7 @@ of a candidate list is the default: always valid, never profiled away.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,12 @@ class TunableRunner:
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> Any:
         raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def unpacked(self, tactic: Tactic) -> Callable[..., Any] | None:
+        """Optional: a function ``fn`` with ``fn(*inputs) == forward(inputs, tactic)`` that costs no
+        Python frame of its own (an ATen function, say), which a warm call then calls directly.
+        None (the default): the warm call goes through ``forward``."""
+        return None
 
     def precompile(self, inputs: Sequence[Any], tactics: Sequence[Tactic]) -> None:
         """Build whatever ``forward(inputs, t)`` for each of ``tactics`` would build on first call
@@ -92,3 +98,6 @@ class DefaultOnly(TunableRunner):
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> Any:
         return self.runner.forward(inputs, DEFAULT_TACTIC)
+
+    def unpacked(self, tactic: Tactic) -> Callable[..., Any] | None:
+        return self.runner.unpacked(DEFAULT_TACTIC)

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .cache import TacticCache
 
 
+UNPACKED = object()  # in TunedSite.calls: call fn(*inputs), the runner's ``unpacked(tactic)``
+
+
 class TunedSite:
     """``run(inputs)`` (and ``choose(inputs)``) for one site. Requires every call to have the same
     static metadata (shapes outside the dynamic dims, dtypes, devices); runners must be correct for
@@ -45,7 +48,7 @@ class TunedSite:
         self.on_new, self.cache = on_new, cache if cache is not None else tuner.cache
         self._readers = tuple((spec.input_idx[0], spec.dim_idx[0]) for spec in config.dynamic)
         self.memo: dict[Any, tuple[TunableRunner, Tactic]] = {}  # sizes -> the cached choice
-        self.calls: dict[Any, tuple[Callable[..., Any], Tactic]] = {}  # sizes -> (bound forward, tactic)
+        self.calls: dict[Any, tuple[Callable[..., Any], Any]] = {}  # sizes -> (forward, tactic) or (fn, UNPACKED)
         self._stats = tuner.stats
 
     def run(self, inputs: Sequence[Any]) -> Any:
@@ -62,8 +65,8 @@ class TunedSite:
         call = self.calls.get(sizes)
         if call is not None:
             self._stats.hits += 1
-            forward, tactic = call
-            return forward(inputs, tactic)
+            fn, tactic = call
+            return fn(*inputs) if tactic is UNPACKED else fn(inputs, tactic)
         runner, tactic = self._choose_new(inputs, sizes)
         return runner.forward(inputs, tactic)
 
@@ -95,7 +98,8 @@ class TunedSite:
         if cached:
             runner, tactic = result
             bounded_put(self.memo, sizes, result)
-            bounded_put(self.calls, sizes, (runner.forward, tactic))
+            direct = runner.unpacked(tactic)
+            bounded_put(self.calls, sizes, (direct, UNPACKED) if direct is not None else (runner.forward, tactic))
         return result
 
     def forget(self) -> None:
