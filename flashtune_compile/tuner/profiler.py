@@ -139,14 +139,7 @@ def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = Prof
     for r in range(settings.rounds):
         if r >= settings.min_rounds and time.perf_counter() - start_all > settings.max_seconds:
             break
-        order = live[:]
-        shuffler.shuffle(order)
-        for i in order:
-            fn, n = fns[i], inner[i]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[i].append((time.perf_counter() - start) / n)
+        _interleaved_round(fns, live, inner, samples, shuffler)
         if r + 1 == settings.prune_after and len(live) > 1:
             best = min(statistics.median(samples[i]) for i in live)
             # the default (0) stays: it is what every other candidate is compared with, round by round
@@ -173,19 +166,25 @@ def settle_cpu(
     start = time.perf_counter()
     while todo and time.perf_counter() - start < settings.settle_seconds:
         for _ in range(settings.settle_rounds):
-            order = [0, *todo]
-            shuffler.shuffle(order)
-            for i in order:
-                fn, n = fns[i], inner[i]
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                samples[i].append((time.perf_counter() - t0) / n)
-        now = {i: Timing.of(v) for i, v in samples.items()}
-        todo = [
-            i for i in todo if now[i].ahead_of(now[0], min_gain) and not now[i].clearly_faster_than(now[0], min_gain)
-        ]
-    return [Timing.of(samples[i]) if i in samples else t for i, t in enumerate(times)]
+            _interleaved_round(fns, [0, *todo], inner, samples, shuffler)
+        times = [Timing.of(samples[i]) if i in samples else t for i, t in enumerate(times)]
+        todo = [i for i in undecided(times, min_gain) if i in todo]
+    return times
+
+
+def _interleaved_round(
+    fns: Sequence[Callable[[], Any]], which: Sequence[int], inner: Any, samples: Any, shuffler: random.Random
+) -> None:
+    """One round: a block of ``inner[i]`` calls of each ``fns[i]`` for i in ``which``, in a fresh
+    shuffled order; appends each block's seconds per call to ``samples[i]``."""
+    order = list(which)
+    shuffler.shuffle(order)
+    for i in order:
+        fn, n = fns[i], inner[i]
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples[i].append((time.perf_counter() - start) / n)
 
 
 def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[Timing | None]:
