@@ -26,9 +26,13 @@ class CountOps(TorchDispatchMode):
 def test_miss_synthesizes_and_hit_makes_nothing(tuner):
     runners, cfg = (MMDefault(), MMChunked()), mm_config(buckets="pow2")
     w = torch.randn(16, 8)
+    x = torch.randn(3, 16)
     with CountOps() as miss_ops:
-        tuner.choose_one("mm", runners, cfg, (torch.randn(3, 16), w))
-    assert any("normal_" in op for op in miss_ops.ops)  # the miss made random inputs for bucket 4
+        runner, tactic = tuner.choose_one("mm", runners, cfg, (x, w))
+        runner.forward((x, w), tactic)
+    # profiling (random inputs for bucket 4, every timing) runs outside the caller's dispatch modes;
+    # the call itself is seen
+    assert miss_ops.ops and all("normal_" not in op for op in miss_ops.ops)
     assert ft.stats()["synthesized"] == 1 and ft.stats()["misses"] == 1
     xs = [torch.randn(n, 16) for n in (3, 4, 3)]  # same bucket (4), sizes at and inside it
     with CountOps() as hit_ops:
@@ -243,3 +247,18 @@ def test_settling_measures_more_until_a_faster_candidate_is_clear():
     assert len(settled[1].samples) > 3 and pick_winner(settled, 0.02) == 1
     same = settle_cpu([slow, slow], overlapping, 0.02, ProfilerSettings(block_seconds=1e-3, settle_seconds=0.3))
     assert pick_winner(same, 0.02) == 0  # never replaced on noise: equal candidates stay undecided
+
+
+def test_profiling_runs_outside_the_callers_dispatch_modes(tuner):
+    """A graph's first call can run under a Python dispatch mode (AOTAutograd's custom-op analysis),
+    which makes every ATen call several times slower, unevenly: candidates are timed without it."""
+    seen = []
+
+    class Recording(MMChunked):
+        def forward(self, inputs, tactic=-1):
+            seen.append(torch._C._len_torch_dispatch_stack())
+            return super().forward(inputs, tactic)
+
+    with CountOps():
+        tuner.choose_one("mm", (MMDefault(), Recording()), mm_config(), (torch.randn(6, 16), torch.randn(16, 16)))
+    assert seen and set(seen) == {0}

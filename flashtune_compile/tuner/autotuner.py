@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .buckets import TuningConfig
 from .cache import Entry, Key, TacticCache, environment, resolve_dir
@@ -324,7 +325,11 @@ class AutoTuner:
         for listener in list(self.listeners):
             listener(ctx.op, bucket, None)
         settings = self.settings_for(cache.env.get("timing", "").endswith("+cuda_graph"))
-        tuned = tune_bucket(ctx, runners, inputs, bucket, settings, self.min_gain, self.generator)
+        # Outside the caller's dispatch modes: profiling is not part of their computation, and a
+        # Python mode (AOTAutograd runs a compiled graph's first call under one) slows every ATen
+        # call several-fold, unevenly across candidates, which would decide the pick.
+        with _disable_current_modes():
+            tuned = tune_bucket(ctx, runners, inputs, bucket, settings, self.min_gain, self.generator)
         self.stats.synthesized += tuned.synthesized
         self.stats.profiles += tuned.timed
         self.stats.rejected += len(tuned.entry.rejected)
