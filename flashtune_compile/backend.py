@@ -205,8 +205,13 @@ def _direct_calls(gm: torch.fx.GraphModule, grad: bool) -> torch.fx.GraphModule:
     return gm
 
 
+def _traced(node: Any) -> Any:
+    """The value Dynamo traced for ``node`` (a fake tensor for a tensor), or None."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+
+
 def _rank(node: Any) -> int | None:
-    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    value = _traced(node)
     return value.dim() if isinstance(value, torch.Tensor) else None
 
 
@@ -214,8 +219,7 @@ def _plain(node: torch.fx.Node) -> bool:
     """Whether ``node`` is a plain tensor (not a subclass such as DTensor) as Dynamo traced it."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return type(value) is FakeTensor
+    return type(_traced(node)) is FakeTensor
 
 
 def backend(

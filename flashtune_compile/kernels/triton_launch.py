@@ -72,15 +72,11 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
 def compile_threads() -> int:
     """The pool size for ``precompile``: $FLASHTUNE_COMPILE_THREADS, else min(8, CPUs)."""
     value = os.environ.get("FLASHTUNE_COMPILE_THREADS")
-    if value:
-        try:
-            n = int(value)
-        except ValueError:
-            raise ValueError(f"FLASHTUNE_COMPILE_THREADS must be a positive int, got {value!r}") from None
-        if n < 1:
-            raise ValueError(f"FLASHTUNE_COMPILE_THREADS must be a positive int, got {value!r}")
-        return n
-    return min(8, os.cpu_count() or 1)
+    if not value:
+        return min(8, os.cpu_count() or 1)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FLASHTUNE_COMPILE_THREADS must be a positive int, got {value!r}")
+    return int(value)
 
 
 def precompile(forward: Callable[[Sequence[Any], Any], Any], inputs: Sequence[Any], tactics: Sequence[Any]) -> None:

@@ -361,7 +361,7 @@ class AutoTuner:
             alias.missed.clear()
         self._validated.clear()
         for site in list(self.sites.values()):
-            site.forget()
+            site.memo.clear()
 
     # -- reporting -----------------------------------------------------------------------------
 

@@ -21,15 +21,12 @@ if TYPE_CHECKING:
     from .cache import TacticCache
 
 
-UNPACKED = object()  # in TunedSite.calls: call fn(*inputs), the runner's ``unpacked(tactic)``
-
-
 class TunedSite:
     """``run(inputs)`` (and ``choose(inputs)``) for one site. Requires every call to have the same
     static metadata (shapes outside the dynamic dims, dtypes, devices); runners must be correct for
     any strides."""
 
-    __slots__ = ("op", "runners", "config", "tune", "on_new", "tuner", "cache", "_readers", "memo", "calls", "_stats")
+    __slots__ = ("op", "runners", "config", "tune", "on_new", "tuner", "cache", "_readers", "memo", "_stats")
 
     def __init__(
         self,
@@ -47,8 +44,9 @@ class TunedSite:
         self.tuner, self.op, self.runners, self.config, self.tune = tuner, op, tuple(runners), config, tune
         self.on_new, self.cache = on_new, cache if cache is not None else tuner.cache
         self._readers = tuple((spec.input_idx[0], spec.dim_idx[0]) for spec in config.dynamic)
-        self.memo: dict[Any, tuple[TunableRunner, Tactic]] = {}  # sizes -> the cached choice
-        self.calls: dict[Any, tuple[Callable[..., Any], Any]] = {}  # sizes -> (forward, tactic) or (fn, UNPACKED)
+        # sizes -> the cached choice (runner, tactic), and how a warm call runs it: fn(inputs, tactic)
+        # (fn = runner.forward), or fn(*inputs) when ``unpacked`` (fn = runner.unpacked(tactic))
+        self.memo: dict[Any, tuple[TunableRunner, Tactic, Callable[..., Any], bool]] = {}
         self._stats = tuner.stats
 
     def run(self, inputs: Sequence[Any]) -> Any:
@@ -62,11 +60,11 @@ class TunedSite:
             sizes = inputs[i].shape[d]
         else:
             sizes = tuple([inputs[i].shape[d] for i, d in readers])
-        call = self.calls.get(sizes)
-        if call is not None:
+        hit = self.memo.get(sizes)
+        if hit is not None:
             self._stats.hits += 1
-            fn, tactic = call
-            return fn(*inputs) if tactic is UNPACKED else fn(inputs, tactic)
+            _, tactic, fn, unpacked = hit
+            return fn(*inputs) if unpacked else fn(inputs, tactic)
         runner, tactic = self._choose_new(inputs, sizes)
         return runner.forward(inputs, tactic)
 
@@ -76,7 +74,7 @@ class TunedSite:
         hit = self.memo.get(sizes)
         if hit is not None:
             self._stats.hits += 1
-            return hit
+            return hit[0], hit[1]
         return self._choose_new(inputs, sizes)
 
     def _sizes(self, inputs: Sequence[Any]) -> Any:
@@ -97,12 +95,7 @@ class TunedSite:
         )
         if cached:
             runner, tactic = result
-            bounded_put(self.memo, sizes, result)
             direct = runner.unpacked(tactic)
-            bounded_put(self.calls, sizes, (direct, UNPACKED) if direct is not None else (runner.forward, tactic))
+            call = (direct, True) if direct is not None else (runner.forward, False)
+            bounded_put(self.memo, sizes, (runner, tactic, *call))
         return result
-
-    def forget(self) -> None:
-        """Drop every remembered choice (the tuner calls this when a cache changes)."""
-        self.memo.clear()
-        self.calls.clear()
