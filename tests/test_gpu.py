@@ -55,6 +55,34 @@ def test_graph_replay_timing_orders_matmuls_and_refuses_host_syncs():
     assert default is not None and default.median > 0
 
 
+@pytest.mark.parametrize("illegal", ["item", "stream_query"])
+def test_a_failed_capture_leaves_random_numbers_and_later_captures_working(illegal):
+    """The candidate is fine in its warm-up and breaks the capture only on its second call, so the
+    capture really fails; torch would then leave the RNG in capture mode and a dead graph's pool
+    registered (the next randn raises, the next capture crashes the process)."""
+    from flashtune_compile.tuner.profiler import _captured
+
+    a, calls = torch.randn(256, 256, device="cuda"), [0]
+
+    def breaks_capture():
+        calls[0] += 1
+        y = a @ a
+        if calls[0] > 1:
+            y.sum().item() if illegal == "item" else torch.cuda.current_stream().query()
+        return y
+
+    with pytest.raises(RuntimeError):
+        _captured(breaks_capture)
+    assert calls[0] == 2
+    assert torch.randn(1000, device="cuda").std().item() > 0.5  # the generator left capture mode
+    out = torch.empty(256, 256, device="cuda")
+    replay = _captured(lambda: torch.mm(a, a, out=out))
+    out.zero_()
+    replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, a @ a)
+
+
 class MMHostSync(MMChunked):
     """Correct, but reads a value on the host: cannot run inside a CUDA graph."""
 

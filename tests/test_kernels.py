@@ -189,10 +189,10 @@ def test_backend_tunes_cpu_candidates_end_to_end(tuner):
 @needs_interpreter
 def test_backend_tunes_triton_end_to_end(tuner, triton_on_cpu):
     torch._dynamo.reset()
-    model = nn.Linear(16, 8)
+    model = nn.Linear(16, 8).to(dev())
     compiled = torch.compile(model, backend="flashtune", options={"inner": "eager", "kernels": {"triton"}})
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(compiled(x), model(x))
+    x = torch.randn(3, 16, device=dev())
+    torch.testing.assert_close(compiled(x), model(x), rtol=2e-3, atol=2e-3)  # a GPU's fp32 dot may use tf32
     (rec,) = ft.tactics()
     assert rec["candidates"] == ["aten_linear_default", "triton_gemm"] and rec["timed"] >= 2
 

@@ -215,16 +215,52 @@ def time_cuda(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = Pro
 
 def _captured(fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` captured into a CUDA graph (after one warm-up call on a side stream, as capture
-    requires); returns the graph's replay. Raises if ``fn`` cannot be captured."""
+    requires); returns the graph's replay. Raises if ``fn`` cannot be captured, leaving the process
+    as it found it: a host sync is caught in the warm-up (sync debug mode), before any capture, and
+    a capture that fails anyway is undone (``_undo_failed_capture``)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    device = torch.cuda.current_device()
+    generator = torch.cuda.default_generators[device]
+    rng = generator.clone_state()
+    pool = torch.cuda.graph_pool_handle()
+    graph, ended = torch.cuda.CUDAGraph(), False
+    try:
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool)
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+                ended = True
+    except BaseException:
+        if not ended:
+            _undo_failed_capture(device, pool, generator, rng)
+        raise
+    torch.cuda.current_stream().wait_stream(stream)
     return graph.replay
+
+
+def _undo_failed_capture(device: int, pool: Any, generator: torch.Generator, rng: torch.Generator) -> None:
+    """After a capture that raised, put back what torch leaves half-done (torch 2.11-2.13): the
+    default generator's state is left in capture mode (every later CUDA random op then raises
+    "Offset increment outside graph capture"), and the graph's memory pool stays registered for
+    allocation with a filter that points into the dead graph (a later capture then crashes)."""
+    generator.graphsafe_set_state(rng)
+    try:
+        torch._C._cuda_endAllocateToPool(device, pool)  # raises when capture_end got that far
+    except RuntimeError:
+        pass
+    torch._C._cuda_releasePool(device, pool)  # a graph whose capture never ended never releases it
+    torch.cuda.synchronize()
 
 
 def _cuda_events_ms(fn: Callable[[], Any], settings: ProfilerSettings) -> list[float]:
