@@ -59,6 +59,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+# This checkout's package even where the install went to another interpreter (the H200 image's `pip`
+# is not its `python3`'s: the first GPU run died on ModuleNotFoundError).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashtune_compile as ft  # noqa: E402
 from flashtune_compile.kernels import FAMILIES  # noqa: E402
 from flashtune_compile.kernels.moe import moe_grouped, moe_loop  # noqa: E402

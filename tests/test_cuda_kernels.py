@@ -72,7 +72,7 @@ def test_binding_declaration_parses_with_torch_headers(tmp_path):
                 "#include <torch/extension.h>",
                 cpp,
                 "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {",
-                'm.def("skinny_linear", torch::wrap_pybind_function(skinny_linear));',
+                'm.def("skinny_linear_out", torch::wrap_pybind_function(skinny_linear_out));',
                 "}",
             ]
         )

@@ -21,13 +21,14 @@ BINDING_PATH = os.path.join(os.path.dirname(SOURCE_PATH), "skinny_binding.cu")  
 EXTRA_CUDA_CFLAGS = ("-O3", "-std=c++17")
 
 CPP_SOURCE = (
-    "at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,"
-    " int64_t threads, int64_t n_per_block, int64_t split_k);"
+    "std::string skinny_linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,"
+    " at::Tensor& y, const std::optional<at::Tensor>& workspace, int64_t threads, int64_t n_per_block,"
+    " int64_t split_k);"
 )
 
 log = logging.getLogger("flashtune")
 _lock = threading.Lock()
-_module: Any = None
+_module: SkinnyGemm | None = None
 _error: BaseException | None = None
 
 
@@ -43,8 +44,34 @@ def extension_name(cpp_source: str, cuda_source: str) -> str:
     return f"flashtune_skinny_gemm_{digest[:12]}"
 
 
-def load_skinny_gemm() -> Any:
-    """The compiled extension (``.skinny_linear(x, w, b | None, threads, n_per_block, split_k)``).
+class SkinnyGemm:
+    """The built extension behind ``skinny_linear``: this side allocates the output (and the split-K
+    workspace); the extension checks every argument and returns a message instead of throwing."""
+
+    def __init__(self, extension: Any) -> None:
+        self.extension = extension
+
+    def skinny_linear(self, x: Any, w: Any, b: Any, threads: int, n_per_block: int, split_k: int) -> Any:
+        """``x @ w.T + b`` for x [M <= 16, K], w [N, K] contiguous; RuntimeError naming the bad argument."""
+        import torch
+
+        if x.dim() != 2 or w.dim() != 2:
+            raise RuntimeError(
+                f"skinny_linear: expected x [M, K] and w [N, K], got {list(x.shape)} and {list(w.shape)}"
+            )
+        m, n = x.shape[0], w.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        workspace = None
+        if split_k in (2, 4, 8) and 0 < m <= 16 and n > 0:
+            workspace = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+        error = self.extension.skinny_linear_out(x, w, b, y, workspace, threads, n_per_block, split_k)
+        if error:
+            raise RuntimeError(error)
+        return y
+
+
+def load_skinny_gemm() -> SkinnyGemm:
+    """The compiled extension behind ``.skinny_linear(x, w, b | None, threads, n_per_block, split_k)``.
 
     Builds on first call, at most once per process; a failed build is remembered and re-raised.
     RuntimeError when this torch has no CUDA or no GPU is visible."""
@@ -70,13 +97,15 @@ def load_skinny_gemm() -> Any:
         name = extension_name(cpp_source, cuda_source)
         log.info("compiling the CUDA skinny GEMM kernel (once per machine): %s", name)
         try:
-            _module = load_inline(
-                name=name,
-                cpp_sources=[cpp_source],
-                cuda_sources=[cuda_source],
-                functions=["skinny_linear"],
-                extra_cuda_cflags=list(EXTRA_CUDA_CFLAGS),
-                verbose=False,
+            _module = SkinnyGemm(
+                load_inline(
+                    name=name,
+                    cpp_sources=[cpp_source],
+                    cuda_sources=[cuda_source],
+                    functions=["skinny_linear_out"],
+                    extra_cuda_cflags=list(EXTRA_CUDA_CFLAGS),
+                    verbose=False,
+                )
             )
         except Exception as e:  # a compiler or toolchain error: do not retry on every call
             _error = e
