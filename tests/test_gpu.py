@@ -83,6 +83,25 @@ def test_a_failed_capture_leaves_random_numbers_and_later_captures_working(illeg
     torch.testing.assert_close(out, a @ a)
 
 
+def test_without_graphs_a_call_costs_at_least_its_host_time():
+    """A kernel that is fast on the GPU but slow to issue from Python is timed at its issue rate
+    (launched one by one, the GPU would wait on the host); a graph replay is not."""
+    import time
+
+    b = torch.randn(64, 64, device="cuda")
+
+    def slow_to_issue():
+        until = time.perf_counter() + 300e-6
+        while time.perf_counter() < until:
+            pass
+        return b @ b
+
+    eager, fast = time_cuda([slow_to_issue, lambda: b @ b], ProfilerSettings())
+    assert eager.median >= 250e-6 > 10 * fast.median
+    (graphed,) = time_cuda([slow_to_issue], ProfilerSettings(cuda_graph=True))
+    assert graphed.median < 100e-6
+
+
 class MMHostSync(MMChunked):
     """Correct, but reads a value on the host: cannot run inside a CUDA graph."""
 

@@ -94,6 +94,16 @@ def test_clearly_faster_candidate_wins_over_a_slow_default(tuner):
     assert record["kernel"] == "mm" and record["speedup"] > 2 and record["default_s"] >= 1e-3
 
 
+def test_a_timing_raised_to_a_floor_keeps_what_is_above_it():
+    from flashtune_compile.tuner.profiler import Timing
+
+    t = Timing.of([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert t.at_least(0.5) is t
+    raised = t.at_least(2.5)
+    assert (raised.q25, raised.median, raised.q75) == (2.5, 3.0, 4.0)
+    assert raised.samples == (2.5, 2.5, 3.0, 4.0, 5.0)
+
+
 def test_winner_rule_without_timing():
     """pick_winner: the default (index 0) is replaced only by a candidate faster by more than
     min_gain at the median and by more than the noise (interquartile ranges apart); among those,
