@@ -1,7 +1,7 @@
 """Per-expert pieces shared by the MoE and grouped-GEMM kernels: whether ``torch._grouped_mm``
 runs here, a loop of one GEMM per expert, and cached re-laid-out copies of expert weights (keyed by
-the ``nn.Parameter`` a weight is, or is a ``transpose(-2, -1)`` view of, in the tuner's weight
-cache, so they are never stale).
+the ``nn.Parameter`` a weight is, or is a view of, in the tuner's weight cache, so they are never
+stale).
 """
 
 from __future__ import annotations
@@ -50,51 +50,28 @@ def _as_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
-def parameter_of(w: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-    """(parameter, transposed) when ``w`` is a parameter or its ``transpose(-2, -1)`` view: what
-    cached copies can be keyed on (a view is a new object every call)."""
-    if WeightCache.cacheable(w):
-        return w, False
-    base = w._base
-    if (
-        base is not None
-        and WeightCache.cacheable(base)
-        and base.dim() == 3
-        and w.dim() == 3
-        and w.shape == base.transpose(-2, -1).shape
-        and w.stride() == base.transpose(-2, -1).stride()
-        and w.storage_offset() == base.storage_offset()
-    ):
-        return base, True
-    return None
-
-
 def fp32_copy(w: torch.Tensor) -> torch.Tensor | None:
-    """A cached fp32 copy of a parameter, or of a parameter's transpose(-2, -1) view."""
-    found = parameter_of(w)
-    if found is None:
+    """A cached fp32 copy of a parameter or of a view of one (same layout as ``w``); None otherwise."""
+    if not WeightCache.cacheable(w):
         return None
-    copy = AutoTuner.get().weights.get(found[0], "fp32", _as_fp32)
-    return copy.transpose(-2, -1) if found[1] else copy
+    return AutoTuner.get().weights.get(w, "fp32", _as_fp32)
 
 
 def packed(w: torch.Tensor, fp32: bool) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """``mm(e, x) = x @ w[e].T`` from oneDNN-packed per-expert weights (fp32 copies if ``fp32``),
-    packed on first use of each expert and cached against the parameter ``w`` stems from."""
-    param, transposed = parameter_of(w)
+    packed on first use of each expert and cached against the parameter ``w`` is or views."""
     copies = AutoTuner.get().weights
-    kind = f"mkldnn_packed{'_fp32' if fp32 else ''}{'_t' if transposed else ''}"
+    kind = f"mkldnn_packed{'_fp32' if fp32 else ''}"
 
     def make(e: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def pack(p: torch.Tensor) -> torch.Tensor:
-            m = p[e].t() if transposed else p[e]
-            return _mkldnn_pack(m.float() if fp32 else m)
+        def pack(v: torch.Tensor) -> torch.Tensor:
+            return _mkldnn_pack(v[e].float() if fp32 else v[e])
 
         return pack
 
     def mm(e: int, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), copies.get(param, f"{kind}[{e}]", make(e)), None, "none", [], ""
+            x.contiguous(), copies.get(w, f"{kind}[{e}]", make(e)), None, "none", [], ""
         )
 
     return mm

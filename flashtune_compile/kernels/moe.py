@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
+from ..tuner.weights import WeightCache
 from .cpu import _mkldnn_packs
-from .experts import expert_loop, fp32_copy, grouped_mm_available, packed, parameter_of
+from .experts import expert_loop, fp32_copy, grouped_mm_available, packed
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -206,7 +207,7 @@ class CpuMoeRunner(TunableRunner):
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         hidden, _, _, w1, w2, _ = inputs
-        if hidden.device.type != "cpu" or parameter_of(w1) is None or parameter_of(w2) is None:
+        if hidden.device.type != "cpu" or not (WeightCache.cacheable(w1) and WeightCache.cacheable(w2)):
             return []
         packs = _mkldnn_packs(torch.float32)
         if hidden.dtype == torch.float32:

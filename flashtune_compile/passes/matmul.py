@@ -84,6 +84,43 @@ def _linear(node: torch.fx.Node) -> Match | None:
     return Match(LINEAR, [_arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")], [])
 
 
+def _swapped_2d(node: Any) -> Any:
+    """``w`` when ``node`` is a 2-D ``w`` with its two dims swapped (``w.t()``, ``w.T``,
+    ``w.transpose(0, 1)``, ``w.permute(1, 0)``, any dim spelling), else None."""
+    if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    src = node.args[0]
+    if not isinstance(_val(src), torch.Tensor) or _val(src).dim() != 2:
+        return None
+    rest = [*node.args[1:], *node.kwargs.values()]
+    if node.op == "call_method" and node.target == "t" or _fn_is(node, torch.t):
+        return src if not rest else None
+    if _fn_is(node, getattr) and rest == ["T"]:
+        return src
+    if (node.op == "call_method" and node.target == "transpose") or _fn_is(node, torch.transpose):
+        return src if len(rest) == 2 and {d % 2 for d in rest if isinstance(d, int)} == {0, 1} else None
+    if (node.op == "call_method" and node.target == "permute") or _fn_is(node, torch.permute):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        return src if [d % 2 for d in dims if isinstance(d, int)] == [1, 0] and len(dims) == 2 else None
+    return None
+
+
+def _fn_is(node: torch.fx.Node, fn: Any) -> bool:
+    return node.op == "call_function" and node.target is fn
+
+
+def _as_linear(m: Match) -> Match:
+    """``a @ w.T`` (an N-D @ 2-D product whose right side is a transposed 2-D tensor) as
+    ``linear(a, w)``: the linear op's weight tactics (packed, re-laid-out copies) then apply."""
+    w = _swapped_2d(m.tensors[1])
+    return Match(LINEAR, [m.tensors[0], w, None], []) if w is not None else m
+
+
+def _mm(node: torch.fx.Node) -> Match | None:
+    m = _binary(MM)(node)
+    return _as_linear(m) if m is not None else None
+
+
 def _matmul(node: torch.fx.Node) -> Match | None:
     m = _binary(MM)(node)
     if m is None:
@@ -92,7 +129,7 @@ def _matmul(node: torch.fx.Node) -> Match | None:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return None
     if a.dim() >= 2 and b.dim() == 2:
-        return m
+        return _as_linear(m)
     if a.dim() == 3 and b.dim() == 3 and _same_size(a.shape[0], b.shape[0]):
         return Match(BMM, m.tensors, [])
     return None
@@ -103,7 +140,7 @@ FUNCTIONS: dict[Any, Callable[[torch.fx.Node], Match | None]] = {
     torch._C._nn.linear: _linear,
     torch.matmul: _matmul,
     operator.matmul: _matmul,
-    torch.mm: _binary(MM),
+    torch.mm: _mm,
     torch.bmm: _binary(BMM),
     torch.addmm: _scaled(ADDMM),
     torch.baddbmm: _scaled(BADDBMM),
@@ -111,7 +148,7 @@ FUNCTIONS: dict[Any, Callable[[torch.fx.Node], Match | None]] = {
 METHODS: dict[str, Callable[[torch.fx.Node], Match | None]] = {
     "matmul": _matmul,
     "__matmul__": _matmul,
-    "mm": _binary(MM),
+    "mm": _mm,
     "bmm": _binary(BMM),
     "addmm": _scaled(ADDMM),
     "baddbmm": _scaled(BADDBMM),

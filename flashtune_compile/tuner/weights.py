@@ -1,8 +1,10 @@
 """Re-laid-out copies of weights (transposed, packed, upcast), bounded in bytes, never stale.
 
-An entry is keyed by the weight's identity and the kind of copy, and is served only while the
-weight is the same live object with the same version counter, data pointer, shape, stride and
-dtype: an in-place update (``w.add_``, ``optimizer.step()``, ``load_state_dict``) bumps the
+An entry is keyed by the weight's identity and the kind of copy; for a view of a parameter
+computed in the graph (``w.t()``, ``w.transpose(1, 2)``, ``w[e]``, ``w.expand(...)``: a new object
+every call), by the parameter and the view's shape, strides and offset. It is served only while the
+weight (the parameter, for a view) is the same live object with the same version counter, data
+pointer, shape, stride and dtype: an in-place update (``w.add_``, ``optimizer.step()``, ``load_state_dict``) bumps the
 version and the copy is made again. Least recently used entries are dropped past ``max_bytes``
 (default 2 GiB, ``$FLASHTUNE_WEIGHT_CACHE_MB``); entries of weights that die go with them. The
 tuner owns one (``AutoTuner.weights``), so a new tuner starts with none.
@@ -30,19 +32,34 @@ class WeightCache:
         self.made = 0  # copies made (a stale or evicted entry is made again)
 
     @staticmethod
+    def parameter_of(w: torch.Tensor) -> torch.Tensor | None:
+        """The parameter ``w`` is, or is a view of; None for anything else. Only parameters live
+        across calls (a weight computed inside the graph is a new tensor each call, so its copy
+        would be remade every time), and inference tensors have no version counter to detect
+        updates, so neither kind is cached."""
+        for t in (w, w._base):
+            if isinstance(t, torch.nn.Parameter) and not t.is_inference():
+                return t
+        return None
+
+    @staticmethod
     def cacheable(w: torch.Tensor) -> bool:
-        """Whether copies of ``w`` are worth keeping: only parameters, which live across calls (a
-        weight computed inside the graph is a new tensor each call, so its copy would be remade
-        every time), and not inference tensors, which have no version counter to detect updates."""
-        return isinstance(w, torch.nn.Parameter) and not w.is_inference()
+        """Whether copies of ``w`` are worth keeping: ``w`` is a parameter or a view of one."""
+        return WeightCache.parameter_of(w) is not None
 
     def get(self, w: torch.Tensor, kind: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``make(w)``, from the cache when a valid copy of this kind exists."""
-        key = (id(w), kind)
-        meta = (w._version, w.data_ptr(), w.shape, w.stride(), w.dtype)
+        """``make(w)``, from the cache when a valid copy of this kind exists (for a view of a
+        parameter: made from this same view of the parameter as it is now)."""
+        owner = self.parameter_of(w)
+        if owner is None or owner is w:
+            owner, view = w, ()
+        else:
+            view = (tuple(w.shape), w.stride(), w.storage_offset(), w.dtype)
+        key = (id(owner), kind, view)
+        meta = (owner._version, owner.data_ptr(), owner.shape, owner.stride(), owner.dtype)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry[0]() is w and entry[1] == meta:
+            if entry is not None and entry[0]() is owner and entry[1] == meta:
                 self._entries.move_to_end(key)
                 return entry[2]
         value = make(w)
@@ -51,7 +68,7 @@ class WeightCache:
             self._drop(key)
             self.made += 1
             if size <= self.max_bytes:
-                ref = weakref.ref(w, lambda _, key=key: self._forget(key))
+                ref = weakref.ref(owner, lambda _, key=key: self._forget(key))
                 self._entries[key] = (ref, meta, value, size)
                 self.nbytes += size
                 while self.nbytes > self.max_bytes:
