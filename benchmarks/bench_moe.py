@@ -18,7 +18,14 @@ Both compiled outputs are checked against eager first. Timing: per (dtype, T) th
 interleaved over ``--rounds`` rounds in shuffled order; a sample is the mean of n calls, n chosen
 so a sample takes >= ``--ms`` ms; the median over rounds is reported.
 
-Run: python benchmarks/bench_moe.py [--dtypes bf16,fp32] [--tokens 1,4,16,64,256] [--rounds 15] [--ms 20]
+``--spelling hand_grouped_mm`` times instead a whole MoE block written by hand around
+``torch._grouped_mm`` (router included; ``tests/moe_spellings.py``: argsort, histc, gather, two
+grouped GEMMs on transposed parameters, index-put back), called as ``block(x [T, H])``; flashtune
+routes only MoE ops there (``ops={"moe"}``) so the router's top-k matches eager's. That spelling
+is bf16 only: ``torch._grouped_mm`` has no fp32 meta function, so fp32 cannot be compiled.
+
+Run: python benchmarks/bench_moe.py [--spelling transformers|hand_grouped_mm] [--dtypes bf16,fp32]
+     [--tokens 1,4,16,64,256] [--rounds 15] [--ms 20]
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import MixtralConfig
@@ -63,6 +71,19 @@ def make_experts(args, dtype: torch.dtype) -> MixtralExperts:
         for p in experts.parameters():
             p.normal_(0.0, 0.02)
     return experts.to(dtype).eval()
+
+
+def make_block(args, dtype: torch.dtype) -> torch.nn.Module:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from moe_spellings import SPELLINGS
+
+    torch.manual_seed(0)
+    return SPELLINGS[args.spelling](args.experts, args.topk, args.hidden, args.inter, dtype).eval()
+
+
+def block_inputs(args, t: int, dtype: torch.dtype) -> tuple:
+    g = torch.Generator().manual_seed(1000 + t)
+    return (torch.randn(t, args.hidden, generator=g).to(dtype),)
 
 
 def routing_inputs(args, t: int, dtype: torch.dtype) -> tuple:
@@ -112,13 +133,18 @@ def main() -> None:
     ap.add_argument("--ms", type=float, default=20.0, help="minimum milliseconds per sample")
     ap.add_argument("--cache-dir", default=None, help="flashtune tactic cache (default: a fresh temp dir)")
     ap.add_argument("--dynamic-topk", action="store_true", help="leave the top-k dim symbolic")
+    ap.add_argument("--spelling", choices=("transformers", "hand_grouped_mm"), default="transformers")
     args = ap.parse_args()
     dtypes = {d: DTYPES[d] for d in args.dtypes.split(",")}
+    if args.spelling == "hand_grouped_mm" and torch.float32 in dtypes.values():
+        print("note: fp32 skipped: torch._grouped_mm has no fp32 meta function, so that block cannot compile")
+        dtypes = {d: t for d, t in dtypes.items() if t != torch.float32}
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="flashtune-bench-moe-")
+    what = "experts (MixtralExperts, grouped_mm)" if args.spelling == "transformers" else f"block ({args.spelling})"
     print(
-        f"MoE experts (MixtralExperts, grouped_mm): E={args.experts} top-k={args.topk} H={args.hidden} "
+        f"MoE {what}: E={args.experts} top-k={args.topk} H={args.hidden} "
         f"I={args.inter}; {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {args.rounds} interleaved rounds, >= {args.ms:g} ms/sample, "
         f"top-k dim {'symbolic' if args.dynamic_topk else 'static'}"
@@ -127,17 +153,17 @@ def main() -> None:
     ft.reset_stats()
     with torch.no_grad():
         for dname, dtype in dtypes.items():
-            experts = make_experts(args, dtype)
+            hand = args.spelling != "transformers"
+            experts = make_block(args, dtype) if hand else make_experts(args, dtype)
+            options = {"cache_dir": cache_dir, **({"ops": {"moe"}} if hand else {})}
             compiled = {
                 "inductor": torch.compile(experts, backend="inductor", dynamic=True, fullgraph=True),
-                "flashtune": torch.compile(
-                    experts, backend="flashtune", dynamic=True, fullgraph=True, options={"cache_dir": cache_dir}
-                ),
+                "flashtune": torch.compile(experts, backend="flashtune", dynamic=True, fullgraph=True, options=options),
             }
             inputs = {}
             for t in args.tokens:  # compile, warm (flashtune tunes the bucket of t here) and check
                 print(f"[{dname}] T={t}: compile, tune, check", file=sys.stderr, flush=True)
-                inputs[t] = x = routing_inputs(args, t, dtype)
+                inputs[t] = x = block_inputs(args, t, dtype) if hand else routing_inputs(args, t, dtype)
                 ref = experts(*x)
                 tol = TOL[dtype]
                 for name, fn in compiled.items():

@@ -154,16 +154,10 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     if found is None:
         return None
     pairs, top_k = found
-    unsorted = _getitem(pairs)
+    unsorted = _unpermuted(pairs)
     if unsorted is None:
         return None
-    weighted, inv_perm = unsorted
-    if not _call(inv_perm, "empty_like", torch.empty_like):
-        return None
-    perm = inv_perm.args[0]
-    scatters = [u for u in inv_perm.users if _fn(u, operator.setitem)]
-    if len(scatters) != 1 or scatters[0].args[1] is not perm or not _fn(scatters[0].args[2], torch.arange):
-        return None
+    weighted, perm, back = unsorted
     ops = _mul_operands(weighted)
     if ops is None:
         return None
@@ -190,14 +184,12 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
         return None
     xg, w1t, _ = gemm1
     # perm comes from sorting the flattened ids; offs counts them per expert
-    if not (_getitem(perm, 1) and _call(perm.args[0], "sort", torch.sort)):
+    sort = _sorting(perm)
+    if sort is None:
         return None
-    sort = perm.args[0]
     ids = _flat(sort.args[0])
-    if ids is None or len(sort.args) > 1 or sort.kwargs.get("descending", False) or sort.kwargs.get("dim", -1) != -1:
-        return None
     num_experts = _val(w2t).shape[0]
-    if not _counts_per_expert(offs, sort, num_experts):
+    if ids is None or not _counts_per_expert(offs, sort, ids, num_experts):
         return None
     gathered = _getitem(_strip_to(xg))
     if gathered is None or not (
@@ -214,9 +206,7 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
         weighted,
         sw,
         sw.args[0],
-        inv_perm,
-        scatters[0],
-        scatters[0].args[2],
+        *back,
         y2,
         h,
         g,
@@ -229,9 +219,56 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     return _Moe(hidden, weights, ids, w1, w2, activation, nodes)
 
 
-def _counts_per_expert(offs: Node, sort: Node, num_experts: int) -> bool:
-    """``offs`` is ``cumsum(histc(sorted ids, bins=E, min=0, max=E-1))`` or the bincount form."""
-    if not (_call(offs, "cumsum", torch.cumsum) and _arg(offs, 1, "dim") == 0):
+def _unpermuted(pairs: Node) -> tuple | None:
+    """(weighted sorted pairs, perm, the nodes doing it) when ``pairs`` puts the sorted pairs back
+    in (token, pick) order: ``weighted[inv]`` with ``inv = empty_like(perm); inv[perm] = arange``
+    (transformers), or ``out = empty_like(weighted); out[perm] = weighted`` (an index-put)."""
+    gathered = _getitem(pairs)
+    if gathered is not None:
+        weighted, inv_perm = gathered
+        if not _call(inv_perm, "empty_like", torch.empty_like):
+            return None
+        perm = inv_perm.args[0]
+        puts = [u for u in inv_perm.users if _fn(u, operator.setitem)]
+        if len(puts) != 1 or puts[0].args[1] is not perm or not _fn(puts[0].args[2], torch.arange):
+            return None
+        return weighted, perm, [inv_perm, puts[0], puts[0].args[2]]
+    if not _call(pairs, "empty_like", torch.empty_like) or len(pairs.args) != 1 or pairs.kwargs:
+        return None
+    weighted = pairs.args[0]
+    puts = [u for u in pairs.users if _fn(u, operator.setitem)]
+    if len(puts) != 1 or len(pairs.users) != 2 or puts[0].args[0] is not pairs or puts[0].args[2] is not weighted:
+        return None
+    perm = puts[0].args[1]
+    return (weighted, perm, [puts[0]]) if isinstance(perm, Node) else None
+
+
+def _sorting(perm: Node) -> Node | None:
+    """The node sorting the flat ids when ``perm`` is their ascending order: ``sort(ids)[1]`` or
+    ``argsort(ids)`` (stable or not: ties are pairs of one expert, either order sums the same)."""
+    if _getitem(perm, 1) is not None and _call(perm.args[0], "sort", torch.sort):
+        node = perm.args[0]
+    elif _call(perm, "argsort", torch.argsort):
+        node = perm
+    else:
+        return None
+    if len(node.args) > 1 or set(node.kwargs) - {"dim", "descending", "stable"}:
+        return None
+    if node.kwargs.get("descending", False) or node.kwargs.get("dim", -1) not in (-1, 0):
+        return None
+    return node
+
+
+def _counts_per_expert(offs: Node, sort: Node, ids: Node, num_experts: int) -> bool:
+    """``offs`` is the int32 ``cumsum`` of ``histc(ids, bins=E, min=0, max=E-1 or E)`` or of the
+    bincount form, over the sorted or the unsorted flat ``ids`` (a cast of the sum may follow)."""
+    while _method(offs, "to", "int") and not offs.kwargs and _val(offs).dtype == torch.int32:
+        offs = offs.args[0]
+    if not (
+        _call(offs, "cumsum", torch.cumsum)
+        and _arg(offs, 1, "dim") == 0
+        and offs.kwargs.get("dtype") in (None, torch.int32, torch.int64)
+    ):
         return False
     counts = offs.args[0]
     if _fn(counts, torch.histc):
@@ -239,7 +276,7 @@ def _counts_per_expert(offs: Node, sort: Node, num_experts: int) -> bool:
         ok = (
             _arg(counts, 1, "bins") == num_experts
             and _arg(counts, 2, "min") == 0
-            and _arg(counts, 3, "max") == num_experts - 1
+            and _arg(counts, 3, "max") in (num_experts - 1, num_experts)
         )
     elif _fn(counts, torch.bincount):
         src = counts.args[0]
@@ -248,7 +285,8 @@ def _counts_per_expert(offs: Node, sort: Node, num_experts: int) -> bool:
         return False
     while _method(src, "float", "int", "long") or (_method(src, "to") and len(src.args) == 2):
         src = src.args[0]
-    return ok and _getitem(src, 0) is not None and src.args[0] is sort
+    sorted_ids = _getitem(src, 0) is not None and src.args[0] is sort
+    return ok and (sorted_ids or src is sort.args[0] or _flat(src) is ids)
 
 
 def _weight(effective: Node) -> Any:
