@@ -555,7 +555,7 @@ def zipf_routing(t: int, e: int, k: int, tier: Tier, seed: int = 0) -> tuple[tor
     return routing.topk_weights(t, k, torch.float32, torch.device(tier.device), g), ids
 
 
-def moe_reference(hidden, weights, ids, w1, w2, activation) -> torch.Tensor:
+def moe_reference(hidden, weights, ids, w1, w2, activation, w3=None) -> torch.Tensor:
     """The experts' loop in fp32, each expert's weights widened only while it runs (DeepSeek-V3's
     expert weights would take 45 GB in fp32 at once)."""
     mm1 = lambda e, x: F.linear(x, w1[e].float())  # noqa: E731
@@ -573,7 +573,7 @@ def section_moe(sec: Section, tier: Tier) -> None:
                 break
             hidden = randn(t, h, tier=tier)
             weights, ids = zipf_routing(t, e, k, tier)
-            inputs = (hidden, weights, ids, w1, w2, "silu")
+            inputs = (hidden, weights, ids, w1, w2, "silu", None)
             site = tuned_site(MOE, inputs, ((0, 0), (1, 0), (2, 0)))
             start = time.perf_counter()
             with ft.autotune():

@@ -318,7 +318,14 @@ def test_a_new_tuner_starts_with_none_of_the_old_ones_state(tuner):
     w1, w2 = make_layer(4, torch.float32)
     ids = torch.tensor([[1, 3]] * 5)
     torch.ops.flashtune.moe(
-        torch.randn(5, H), torch.rand(5, 2), ids, w1, w2, "silu", moe_site(4, 2, torch.float32, routing_kind="learned")
+        torch.randn(5, H),
+        torch.rand(5, 2),
+        ids,
+        w1,
+        w2,
+        "silu",
+        None,
+        moe_site(4, 2, torch.float32, routing_kind="learned"),
     )
     cpu = torch.device("cpu")
     old = ft.AutoTuner.get()

@@ -32,7 +32,7 @@ def reference_moe(x, weights, ids, w1, w2, activation="silu"):
 def moe_site(e, k, dtype, wdtype=None, kernels=("aten", "cpu"), routing_kind="zipf", tune=None):
     wd = str(wdtype or dtype).removeprefix("torch.")
     d = str(dtype).removeprefix("torch.")
-    sig = [[[-1, H], d], [[-1, k], wd], [[-1, k], "int64"], [[e, 2 * I, H], d], [[e, H, I], d], None]
+    sig = [[[-1, H], d], [[-1, k], wd], [[-1, k], "int64"], [[e, 2 * I, H], d], [[e, H, I], d], None, None]
     options = SiteOptions(tune=tune, kernels=kernels, routing=routing_kind)
     return SiteSpec("moe", ((((0, 0), (1, 0), (2, 0)), 1, 4096),), sig, options).encode()
 
@@ -55,13 +55,18 @@ def close(a, b, dtype):
 # -- the op and its candidates ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["stacked", "split_gate_up"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,k", [(0, 2), (1, 2), (5, 2), (7, 4)])
-def test_every_candidate_matches_the_reference(tuner, dtype, tokens, k):
+def test_every_candidate_matches_the_reference(tuner, dtype, tokens, k, split):
     """Each runner and tactic; expert 3 of 4 gets no token; top-k = E in the last case; one id out
-    of range is dropped."""
+    of range is dropped. ``split``: the gate and up weights as two parameters (``w3``)."""
     e = 4
     w1, w2 = make_layer(e, dtype)
+    gate = up = None
+    if split:
+        gate = torch.nn.Parameter(w1[:, :I].clone(), requires_grad=False)
+        up = torch.nn.Parameter(w1[:, I:].clone(), requires_grad=False)
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, H, generator=g).to(dtype)
     ids = (
@@ -73,7 +78,7 @@ def test_every_candidate_matches_the_reference(tuner, dtype, tokens, k):
         ids[2, 0] = e  # out of range: contributes nothing
     weights = torch.softmax(torch.randn(tokens, k, generator=g), -1)
     ref = reference_moe(x, weights, ids, w1, w2)
-    inputs = (x, weights, ids, w1, w2, "silu")
+    inputs = (x, weights, ids, gate, w2, "silu", up) if split else (x, weights, ids, w1, w2, "silu", None)
     shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs)
     tried = 0
     for runner in runners_for("moe", ["aten", "cpu"]):
@@ -83,8 +88,9 @@ def test_every_candidate_matches_the_reference(tuner, dtype, tokens, k):
             assert close(out, ref, dtype), (runner.name, tactic)
             tried += 1
     assert tried >= (3 if dtype == torch.bfloat16 else 2)
-    out = torch.ops.flashtune.moe(x, weights, ids, w1, w2, "silu", moe_site(e, k, dtype, torch.float32))
-    assert close(out, ref, dtype)
+    if not split:
+        out = torch.ops.flashtune.moe(x, weights, ids, w1, w2, "silu", None, moe_site(e, k, dtype, torch.float32))
+        assert close(out, ref, dtype)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
@@ -94,7 +100,9 @@ def test_gelu_activations_and_transposed_weights(tuner, activation):
     x, ids = torch.randn(6, H), torch.randint(0, 4, (6, 2))
     weights = torch.rand(6, 2)
     ref = reference_moe(x, weights, ids, w1, w2, activation)
-    out = torch.ops.flashtune.moe(x, weights, ids, w1t.transpose(-2, -1), w2, activation, moe_site(4, 2, torch.float32))
+    out = torch.ops.flashtune.moe(
+        x, weights, ids, w1t.transpose(-2, -1), w2, activation, None, moe_site(4, 2, torch.float32)
+    )
     assert close(out, ref, torch.float32)
 
 
@@ -120,11 +128,11 @@ def test_bad_inputs_get_clear_errors(tuner):
     x, ids, weights = torch.randn(3, H), torch.randint(0, 4, (3, 2)), torch.rand(3, 2)
     site = moe_site(4, 2, torch.float32)
     with pytest.raises(ValueError, match="activation must be one of"):
-        torch.ops.flashtune.moe(x, weights, ids, w1, w2, "relu", site)
+        torch.ops.flashtune.moe(x, weights, ids, w1, w2, "relu", None, site)
     with pytest.raises(ValueError, match="shapes disagree"):
-        torch.ops.flashtune.moe(x, weights[:2], ids[:2], w1, w2, "silu", site)
+        torch.ops.flashtune.moe(x, weights[:2], ids[:2], w1, w2, "silu", None, site)
     with pytest.raises(ValueError, match="must be integers"):
-        torch.ops.flashtune.moe(x, weights, ids.float(), w1, w2, "silu", site)
+        torch.ops.flashtune.moe(x, weights, ids.float(), w1, w2, "silu", None, site)
 
 
 def test_gradients_flow_through_the_reference_formulation(tuner):
@@ -132,7 +140,9 @@ def test_gradients_flow_through_the_reference_formulation(tuner):
     w1, w2 = (torch.nn.Parameter(w.detach().clone()) for w in make_layer(4, torch.float32))
     x = torch.randn(5, H, requires_grad=True)
     ids, weights = torch.randint(0, 4, (5, 2)), torch.rand(5, 2, requires_grad=True)
-    torch.ops.flashtune.moe(x, weights, ids, w1, w2, "silu", moe_site(4, 2, torch.float32)).square().sum().backward()
+    torch.ops.flashtune.moe(
+        x, weights, ids, w1, w2, "silu", None, moe_site(4, 2, torch.float32)
+    ).square().sum().backward()
     got = [t.grad.clone() for t in (x, weights, w1, w2)]
     for t in (x, weights, w1, w2):
         t.grad = None
@@ -149,7 +159,7 @@ def test_tuning_keys_hold_experts_topk_sizes_and_dtype(tuner):
         x, ids, weights = torch.randn(6, H).bfloat16(), torch.randint(0, 4, (6, k)), torch.rand(6, k)
         site = moe_site(4, k, torch.bfloat16, torch.float32)
         for _ in range(3):
-            torch.ops.flashtune.moe(x, weights, ids, w1, w2, "silu", site)
+            torch.ops.flashtune.moe(x, weights, ids, w1, w2, "silu", None, site)
     keys = {str(e["shape_key"]) for e in _moe_entries()}
     assert len(keys) == 2 and ft.stats()["misses"] == 2
     assert all("[4, 32, 32]" in k.replace("(", "[").replace(")", "]") for k in keys)  # E, 2I, H in the key
@@ -195,7 +205,7 @@ def test_routing_synthesis_leaves_the_user_rng_alone(tuner):
     expected = torch.rand(3)
     torch.manual_seed(123)
     x, ids, weights = torch.ones(5, H), torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2)
-    torch.ops.flashtune.moe(x, weights, ids, w1, w2, "silu", moe_site(4, 2, torch.float32))
+    torch.ops.flashtune.moe(x, weights, ids, w1, w2, "silu", None, moe_site(4, 2, torch.float32))
     assert ft.stats()["synthesized"] > 0
     assert torch.equal(torch.rand(3), expected)
 

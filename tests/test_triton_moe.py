@@ -222,18 +222,21 @@ def profile(inputs):
 
 def test_moe_runner(triton_on_cpu):
     hidden, weights, ids, w1, w2 = make_moe(5, 2, torch.float32, seed=2)
-    inputs = (hidden, weights, ids, w1, w2, "silu")
+    inputs = (hidden, weights, ids, w1, w2, "silu", None)
     runner = TritonMoeRunner()
     assert runner.name == "triton_moe"
     tactics = runner.get_valid_tactics(inputs, profile(inputs))
     assert tactics and all(len(t) == 6 for t in tactics)
     if not torch.cuda.is_available():
         assert len(tactics) <= 4
-    ref = reference_moe(*inputs)
+    ref = reference_moe(*inputs[:6])
     for tactic in [-1, tactics[0]]:
         assert_close(runner.forward(inputs, tactic), ref)
-    assert runner.get_valid_tactics(inputs[:5] + ("relu",), profile(inputs)) == []
-    assert runner.get_valid_tactics((hidden, weights, ids, w1.double(), w2, "silu"), profile(inputs)) == []
+    assert runner.get_valid_tactics(inputs[:5] + ("relu", None), profile(inputs)) == []
+    assert runner.get_valid_tactics((hidden, weights, ids, w1.double(), w2, "silu", None), profile(inputs)) == []
+    gate, up = w1.chunk(2, dim=1)  # separate gate and up weights: not for the fused kernel
+    split = (hidden, weights, ids, gate, w2, "silu", up)
+    assert runner.get_valid_tactics(split, profile(split)) == []
 
 
 def test_grouped_mm_runner(triton_on_cpu):
@@ -252,7 +255,7 @@ def test_grouped_mm_runner(triton_on_cpu):
 def test_runners_not_offered_on_cpu_without_opt_in(monkeypatch):
     monkeypatch.delenv("FLASHTUNE_TRITON_ON_CPU", raising=False)
     cpu = make_moe(2, 2, torch.float32)
-    cpu = tuple(x.cpu() for x in cpu) + ("silu",)
+    cpu = tuple(x.cpu() for x in cpu) + ("silu", None)
     assert TritonMoeRunner().get_valid_tactics(cpu, profile(cpu)) == []
     gm = (torch.randn(4, 8), torch.randn(2, 8, 8), torch.tensor([2, 4], dtype=torch.int32))
     assert TritonGroupedMMRunner().get_valid_tactics(gm, profile(gm)) == []

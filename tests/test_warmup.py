@@ -130,7 +130,7 @@ def test_warmup_learns_moe_routing_from_its_calls(tuner):
     class Experts(nn.Module):  # a router that always picks experts 1 and 3
         def forward(self, h):
             ids = torch.tensor([1, 3]).expand(h.shape[0], 2)
-            return torch.ops.flashtune.moe(h, torch.full((h.shape[0], 2), 0.5), ids, w1, w2, "silu", site)
+            return torch.ops.flashtune.moe(h, torch.full((h.shape[0], 2), 0.5), ids, w1, w2, "silu", None, site)
 
     compiled = torch.compile(Experts(), backend="flashtune", dynamic=True, options={"inner": "eager"})
     report = ft.warmup(compiled, lambda n: (torch.randn(n, H),), num_tokens=[2, 8], progress=False)

@@ -128,7 +128,7 @@ def _forward(self, hidden_states, top_k_index, top_k_weights, site_key) -> torch
         _name(top_k_weights.dtype),
         _name(top_k_index.dtype),
     )
-    return torch.ops.flashtune.moe(hidden_states, top_k_weights, top_k_index, w1, w2, activation, site_key(key))
+    return torch.ops.flashtune.moe(hidden_states, top_k_weights, top_k_index, w1, w2, activation, None, site_key(key))
 
 
 def _name(dtype: torch.dtype) -> str:

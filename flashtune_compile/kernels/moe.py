@@ -8,7 +8,10 @@ of its ``k`` picks ``e = ids[t, j]`` in ``[0, E)``::
     y = h @ w2[e].T                          # [H], rounded to x.dtype
     out[t] += y * weights[t, j]              # in result_type(x, weights), cast to x.dtype at the end
 
-Picks outside ``[0, E)`` contribute nothing. Formulations (tactics):
+Picks outside ``[0, E)`` contribute nothing. With separate gate and up weights (``w3`` given),
+``w1 [E, I, H]`` is the gate and ``w3 [E, I, H]`` the up projection: ``g`` is then
+``[x[t] @ w1[e].T, x[t] @ w3[e].T]``, each formulation running the two GEMMs side by side
+(``gate_up``), with no stacked copy of the weights. Formulations (tactics):
 
 - ``"loop"``: sort the (token, pick) pairs by expert, one ATen GEMM pair per expert that has
   tokens (one host sync to read the counts);
@@ -86,14 +89,19 @@ def _slices(w: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
     return lambda e, x: F.linear(x, w[e])
 
 
+def gate_up(mm: Callable[[torch.Tensor], torch.Tensor], w1: torch.Tensor, w3: torch.Tensor | None) -> torch.Tensor:
+    """[gate | up] rows: ``mm(w1)`` with stacked weights, else ``mm(w1)`` and ``mm(w3)`` side by side."""
+    return mm(w1) if w3 is None else torch.cat([mm(w1), mm(w3)], dim=-1)
+
+
 def gate(act: Callable, g: torch.Tensor) -> torch.Tensor:
     gate_part, up = g.chunk(2, dim=-1)
     return act(gate_part) * up
 
 
-def moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=None, mm1=None, mm2=None):
+def moe_loop(hidden, weights, ids, w1, w2, activation, w3=None, compute_dtype=None, mm1=None, mm2=None, mm3=None):
     """The loop formulation, computing in ``compute_dtype`` (default: the inputs' dtype) with
-    ``mm1``/``mm2`` (default: ``F.linear`` against each expert's slice of ``w1``/``w2``)."""
+    ``mm1``/``mm2``/``mm3`` (default: ``F.linear`` against each expert's slice of ``w1``/``w2``/``w3``)."""
     tokens, top_k = ids.shape
     order, counts, valid = sort_pairs(ids, w1.shape[0])
     xs = hidden[order // top_k]
@@ -101,38 +109,42 @@ def moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=None, mm1=N
         xs = xs.to(compute_dtype)
     act = ACTIVATIONS[activation]
     n = counts.tolist()
-    h = expert_loop(xs, n, mm1 or _slices(w1), w2.shape[2], partial(gate, act))
+    mm_gate = mm1 or _slices(w1)
+    if w3 is not None:
+        mm_up = mm3 or _slices(w3)
+        mm_gate = lambda e, x, g=mm_gate: torch.cat([g(e, x), mm_up(e, x)], dim=-1)  # noqa: E731
+    h = expert_loop(xs, n, mm_gate, w2.shape[2], partial(gate, act))
     y = expert_loop(h, n, mm2 or _slices(w2), w2.shape[1])
     y = y.to(hidden.dtype)
     return combine(y, order, weights, valid, tokens, hidden.dtype)
 
 
-def moe_grouped(hidden, weights, ids, w1, w2, activation):
+def moe_grouped(hidden, weights, ids, w1, w2, activation, w3=None):
     tokens, top_k = ids.shape
     order, counts, valid = sort_pairs(ids, w1.shape[0])
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     xs = hidden[order // top_k]
-    g = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)
+    g = gate_up(lambda w: torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs), w1, w3)
     h = gate(ACTIVATIONS[activation], g)
     y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
     return combine(y, order, weights, valid, tokens, hidden.dtype)
 
 
-def moe_bmm(hidden, weights, ids, w1, w2, activation):
+def moe_bmm(hidden, weights, ids, w1, w2, activation, w3=None):
     tokens, top_k = ids.shape
     num_experts = w1.shape[0]
     flat = ids.reshape(-1)
     valid = (flat >= 0) & (flat < num_experts)
     e = torch.where(valid, flat, 0).long()
     x = hidden.repeat_interleave(top_k, dim=0)
-    g = torch.bmm(w1[e], x.unsqueeze(-1)).squeeze(-1)
+    g = gate_up(lambda w: torch.bmm(w[e], x.unsqueeze(-1)).squeeze(-1), w1, w3)
     h = gate(ACTIVATIONS[activation], g)
     y = torch.bmm(w2[e], h.unsqueeze(-1)).squeeze(-1)
     order = torch.arange(flat.numel(), device=flat.device)
     return combine(y, order, weights, valid, tokens, hidden.dtype)
 
 
-def moe_pairs(hidden, weights, ids, w1, w2, activation):
+def moe_pairs(hidden, weights, ids, w1, w2, activation, w3=None):
     """For a few (token, pick) pairs: read the ids on the host and run each used expert on its
     rows directly (no sort, gather or scatter of the whole batch)."""
     tokens, top_k = ids.shape
@@ -151,7 +163,7 @@ def moe_pairs(hidden, weights, ids, w1, w2, activation):
         else:
             at = torch.tensor([p // top_k for p in pairs], device=hidden.device)
             x, w = hidden[at], flat_w[torch.tensor(pairs, device=hidden.device)]
-        y = F.linear(gate(act, F.linear(x, w1[e])), w2[e]) * w[:, None]
+        y = F.linear(gate(act, gate_up(lambda m, x=x, e=e: F.linear(x, m[e]), w1, w3)), w2[e]) * w[:, None]
         if at is None:
             out[pairs[0] // top_k] += y[0]
         else:
@@ -164,11 +176,13 @@ PAIRS_MAX = 16  # the "pairs" tactic is offered up to this many (token, pick) pa
 
 def _bmm_bytes(shapes: Sequence[Any], elem_bytes: int) -> int:
     (tokens, _), (_, top_k), (_, n1, hdim), (_, _, inter) = shapes[0], shapes[2], shapes[3], shapes[4]
+    n1 = n1 * 2 if len(shapes) > 6 and shapes[6] is not None else n1  # separate gate and up
     return tokens * top_k * (n1 * hdim + hdim * inter) * elem_bytes
 
 
 # -- runners: flashtune.moe -------------------------------------------------------------------
-# inputs: (hidden [T, H], topk_weights [T, k], topk_ids [T, k], w1 [E, 2I, H], w2 [E, H, I], activation)
+# inputs: (hidden [T, H], topk_weights [T, k], topk_ids [T, k], w1 [E, 2I, H], w2 [E, H, I], activation,
+#          w3 None | [E, I, H] with w1 then [E, I, H])
 
 
 class AtenMoeRunner(TunableRunner):
@@ -206,8 +220,9 @@ class CpuMoeRunner(TunableRunner):
     name = "cpu_moe"
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        hidden, _, _, w1, w2, _ = inputs
-        if hidden.device.type != "cpu" or not (WeightCache.cacheable(w1) and WeightCache.cacheable(w2)):
+        hidden, _, _, w1, w2, _, w3 = inputs
+        weights = (w1, w2) if w3 is None else (w1, w2, w3)
+        if hidden.device.type != "cpu" or not all(WeightCache.cacheable(w) for w in weights):
             return []
         packs = _mkldnn_packs(torch.float32)
         if hidden.dtype == torch.float32:
@@ -217,9 +232,12 @@ class CpuMoeRunner(TunableRunner):
         return []
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
-        hidden, weights, ids, w1, w2, activation = inputs
+        hidden, weights, ids, w1, w2, activation, w3 = inputs
         if tactic == "fp32_loop":
-            return moe_loop(hidden, weights, ids, fp32_copy(w1), fp32_copy(w2), activation, compute_dtype=torch.float32)
+            w3_32 = fp32_copy(w3) if w3 is not None else None
+            return moe_loop(
+                hidden, weights, ids, fp32_copy(w1), fp32_copy(w2), activation, w3_32, compute_dtype=torch.float32
+            )
         if tactic in ("mkldnn_packed", "fp32_packed"):
             fp32 = tactic == "fp32_packed"
             return moe_loop(
@@ -229,8 +247,10 @@ class CpuMoeRunner(TunableRunner):
                 w1,
                 w2,
                 activation,
+                w3,
                 compute_dtype=torch.float32 if fp32 else None,
                 mm1=packed(w1, fp32),
                 mm2=packed(w2, fp32),
+                mm3=packed(w3, fp32) if w3 is not None else None,
             )
         raise ValueError(f"unknown cpu_moe tactic {tactic!r}")

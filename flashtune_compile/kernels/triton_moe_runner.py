@@ -80,13 +80,14 @@ def _offered(x: torch.Tensor) -> bool:
 
 class TritonMoeRunner(TritonRunner):
     """Fused MoE experts (two grouped GEMMs with the routed weight fused into the second).
-    Inputs ``(hidden, topk_weights, topk_ids, w1, w2, activation)``."""
+    Inputs ``(hidden, topk_weights, topk_ids, w1, w2, activation, w3)``; stacked [gate; up] ``w1``
+    only (``w3`` None): separate gate and up weights are not offered to it."""
 
     name = "triton_moe"
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        hidden, topk_weights, topk_ids, w1, w2, activation = inputs
-        if not _offered(hidden) or activation not in ACTIVATIONS:
+        hidden, topk_weights, topk_ids, w1, w2, activation, w3 = inputs
+        if not _offered(hidden) or activation not in ACTIVATIONS or w3 is not None:
             return []
         if w1.dtype != hidden.dtype or w2.dtype != hidden.dtype or not topk_weights.is_floating_point():
             return []
@@ -108,7 +109,7 @@ class TritonMoeRunner(TritonRunner):
     def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
         from .triton_moe import fused_moe  # imports triton: only when a tactic runs
 
-        return fused_moe(*inputs, tactic=tactic)
+        return fused_moe(*inputs[:6], tactic=tactic)
 
 
 class TritonGroupedMMRunner(TritonRunner):

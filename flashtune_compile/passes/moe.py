@@ -144,9 +144,9 @@ def _either_order(operands: tuple, pick: Any) -> tuple | None:
 class _Moe:
     """The pieces of one matched MoE layer."""
 
-    def __init__(self, hidden, weights, ids, w1, w2, activation, nodes):
-        self.hidden, self.weights, self.ids, self.w1, self.w2 = hidden, weights, ids, w1, w2
-        self.activation, self.nodes = activation, nodes
+    def __init__(self, hidden, weights, ids, w1, w2, activation, nodes, w3=None):
+        self.hidden, self.weights, self.ids, self.w1, self.w2, self.w3 = hidden, weights, ids, w1, w2, w3
+        self.activation, self.nodes = activation, nodes  # w3: the up weight when separate from w1 (gate)
 
 
 def _match_sorted(out: Node, targets: set) -> _Moe | None:
@@ -349,11 +349,13 @@ def _batched_linear(node: Any) -> tuple | None:
 
 
 def _weight_value(w: Any) -> Any:
-    """The fake value of a matched [E, N, K] weight (see ``_weight``)."""
+    """The fake value of a matched [E, N, K] weight (see ``_weight``); None for no weight."""
+    if w is None:
+        return None
     return _val(w[1]).transpose(-2, -1) if isinstance(w, tuple) else _val(w)
 
 
-def _weight_node(graph: torch.fx.Graph, before: Node, w: Any) -> Node:
+def _weight_node(graph: torch.fx.Graph, before: Node, w: Any) -> Node | None:
     """A matched [E, N, K] weight as a node: the parameter, or a new transpose of the effective one."""
     if not isinstance(w, tuple):
         return w
@@ -366,13 +368,14 @@ def _weight_node(graph: torch.fx.Graph, before: Node, w: Any) -> Node:
 def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: _Moe, options: SiteOptions) -> bool:
     """Replace the layer ending at ``out`` by one ``flashtune.moe`` call, if the op serves it."""
     graph = gm.graph
-    values = [_val(n) for n in (m.hidden, m.weights, m.ids)] + [_weight_value(w) for w in (m.w1, m.w2)]
+    weights = (m.w1, m.w2, m.w3)
+    values = [_val(n) for n in (m.hidden, m.weights, m.ids)] + [_weight_value(w) for w in weights]
     why = routable(MOE, values, _val(out))
     if why is not None:
         log.debug("flashtune: leaving the MoE layer ending at %s: %s", out.format_node(), why)
         return False
-    w1, w2 = (_weight_node(graph, out, w) for w in (m.w1, m.w2))
-    args = (m.hidden, m.weights, m.ids, w1, w2, m.activation, site_for(MOE, values, options))
+    w1, w2, w3 = (_weight_node(graph, out, w) for w in weights)
+    args = (m.hidden, m.weights, m.ids, w1, w2, m.activation, w3, site_for(MOE, values, options))
     with graph.inserting_before(out):
         new = graph.call_function(torch.ops.flashtune.moe.default, args)
     new.meta = dict(out.meta)
