@@ -4,7 +4,7 @@ makes them compute something else."""
 
 import pytest
 import torch
-from moe_spellings import HandGroupedMM
+from moe_spellings import SPELLINGS, HandGroupedMM, TitanGroupedExperts
 from test_moe import close
 
 import flashtune_compile as ft
@@ -16,11 +16,11 @@ E, K, H, I = 4, 2, 32, 16
 class Counting:
     """The flashtune backend (inner eager), counting the flashtune ops of each compiled graph."""
 
-    def __init__(self):
-        self.counts = []
+    def __init__(self, inner="eager"):
+        self.counts, self.inner = [], inner
 
     def __call__(self, gm, example_inputs):
-        fn = ft.backend(gm, example_inputs, options={"inner": "eager", "ops": {"moe"}})
+        fn = ft.backend(gm, example_inputs, options={"inner": self.inner, "ops": {"moe"}})
         names = {}
         for node in gm.graph.nodes:
             name = op_name(node)
@@ -30,9 +30,9 @@ class Counting:
         return fn
 
 
-def _run(block, tokens, dtype, x_gen=None):
+def _run(block, tokens, dtype, inner="eager"):
     torch._dynamo.reset()
-    spy = Counting()
+    spy = Counting(inner)
     compiled = torch.compile(block, backend=spy, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -63,13 +63,26 @@ def test_a_twisted_grouped_mm_block_is_left_per_node_and_still_equals_eager(tune
     assert counts and all("moe" not in c and c.get("grouped_mm") == 2 for c in counts), counts
 
 
-@pytest.mark.parametrize("spelling", ["torchtitan", "gpt_fast"])
-def test_separate_gate_and_up_spellings_compile_and_equal_eager(tuner, spelling):
-    """Not yet fused (their gate and up weights are separate parameters, and ``flashtune.moe``
-    takes them stacked): torchtitan's grouped GEMMs are routed one by one, gpt-fast's einsums are
-    left as they are, and both still equal eager."""
-    from moe_spellings import SPELLINGS
+@pytest.mark.parametrize("tokens", [(1,), (3, 16)])
+def test_torchtitan_grouped_experts_become_one_moe_op(tuner, tokens):
+    """Separate gate (w1) and up (w3) weights, histc with max=E, int32 cumsum, scores applied to
+    the expert output in fp32, scatter_add back onto the tokens. bf16: see above."""
+    counts = _run(TitanGroupedExperts(E, K, H, I, torch.bfloat16), tokens, torch.bfloat16)
+    assert counts and all(c == {"moe": 1} for c in counts), counts
 
-    counts = _run(SPELLINGS[spelling](E, K, H, I, torch.bfloat16), (3, 16), torch.bfloat16)
-    want = {"grouped_mm": 3} if spelling == "torchtitan" else {}
-    assert counts and all(c == want for c in counts), counts
+
+def test_torchtitan_block_under_inner_inductor(tuner):
+    """The separate up weight reaches Inductor's call of the op as an optional tensor argument."""
+    counts = _run(TitanGroupedExperts(E, K, H, I, torch.bfloat16), (3, 16), torch.bfloat16, inner="inductor")
+    assert counts and all(c == {"moe": 1} for c in counts), counts
+
+
+def test_torchtitan_ungated_is_left_per_node(tuner):
+    counts = _run(TitanGroupedExperts(E, K, H, I, torch.bfloat16, twist="ungated"), (3, 16), torch.bfloat16)
+    assert counts and all(c == {"grouped_mm": 2} for c in counts), counts
+
+
+def test_gpt_fast_einsum_spelling_compiles_and_equals_eager(tuner):
+    """Not yet fused: gpt-fast's einsums over gathered expert weights are left as they are."""
+    counts = _run(SPELLINGS["gpt_fast"](E, K, H, I, torch.bfloat16), (3, 16), torch.bfloat16)
+    assert counts and all(c == {} for c in counts), counts

@@ -100,6 +100,32 @@ def _gated(node: Any) -> tuple[str, Any] | None:
     return None
 
 
+def _split_gated(node: Any, targets: set) -> tuple | None:
+    """(activation, x, w_gate, w_up, offs) when ``node`` is ``act(gm(x, w_gate)) * gm(x, w_up)``
+    for two grouped GEMMs ``gm`` of the same rows ``x`` and offsets (gate and up kept apart)."""
+    ops = _mul_operands(node)
+    if ops is None:
+        return None
+    for a, b in (ops, ops[::-1]):
+        act = _activation(a)
+        if act is None:
+            continue
+        gate, up = _grouped_call(_strip_to(act[1]), targets), _grouped_call(_strip_to(b), targets)
+        if gate is not None and up is not None and gate[0] is up[0] and gate[2] is up[2]:
+            return act[0], gate[0], gate[1], up[1], gate[2]
+    return None
+
+
+def _gate_and_up(h: Any, targets: set) -> tuple | None:
+    """(activation, x, w1 effective, w3 effective or None, offs) of the first grouped GEMM(s) and
+    gate feeding ``h``: stacked [gate; up] chunked in two, or separate gate and up GEMMs."""
+    gated = _gated(_strip_to(h))
+    if gated is not None:
+        gemm1 = _grouped_call(gated[1], targets)
+        return (gated[0], gemm1[0], gemm1[1], None, gemm1[2]) if gemm1 is not None else None
+    return _split_gated(_strip_to(h), targets)
+
+
 def _grouped_call(node: Any, targets: set) -> tuple | None:
     """(x, w, offs) of a plain grouped GEMM call (no bias, output in the input's dtype)."""
     if not _fn(node, *targets):
@@ -175,14 +201,10 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     if gemm2 is None:
         return None
     h, w2t, offs = gemm2
-    gated = _gated(_strip_to(h))
-    if gated is None:
+    first = _gate_and_up(h, targets)
+    if first is None or first[4] is not offs:
         return None
-    activation, g = gated
-    gemm1 = _grouped_call(g, targets)
-    if gemm1 is None or gemm1[2] is not offs:
-        return None
-    xg, w1t, _ = gemm1
+    activation, xg, w1t, w3t, _ = first
     # perm comes from sorting the flattened ids; offs counts them per expert
     sort = _sorting(perm)
     if sort is None:
@@ -199,7 +221,7 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     ):
         return None
     hidden = gathered[0]
-    w1, w2 = _weight(w1t), _weight(w2t)
+    w1, w2, w3 = _weight(w1t), _weight(w2t), _weight(w3t) if w3t is not None else None
     nodes = [
         out,
         pairs,
@@ -209,14 +231,13 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
         *back,
         y2,
         h,
-        g,
         xg,
         gathered[1],
         perm,
         sort,
         offs,
     ]
-    return _Moe(hidden, weights, ids, w1, w2, activation, nodes)
+    return _Moe(hidden, weights, ids, w1, w2, activation, nodes, w3)
 
 
 def _unpermuted(pairs: Node) -> tuple | None:
@@ -257,6 +278,65 @@ def _sorting(perm: Node) -> Node | None:
     if node.kwargs.get("descending", False) or node.kwargs.get("dim", -1) not in (-1, 0):
         return None
     return node
+
+
+def _match_scattered(out: Node, targets: set) -> _Moe | None:
+    """torchtitan's return to token order: ``zeros_like(x).scatter_add(0, idx.reshape(-1, 1)
+    .expand(-1, H), y)`` (or ``index_add(0, idx, y)``) with ``idx = perm // k`` the token of each
+    sorted pair and ``y`` the down GEMM's rows scaled by the sorted routing weights."""
+    if _call(out, "scatter_add", torch.scatter_add) and len(out.args) == 4 and not out.kwargs:
+        base, dim, index, src = out.args
+        while _method(index, "expand", "reshape", "view") or _unsqueezed(index, -1) is not None:
+            index = index.args[0]
+    elif _call(out, "index_add", torch.index_add) and len(out.args) == 4 and not out.kwargs:
+        base, dim, index, src = out.args
+    else:
+        return None
+    if dim != 0 or not (_call(base, "zeros_like", torch.zeros_like) and len(base.args) == 1 and not base.kwargs):
+        return None
+    hidden = base.args[0]
+    if not (_fn(index, operator.floordiv) and isinstance(index.args[0], Node)):
+        return None
+    perm, top_k = index.args
+    weighted = _strip_to(src)
+    while _method(weighted, "to") and len(weighted.args) == 2 and not weighted.kwargs:
+        weighted = weighted.args[0]  # a cast back to the hidden dtype after scaling in fp32
+    ops = _mul_operands(weighted)
+    if ops is None:
+        return None
+
+    def sorted_weights(node: Any) -> Any:  # ``flat_weights[perm]`` as a column
+        col = _unsqueezed(node, -1)
+        if col is None and _method(node, "reshape", "view") and list(node.args[1:]) == [-1, 1]:
+            col = node.args[0]
+        src = _getitem(col)
+        return src if src is not None and src[1] is perm and _flat(src[0]) is not None else None
+
+    found = _either_order(ops, sorted_weights)
+    if found is None:
+        return None
+    y2, sw, sw_src = found
+    while _method(y2, "float") or (_method(y2, "to") and len(y2.args) == 2):
+        y2 = y2.args[0]
+    gemm2 = _grouped_call(y2, targets)
+    if gemm2 is None:
+        return None
+    h, w2t, offs = gemm2
+    first = _gate_and_up(h, targets)
+    if first is None or first[4] is not offs:
+        return None
+    activation, xg, w1t, w3t, _ = first
+    gathered = _getitem(_strip_to(xg))
+    sort = _sorting(perm)
+    if gathered is None or gathered[1] is not index or gathered[0] is not hidden or sort is None:
+        return None
+    ids = _flat(sort.args[0])
+    if ids is None or not _same_size(_val(ids).shape[-1], top_k):
+        return None
+    if not _counts_per_expert(offs, sort, ids, _val(w2t).shape[0]):
+        return None
+    w3 = _weight(w3t) if w3t is not None else None
+    return _Moe(hidden, _flat(sw_src[0]), ids, _weight(w1t), _weight(w2t), activation, [out], w3)
 
 
 def _counts_per_expert(offs: Node, sort: Node, ids: Node, num_experts: int) -> bool:
@@ -392,6 +472,15 @@ def _output_of(out: Node) -> Node:
     return out
 
 
+def _last_step(node: Node) -> bool:
+    """Whether ``node`` may end an MoE layer: the sum over the picks, or a scatter onto the tokens."""
+    return (
+        _call(node, "sum", torch.sum)
+        or _call(node, "scatter_add", torch.scatter_add)
+        or _call(node, "index_add", torch.index_add)
+    )
+
+
 def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> int:
     """Route MoE layers to ``flashtune.moe`` and other grouped GEMMs to ``flashtune.grouped_mm``
     (when "moe" is in ``ops``); returns how many ops were routed."""
@@ -400,9 +489,9 @@ def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> i
     graph, targets, routed = gm.graph, _grouped_targets(), 0
     alive = set(graph.nodes)
     for node in list(graph.nodes):
-        if node not in alive or not _call(node, "sum", torch.sum):
+        if node not in alive or not _last_step(node):
             continue
-        m = _match_sorted(node, targets) or _match_batched(node)
+        m = _match_sorted(node, targets) or _match_batched(node) or _match_scattered(node, targets)
         if m is None:
             continue
         out = _output_of(node)
