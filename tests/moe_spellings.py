@@ -2,7 +2,9 @@
 
 Every block maps ``x [T, H]`` to ``[T, H]`` with a softmax top-k router and SiLU-gated experts;
 they differ only in how the expert computation is spelled. ``twist`` makes a block that the
-matcher must reject (it computes something else than ``flashtune.moe``).
+matcher must reject, because it computes something else than ``flashtune.moe``: ``"ungated"``
+(no up projection multiplying the activated gate) or, for ``HandGroupedMM``, ``"other_offsets"``
+(the down GEMM groups its rows by other offsets).
 """
 
 import torch

@@ -339,6 +339,70 @@ def _match_scattered(out: Node, targets: set) -> _Moe | None:
     return _Moe(hidden, _flat(sw_src[0]), ids, _weight(w1t), _weight(w2t), activation, [out], w3)
 
 
+def _einsum(node: Any, template: str) -> tuple | None:
+    """The two operands of ``node`` when it is ``einsum(eq, a, b)`` with ``eq`` the ``template``
+    up to the names of its letters and spaces, or the template with its operands swapped."""
+    if not _fn(node, torch.einsum, torch.functional.einsum) or node.kwargs or len(node.args) < 2:
+        return None
+    eq, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(eq, str) or len(operands) != 2 or "->" not in eq:
+        return None
+    ins, out = eq.replace(" ", "").split("->")
+    parts = ins.split(",")
+    if len(parts) != 2:
+        return None
+    if _canonical(f"{parts[0]},{parts[1]}->{out}") == template:
+        return operands[0], operands[1]
+    if _canonical(f"{parts[1]},{parts[0]}->{out}") == template:
+        return operands[1], operands[0]
+    return None
+
+
+def _canonical(eq: str) -> str:
+    """``eq`` with its letters renamed a, b, c... in order of first appearance."""
+    names: dict[str, str] = {}
+    return "".join(names.setdefault(c, chr(ord("a") + len(names))) if c.isalpha() else c for c in eq)
+
+
+PICK_GEMM = _canonical("ti,taoi->tao")  # x [T, H] by each pick's gathered weight [T, k, N, H]
+PICK_DOWN = _canonical("tao,taio->tai")  # h [T, k, I] by each pick's gathered weight [T, k, H, I]
+PICK_SUM = _canonical("tai,ta->ti")  # pick outputs [T, k, H] weighted and summed over k
+
+
+def _match_einsum(out: Node) -> _Moe | None:
+    """gpt-fast's Mixtral: expert weights gathered by id (``w[ids]``), an ``einsum`` per GEMM,
+    ``act(x @ w1) * (x @ w3)``, and an ``einsum`` with the routing weights summing the picks."""
+    found = _einsum(out, PICK_SUM)
+    if found is None:
+        return None
+    outs, weights = found
+    down = _einsum(outs, PICK_DOWN)
+    if down is None:
+        return None
+    inner, w2g = down
+    ops = _mul_operands(inner)
+    picked2 = _getitem(w2g)
+    if ops is None or picked2 is None:
+        return None
+    w2, ids = picked2
+    for a, b in (ops, ops[::-1]):
+        act = _activation(a)
+        if act is None:
+            continue
+        gate, up = _einsum(act[1], PICK_GEMM), _einsum(b, PICK_GEMM)
+        if gate is None or up is None or gate[0] is not up[0]:
+            continue
+        picked1, picked3 = _getitem(gate[1]), _getitem(up[1])
+        if picked1 is None or picked3 is None or picked1[1] is not ids or picked3[1] is not ids:
+            continue
+        if not all(_val(w).dim() == 3 for w in (picked1[0], picked3[0], w2)) or _val(ids).dim() != 2:
+            return None
+        return _Moe(gate[0], weights, ids, picked1[0], w2, act[0], [out], picked3[0])
+    return None
+
+
 def _counts_per_expert(offs: Node, sort: Node, ids: Node, num_experts: int) -> bool:
     """``offs`` is the int32 ``cumsum`` of ``histc(ids, bins=E, min=0, max=E-1 or E)`` or of the
     bincount form, over the sorted or the unsorted flat ``ids`` (a cast of the sum may follow)."""
@@ -478,6 +542,7 @@ def _last_step(node: Node) -> bool:
         _call(node, "sum", torch.sum)
         or _call(node, "scatter_add", torch.scatter_add)
         or _call(node, "index_add", torch.index_add)
+        or _fn(node, torch.einsum, torch.functional.einsum)
     )
 
 
@@ -491,7 +556,12 @@ def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> i
     for node in list(graph.nodes):
         if node not in alive or not _last_step(node):
             continue
-        m = _match_sorted(node, targets) or _match_batched(node) or _match_scattered(node, targets)
+        m = (
+            _match_sorted(node, targets)
+            or _match_batched(node)
+            or _match_scattered(node, targets)
+            or _match_einsum(node)
+        )
         if m is None:
             continue
         out = _output_of(node)
