@@ -18,13 +18,15 @@ Both compiled outputs are checked against eager first. Timing: per (dtype, T) th
 interleaved over ``--rounds`` rounds in shuffled order; a sample is the mean of n calls, n chosen
 so a sample takes >= ``--ms`` ms; the median over rounds is reported.
 
-``--spelling hand_grouped_mm`` times instead a whole MoE block written by hand around
-``torch._grouped_mm`` (router included; ``tests/moe_spellings.py``: argsort, histc, gather, two
-grouped GEMMs on transposed parameters, index-put back), called as ``block(x [T, H])``; flashtune
-routes only MoE ops there (``ops={"moe"}``) so the router's top-k matches eager's. That spelling
-is bf16 only: ``torch._grouped_mm`` has no fp32 meta function, so fp32 cannot be compiled.
+``--spelling`` times instead a whole MoE block as people write it (router included;
+``tests/moe_spellings.py``), called as ``block(x [T, H])``: ``hand_grouped_mm`` (written by hand
+around ``torch._grouped_mm``: argsort, histc, gather, two grouped GEMMs on transposed parameters,
+index-put back), ``torchtitan`` (grouped experts with separate gate/up weights, scatter_add back)
+or ``gpt_fast`` (expert weights gathered by id, einsums). flashtune routes only MoE ops there
+(``ops={"moe"}``) so the router's top-k matches eager's. The ``_grouped_mm`` spellings are bf16
+only: ``torch._grouped_mm`` has no fp32 meta function, so fp32 cannot be compiled.
 
-Run: python benchmarks/bench_moe.py [--spelling transformers|hand_grouped_mm] [--dtypes bf16,fp32]
+Run: python benchmarks/bench_moe.py [--spelling transformers|hand_grouped_mm|torchtitan|gpt_fast] [--dtypes bf16,fp32]
      [--tokens 1,4,16,64,256] [--rounds 15] [--ms 20]
 """
 
@@ -133,10 +135,12 @@ def main() -> None:
     ap.add_argument("--ms", type=float, default=20.0, help="minimum milliseconds per sample")
     ap.add_argument("--cache-dir", default=None, help="flashtune tactic cache (default: a fresh temp dir)")
     ap.add_argument("--dynamic-topk", action="store_true", help="leave the top-k dim symbolic")
-    ap.add_argument("--spelling", choices=("transformers", "hand_grouped_mm"), default="transformers")
+    ap.add_argument(
+        "--spelling", choices=("transformers", "hand_grouped_mm", "torchtitan", "gpt_fast"), default="transformers"
+    )
     args = ap.parse_args()
     dtypes = {d: DTYPES[d] for d in args.dtypes.split(",")}
-    if args.spelling == "hand_grouped_mm" and torch.float32 in dtypes.values():
+    if args.spelling in ("hand_grouped_mm", "torchtitan") and torch.float32 in dtypes.values():
         print("note: fp32 skipped: torch._grouped_mm has no fp32 meta function, so that block cannot compile")
         dtypes = {d: t for d, t in dtypes.items() if t != torch.float32}
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
