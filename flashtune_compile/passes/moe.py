@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,16 +78,21 @@ def _activation(node: Any) -> tuple[str, Any] | None:
     return None
 
 
+def _activated_products(node: Any) -> list[tuple[str, Any, Any]]:
+    """(activation, its input, the other factor) for each way ``node`` reads as ``act(a) * b``."""
+    ops = _mul_operands(node)
+    out = []
+    for a, b in (ops, ops[::-1]) if ops is not None else ():
+        act = _activation(a)
+        if act is not None:
+            out.append((act[0], act[1], b))
+    return out
+
+
 def _gated(node: Any) -> tuple[str, Any] | None:
     """(activation, g) when ``node`` is ``act(g.chunk(2, -1)[0]) * g.chunk(2, -1)[1]``."""
-    ops = _mul_operands(node)
-    if ops is None:
-        return None
-    for a, b in (ops, ops[::-1]):
-        act = _activation(a)
-        if act is None:
-            continue
-        gate, up = _getitem(act[1], 0), _getitem(b, 1)
+    for name, a, b in _activated_products(node):
+        gate, up = _getitem(a, 0), _getitem(b, 1)
         if gate is None or up is None or gate[0] is not up[0]:
             continue
         chunk = gate[0]
@@ -96,23 +101,17 @@ def _gated(node: Any) -> tuple[str, Any] | None:
             and _arg(chunk, 1, "chunks") == 2
             and _arg(chunk, 2, "dim", 0) in (-1, _val(chunk.args[0]).dim() - 1)
         ):
-            return act[0], chunk.args[0]
+            return name, chunk.args[0]
     return None
 
 
 def _split_gated(node: Any, targets: set) -> tuple | None:
     """(activation, x, w_gate, w_up, offs) when ``node`` is ``act(gm(x, w_gate)) * gm(x, w_up)``
     for two grouped GEMMs ``gm`` of the same rows ``x`` and offsets (gate and up kept apart)."""
-    ops = _mul_operands(node)
-    if ops is None:
-        return None
-    for a, b in (ops, ops[::-1]):
-        act = _activation(a)
-        if act is None:
-            continue
-        gate, up = _grouped_call(_strip_to(act[1]), targets), _grouped_call(_strip_to(b), targets)
+    for name, a, b in _activated_products(node):
+        gate, up = _grouped_call(_strip_to(a), targets), _grouped_call(_strip_to(b), targets)
         if gate is not None and up is not None and gate[0] is up[0] and gate[2] is up[2]:
-            return act[0], gate[0], gate[1], up[1], gate[2]
+            return name, gate[0], gate[1], up[1], gate[2]
     return None
 
 
@@ -176,6 +175,7 @@ class _Moe:
 
 
 def _match_sorted(out: Node, targets: set) -> _Moe | None:
+    """Pairs sorted by expert, put back in (token, pick) order, summed over the picks."""
     found = _sum_over_picks(out)
     if found is None:
         return None
@@ -184,19 +184,56 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     if unsorted is None:
         return None
     weighted, perm, back = unsorted
+    ex = _sorted_experts(weighted, perm, targets)
+    gathered = _getitem(ex.rows) if ex is not None else None
+    if gathered is None or not (
+        _fn(gathered[1], operator.floordiv)
+        and gathered[1].args[0] is perm
+        and _same_size(_val(gathered[1].args[1]), top_k)
+    ):
+        return None
+    return ex.layer(gathered[0], [out, *back])
+
+
+class _Experts(NamedTuple):
+    """The expert computation on the (token, pick) pairs sorted by expert, as matched."""
+
+    weights: Node  # the flat routing weights
+    ids: Node  # the [T, k] expert ids
+    rows: Node  # the sorted pairs' token rows: ``hidden[perm // k]``
+    w1t: Node  # the gate GEMM's weight as the graph passes it ([E, H, N]), stacked [gate; up] without w3t
+    w2t: Node
+    w3t: Node | None  # the up GEMM's weight when separate
+    activation: str
+
+    def layer(self, hidden: Node, nodes: list) -> _Moe:
+        w3 = _weight(self.w3t) if self.w3t is not None else None
+        return _Moe(hidden, self.weights, self.ids, _weight(self.w1t), _weight(self.w2t), self.activation, nodes, w3)
+
+
+def _sorted_experts(weighted: Node, perm: Node, targets: set) -> _Experts | None:
+    """The experts' work on the pairs sorted by ``perm``, read back from ``weighted``, its output
+    scaled by the sorted routing weights: ``perm`` sorts the flat ids, offsets count them per
+    expert, grouped GEMMs on those offsets with a gated activation between them."""
+    while _method(weighted, "to") and len(weighted.args) == 2 and not weighted.kwargs:
+        weighted = weighted.args[0]  # a cast back to the hidden dtype after scaling in fp32
     ops = _mul_operands(weighted)
     if ops is None:
         return None
 
-    def sorted_weights(node: Any) -> Any:  # ``flat_weights[perm].unsqueeze(-1)``
-        src = _getitem(_unsqueezed(node, -1))
+    def sorted_weights(node: Any) -> Any:  # ``flat_weights[perm]`` as a column
+        col = _unsqueezed(node, -1)
+        if col is None and _method(node, "reshape", "view") and list(node.args[1:]) == [-1, 1]:
+            col = node.args[0]
+        src = _getitem(col)
         return src if src is not None and src[1] is perm and _flat(src[0]) is not None else None
 
     found = _either_order(ops, sorted_weights)
     if found is None:
         return None
-    y2, sw, sw_src = found
-    weights = _flat(sw_src[0])
+    y2, _, sw_src = found
+    while _method(y2, "float") or (_method(y2, "to") and len(y2.args) == 2):
+        y2 = y2.args[0]
     gemm2 = _grouped_call(y2, targets)
     if gemm2 is None:
         return None
@@ -205,39 +242,11 @@ def _match_sorted(out: Node, targets: set) -> _Moe | None:
     if first is None or first[4] is not offs:
         return None
     activation, xg, w1t, w3t, _ = first
-    # perm comes from sorting the flattened ids; offs counts them per expert
     sort = _sorting(perm)
-    if sort is None:
+    ids = _flat(sort.args[0]) if sort is not None else None
+    if ids is None or not _counts_per_expert(offs, sort, ids, _val(w2t).shape[0]):
         return None
-    ids = _flat(sort.args[0])
-    num_experts = _val(w2t).shape[0]
-    if ids is None or not _counts_per_expert(offs, sort, ids, num_experts):
-        return None
-    gathered = _getitem(_strip_to(xg))
-    if gathered is None or not (
-        _fn(gathered[1], operator.floordiv)
-        and gathered[1].args[0] is perm
-        and _same_size(_val(gathered[1].args[1]), top_k)
-    ):
-        return None
-    hidden = gathered[0]
-    w1, w2, w3 = _weight(w1t), _weight(w2t), _weight(w3t) if w3t is not None else None
-    nodes = [
-        out,
-        pairs,
-        weighted,
-        sw,
-        sw.args[0],
-        *back,
-        y2,
-        h,
-        xg,
-        gathered[1],
-        perm,
-        sort,
-        offs,
-    ]
-    return _Moe(hidden, weights, ids, w1, w2, activation, nodes, w3)
+    return _Experts(_flat(sw_src[0]), ids, _strip_to(xg), w1t, w2t, w3t, activation)
 
 
 def _unpermuted(pairs: Node) -> tuple | None:
@@ -298,45 +307,13 @@ def _match_scattered(out: Node, targets: set) -> _Moe | None:
     if not (_fn(index, operator.floordiv) and isinstance(index.args[0], Node)):
         return None
     perm, top_k = index.args
-    weighted = _strip_to(src)
-    while _method(weighted, "to") and len(weighted.args) == 2 and not weighted.kwargs:
-        weighted = weighted.args[0]  # a cast back to the hidden dtype after scaling in fp32
-    ops = _mul_operands(weighted)
-    if ops is None:
+    ex = _sorted_experts(src, perm, targets)
+    gathered = _getitem(ex.rows) if ex is not None else None
+    if gathered is None or gathered[1] is not index or gathered[0] is not hidden:
         return None
-
-    def sorted_weights(node: Any) -> Any:  # ``flat_weights[perm]`` as a column
-        col = _unsqueezed(node, -1)
-        if col is None and _method(node, "reshape", "view") and list(node.args[1:]) == [-1, 1]:
-            col = node.args[0]
-        src = _getitem(col)
-        return src if src is not None and src[1] is perm and _flat(src[0]) is not None else None
-
-    found = _either_order(ops, sorted_weights)
-    if found is None:
+    if not _same_size(_val(ex.ids).shape[-1], top_k):
         return None
-    y2, sw, sw_src = found
-    while _method(y2, "float") or (_method(y2, "to") and len(y2.args) == 2):
-        y2 = y2.args[0]
-    gemm2 = _grouped_call(y2, targets)
-    if gemm2 is None:
-        return None
-    h, w2t, offs = gemm2
-    first = _gate_and_up(h, targets)
-    if first is None or first[4] is not offs:
-        return None
-    activation, xg, w1t, w3t, _ = first
-    gathered = _getitem(_strip_to(xg))
-    sort = _sorting(perm)
-    if gathered is None or gathered[1] is not index or gathered[0] is not hidden or sort is None:
-        return None
-    ids = _flat(sort.args[0])
-    if ids is None or not _same_size(_val(ids).shape[-1], top_k):
-        return None
-    if not _counts_per_expert(offs, sort, ids, _val(w2t).shape[0]):
-        return None
-    w3 = _weight(w3t) if w3t is not None else None
-    return _Moe(hidden, _flat(sw_src[0]), ids, _weight(w1t), _weight(w2t), activation, [out], w3)
+    return ex.layer(hidden, [out])
 
 
 def _einsum(node: Any, template: str) -> tuple | None:
@@ -382,16 +359,12 @@ def _match_einsum(out: Node) -> _Moe | None:
     if down is None:
         return None
     inner, w2g = down
-    ops = _mul_operands(inner)
     picked2 = _getitem(w2g)
-    if ops is None or picked2 is None:
+    if picked2 is None:
         return None
     w2, ids = picked2
-    for a, b in (ops, ops[::-1]):
-        act = _activation(a)
-        if act is None:
-            continue
-        gate, up = _einsum(act[1], PICK_GEMM), _einsum(b, PICK_GEMM)
+    for name, a, b in _activated_products(inner):
+        gate, up = _einsum(a, PICK_GEMM), _einsum(b, PICK_GEMM)
         if gate is None or up is None or gate[0] is not up[0]:
             continue
         picked1, picked3 = _getitem(gate[1]), _getitem(up[1])
@@ -399,7 +372,7 @@ def _match_einsum(out: Node) -> _Moe | None:
             continue
         if not all(_val(w).dim() == 3 for w in (picked1[0], picked3[0], w2)) or _val(ids).dim() != 2:
             return None
-        return _Moe(gate[0], weights, ids, picked1[0], w2, act[0], [out], picked3[0])
+        return _Moe(gate[0], weights, ids, picked1[0], w2, name, [out], picked3[0])
     return None
 
 
