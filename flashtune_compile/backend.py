@@ -24,6 +24,7 @@ from .ops.registry import IMPLS, NO_GRAD, OPS
 from .ops.routing import ROUTINGS
 from .ops.site import DEFAULT_CACHE, SiteOptions, run
 from .passes import REWRITES  # first: importing the passes registers their ops
+from .passes.fx_nodes import _val
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
 from .tuner.cache import resolve_dir
@@ -205,13 +206,8 @@ def _direct_calls(gm: torch.fx.GraphModule, grad: bool) -> torch.fx.GraphModule:
     return gm
 
 
-def _traced(node: Any) -> Any:
-    """The value Dynamo traced for ``node`` (a fake tensor for a tensor), or None."""
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
-
-
 def _rank(node: Any) -> int | None:
-    value = _traced(node)
+    value = _val(node)
     return value.dim() if isinstance(value, torch.Tensor) else None
 
 
@@ -219,7 +215,7 @@ def _plain(node: torch.fx.Node) -> bool:
     """Whether ``node`` is a plain tensor (not a subclass such as DTensor) as Dynamo traced it."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return type(_traced(node)) is FakeTensor
+    return type(_val(node)) is FakeTensor
 
 
 def backend(

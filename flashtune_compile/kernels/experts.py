@@ -12,7 +12,7 @@ import torch
 
 from ..tuner.autotuner import AutoTuner
 from ..tuner.weights import WeightCache
-from .cpu import _mkldnn_pack
+from .cpu import _as_fp32, _mkldnn_pack
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -44,10 +44,6 @@ def expert_loop(
             out[start : start + n] = fn(y) if fn is not None else y
             start += n
     return out
-
-
-def _as_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.float()
 
 
 def fp32_copy(w: torch.Tensor) -> torch.Tensor | None:

@@ -94,6 +94,12 @@ def gate_up(mm: Callable[[torch.Tensor], torch.Tensor], w1: torch.Tensor, w3: to
     return mm(w1) if w3 is None else torch.cat([mm(w1), mm(w3)], dim=-1)
 
 
+def _gate_up_mm(mm1: Callable, mm3: Callable | None) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Per expert, [gate | up] rows: ``mm1`` alone for stacked weights, else ``mm1`` and ``mm3``
+    (the separate up weight) side by side."""
+    return mm1 if mm3 is None else lambda e, x: torch.cat([mm1(e, x), mm3(e, x)], dim=-1)
+
+
 def gate(act: Callable, g: torch.Tensor) -> torch.Tensor:
     gate_part, up = g.chunk(2, dim=-1)
     return act(gate_part) * up
@@ -109,11 +115,8 @@ def moe_loop(hidden, weights, ids, w1, w2, activation, w3=None, compute_dtype=No
         xs = xs.to(compute_dtype)
     act = ACTIVATIONS[activation]
     n = counts.tolist()
-    mm_gate = mm1 or _slices(w1)
-    if w3 is not None:
-        mm_up = mm3 or _slices(w3)
-        mm_gate = lambda e, x, g=mm_gate: torch.cat([g(e, x), mm_up(e, x)], dim=-1)  # noqa: E731
-    h = expert_loop(xs, n, mm_gate, w2.shape[2], partial(gate, act))
+    mm_up = (mm3 or _slices(w3)) if w3 is not None else None
+    h = expert_loop(xs, n, _gate_up_mm(mm1 or _slices(w1), mm_up), w2.shape[2], partial(gate, act))
     y = expert_loop(h, n, mm2 or _slices(w2), w2.shape[1])
     y = y.to(hidden.dtype)
     return combine(y, order, weights, valid, tokens, hidden.dtype)
@@ -148,8 +151,8 @@ def moe_pairs(hidden, weights, ids, w1, w2, activation, w3=None, mm1=None, mm2=N
     """For a few (token, pick) pairs: read the ids on the host and run each used expert on its
     rows directly (no sort, gather or scatter of the whole batch). ``mm1``/``mm2``/``mm3`` as in
     ``moe_loop``."""
-    mm1, mm2 = mm1 or _slices(w1), mm2 or _slices(w2)
-    mm3 = mm3 or (_slices(w3) if w3 is not None else None)
+    mm_up = (mm3 or _slices(w3)) if w3 is not None else None
+    mm_gate_up, mm2 = _gate_up_mm(mm1 or _slices(w1), mm_up), mm2 or _slices(w2)
     tokens, top_k = ids.shape
     num_experts = w1.shape[0]
     act = ACTIVATIONS[activation]
@@ -166,8 +169,7 @@ def moe_pairs(hidden, weights, ids, w1, w2, activation, w3=None, mm1=None, mm2=N
         else:
             at = torch.tensor([p // top_k for p in pairs], device=hidden.device)
             x, w = hidden[at], flat_w[torch.tensor(pairs, device=hidden.device)]
-        g = mm1(e, x) if mm3 is None else torch.cat([mm1(e, x), mm3(e, x)], dim=-1)
-        y = mm2(e, gate(act, g)) * w[:, None]
+        y = mm2(e, gate(act, mm_gate_up(e, x))) * w[:, None]
         if at is None:
             out[pairs[0] // top_k] += y[0]
         else:

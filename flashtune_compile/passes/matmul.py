@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..ops.matmul import ADDMM, BADDBMM, BMM, LINEAR, MM
 from ..ops.site import SiteOptions
 from ..ops.spec import OpSpec
-from .fx_nodes import _arg, _same_size, _val, replace_with_call, routable
+from .fx_nodes import _arg, _call, _fn, _same_size, _val, replace_with_call, routable
 from .symbolic import site_for
 
 log = logging.getLogger("flashtune")
@@ -93,20 +93,16 @@ def _swapped_2d(node: Any) -> Any:
     if not isinstance(_val(src), torch.Tensor) or _val(src).dim() != 2:
         return None
     rest = [*node.args[1:], *node.kwargs.values()]
-    if node.op == "call_method" and node.target == "t" or _fn_is(node, torch.t):
+    if _call(node, "t", torch.t):
         return src if not rest else None
-    if _fn_is(node, getattr) and rest == ["T"]:
+    if _fn(node, getattr) and rest == ["T"]:
         return src
-    if (node.op == "call_method" and node.target == "transpose") or _fn_is(node, torch.transpose):
+    if _call(node, "transpose", torch.transpose):
         return src if len(rest) == 2 and {d % 2 for d in rest if isinstance(d, int)} == {0, 1} else None
-    if (node.op == "call_method" and node.target == "permute") or _fn_is(node, torch.permute):
+    if _call(node, "permute", torch.permute):
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
         return src if [d % 2 for d in dims if isinstance(d, int)] == [1, 0] and len(dims) == 2 else None
     return None
-
-
-def _fn_is(node: torch.fx.Node, fn: Any) -> bool:
-    return node.op == "call_function" and node.target is fn
 
 
 def _as_linear(m: Match) -> Match:
