@@ -14,6 +14,8 @@ import os
 import threading
 from typing import Any
 
+import torch
+
 SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cu")
 BINDING_PATH = os.path.join(os.path.dirname(SOURCE_PATH), "skinny_binding.cu")  # the torch side
 
@@ -53,8 +55,6 @@ class SkinnyGemm:
 
     def skinny_linear(self, x: Any, w: Any, b: Any, threads: int, n_per_block: int, split_k: int) -> Any:
         """``x @ w.T + b`` for x [M <= 16, K], w [N, K] contiguous; RuntimeError naming the bad argument."""
-        import torch
-
         if x.dim() != 2 or w.dim() != 2:
             raise RuntimeError(
                 f"skinny_linear: expected x [M, K] and w [N, K], got {list(x.shape)} and {list(w.shape)}"
@@ -83,8 +83,6 @@ def load_skinny_gemm() -> SkinnyGemm:
             return _module
         if _error is not None:
             raise RuntimeError(f"the CUDA skinny GEMM kernel failed to build earlier: {_error}") from _error
-        import torch
-
         if torch.version.cuda is None or not torch.cuda.is_available():
             raise RuntimeError(
                 "the CUDA skinny GEMM kernel needs a CUDA build of torch and an NVIDIA GPU "
