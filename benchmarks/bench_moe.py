@@ -40,15 +40,14 @@ import itertools
 import math
 import platform
 import random
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import time_contenders
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -112,27 +111,6 @@ def cycling(fn, input_sets: list) -> Callable[[], object]:
     """A call of ``fn`` on the next input set each time."""
     turn = itertools.count()
     return lambda: fn(*input_sets[next(turn) % len(input_sets)])
-
-
-def sample(fn, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e3
-
-
-def time_contenders(calls: dict, rounds: int, ms: float, rng: random.Random) -> dict[str, float]:
-    ns = {}
-    for name, fn in calls.items():  # calls per sample so one sample takes >= ms
-        once = min(sample(fn, 1) for _ in range(3))
-        ns[name] = max(1, math.ceil(ms / max(once, 1e-6)))
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        order = list(calls)
-        rng.shuffle(order)
-        for name in order:
-            samples[name].append(sample(calls[name], ns[name]))
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> None:

@@ -12,25 +12,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from timing import read_gbs
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def read_gbs(mb: int = 512, reps: int = 5) -> float:
-    """GB/s of a sum over an fp32 buffer of ``mb`` MB (read once per sum)."""
-    buf = torch.ones(mb * 2**20 // 4)
-    buf.sum()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - start)
-    return buf.numel() * 4 / statistics.median(times) / 1e9
 
 
 def per_call_us(fn, weights: list, reps: int) -> float:

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flashtune_compile as ft
+from flashtune_compile.kernels.cpp import load_blocked_gemm
+from flashtune_compile.kernels.cpp.runner import blocked_tactics
 from flashtune_compile.kernels.cpu import CpuLinearRunner
 from flashtune_compile.kernels.triton_runner import TritonGemmRunner
 from flashtune_compile.ops import OPS, runners_for
@@ -182,8 +184,10 @@ def test_backend_tunes_cpu_candidates_end_to_end(tuner):
     x = torch.randn(5, 32)
     torch.testing.assert_close(compiled(x), model(x))
     (rec,) = ft.tactics()
-    assert rec["candidates"] == ["aten_linear", "cpu_linear"]
-    assert rec["timed"] == 5  # F.linear, addmm, mm_add, wt_contig, mkldnn_packed
+    assert rec["candidates"] == ["aten_linear", "cpu_linear", "cpu_blocked"]
+    blocked = blocked_tactics(5, 32, load_blocked_gemm().tiles)  # a static shape: its bucket is M = 5
+    assert len(blocked) >= 4
+    assert rec["timed"] == 5 + len(blocked)  # F.linear, addmm, mm_add, wt_contig, mkldnn_packed + the blocked tiles
 
 
 @needs_interpreter

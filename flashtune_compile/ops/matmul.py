@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..kernels.aten import AtenAddmmRunner, AtenBaddbmmRunner, AtenBmmRunner, AtenLinearRunner, AtenMMRunner
+from ..kernels.cpp.runner import CpuBlockedLinearRunner
 from ..kernels.cpu import CpuLinearRunner
 from ..kernels.cuda.runner import CudaSkinnyLinearRunner
 from ..kernels.gemm_view import GemmView
@@ -94,6 +95,7 @@ LINEAR = register(
             TRITON,
             Candidate("cuda", CudaSkinnyLinearRunner),
             Candidate("cpu", CpuLinearRunner),
+            Candidate("cpu", CpuBlockedLinearRunner),
         ),
     )
 )

@@ -8,13 +8,12 @@ sources and flags, so each machine compiles a given version once.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import threading
 from typing import Any
 
 import torch
+
+from ..extension import BuiltOnce, build_name, log
 
 SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cu")
 BINDING_PATH = os.path.join(os.path.dirname(SOURCE_PATH), "skinny_binding.cu")  # the torch side
@@ -28,11 +27,6 @@ CPP_SOURCE = (
     " int64_t split_k);"
 )
 
-log = logging.getLogger("flashtune")
-_lock = threading.Lock()
-_module: SkinnyGemm | None = None
-_error: BaseException | None = None
-
 
 def skinny_gemm_sources() -> tuple[str, str]:
     """(cpp_source, cuda_source) exactly as given to ``load_inline``."""
@@ -42,8 +36,7 @@ def skinny_gemm_sources() -> tuple[str, str]:
 
 def extension_name(cpp_source: str, cuda_source: str) -> str:
     """``flashtune_skinny_gemm_<hash>``: a new name (a new build) whenever the sources or flags change."""
-    digest = hashlib.sha256("\0".join([cpp_source, cuda_source, *EXTRA_CUDA_CFLAGS]).encode()).hexdigest()
-    return f"flashtune_skinny_gemm_{digest[:12]}"
+    return build_name("flashtune_skinny_gemm", cpp_source, cuda_source, *EXTRA_CUDA_CFLAGS)
 
 
 class SkinnyGemm:
@@ -70,42 +63,38 @@ class SkinnyGemm:
         return y
 
 
+def _build() -> SkinnyGemm:
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        raise RuntimeError(
+            "the CUDA skinny GEMM kernel needs a CUDA build of torch and an NVIDIA GPU "
+            f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
+            f"cuda available={torch.cuda.is_available()})"
+        )
+    from torch.utils.cpp_extension import load_inline
+
+    cpp_source, cuda_source = skinny_gemm_sources()
+    name = extension_name(cpp_source, cuda_source)
+    log.info("compiling the CUDA skinny GEMM kernel (once per machine): %s", name)
+    return SkinnyGemm(
+        load_inline(
+            name=name,
+            cpp_sources=[cpp_source],
+            cuda_sources=[cuda_source],
+            functions=["skinny_linear_out"],
+            extra_cuda_cflags=list(EXTRA_CUDA_CFLAGS),
+            verbose=False,
+        )
+    )
+
+
+_built = BuiltOnce("CUDA skinny GEMM kernel", _build)
+
+
 def load_skinny_gemm() -> SkinnyGemm:
     """The compiled extension behind ``.skinny_linear(x, w, b | None, threads, n_per_block, split_k)``.
 
     Builds on first call, at most once per process; a failed build is remembered and re-raised.
     RuntimeError when this torch has no CUDA or no GPU is visible."""
-    global _module, _error
-    if _module is not None:
-        return _module
-    with _lock:
-        if _module is not None:
-            return _module
-        if _error is not None:
-            raise RuntimeError(f"the CUDA skinny GEMM kernel failed to build earlier: {_error}") from _error
-        if torch.version.cuda is None or not torch.cuda.is_available():
-            raise RuntimeError(
-                "the CUDA skinny GEMM kernel needs a CUDA build of torch and an NVIDIA GPU "
-                f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
-                f"cuda available={torch.cuda.is_available()})"
-            )
-        from torch.utils.cpp_extension import load_inline
-
-        cpp_source, cuda_source = skinny_gemm_sources()
-        name = extension_name(cpp_source, cuda_source)
-        log.info("compiling the CUDA skinny GEMM kernel (once per machine): %s", name)
-        try:
-            _module = SkinnyGemm(
-                load_inline(
-                    name=name,
-                    cpp_sources=[cpp_source],
-                    cuda_sources=[cuda_source],
-                    functions=["skinny_linear_out"],
-                    extra_cuda_cflags=list(EXTRA_CUDA_CFLAGS),
-                    verbose=False,
-                )
-            )
-        except Exception as e:  # a compiler or toolchain error: do not retry on every call
-            _error = e
-            raise RuntimeError(f"building the CUDA skinny GEMM kernel failed: {e}") from e
-        return _module
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        _build()  # raises the clear error, without remembering it: a later process may differ
+    return _built.get()

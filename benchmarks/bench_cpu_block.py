@@ -1,0 +1,185 @@
+"""A Llama-shaped block on CPU: eager vs Inductor vs Inductor max-autotune + freezing vs flashtune.
+
+Block: two decoder layers (RMSNorm, qkv linear, causal SDPA over the T tokens, o linear, RMSNorm,
+fused gate_up linear, SiLU gate, down linear; no biases), hidden 1024, intermediate 2816, 8 heads,
+called as ``block(x [T, hidden])`` under ``torch.no_grad()``, compiled with ``dynamic=True``. Its
+weights (103 MB in fp32, 52 MB in bf16) are larger than the last-level cache, so at T = 1 every
+call reads them from memory: the effective weight-read bandwidth (weight bytes / time) is set
+against the machine's read rate, measured in the same run (a sum over a 512 MB buffer).
+Contenders, each compiled from its own copy of the block:
+  eager          the module as is
+  inductor       torch.compile(dynamic=True)
+  inductor-max   torch.compile(mode="max-autotune-no-cudagraphs", dynamic=True) with
+                 torch._inductor.config.freezing = True while it compiles (weights prepacked, its
+                 C++ GEMM template timed against oneDNN; it tunes each graph once, at the first size)
+  flashtune      torch.compile(backend="flashtune", dynamic=True), every bucket up to --warmup-max
+                 tuned cold by ft.warmup (a fresh cache directory)
+Compile (+ tune) seconds are the first calls at each T (for flashtune: its warmup), with Inductor's
+caches off so that every contender starts cold. Timing: the
+contenders interleaved in a shuffled order over --rounds rounds; median ms per call.
+
+Run: python benchmarks/bench_cpu_block.py --dtype fp32   (and again with --dtype bf16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import platform
+import random
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timing import read_gbs, time_contenders
+
+import flashtune_compile as ft
+from flashtune_compile.kernels.cpp import load_blocked_gemm
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+
+
+class Layer(nn.Module):
+    def __init__(self, hidden: int, inter: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o = nn.Linear(hidden, hidden, bias=False)
+        self.gate_up = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, h = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(t, 3, self.heads, h // self.heads).transpose(0, 2).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [heads, T, head_dim]
+        x = x + self.o(a.transpose(0, 1).reshape(t, h))
+        g, u = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * u)
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, inter: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(hidden, inter, heads) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def first_calls(fn, inputs: dict[int, torch.Tensor]) -> float:
+    """Seconds of the first call at each T (compiling, and tuning where the contender does)."""
+    start = time.perf_counter()
+    for x in inputs.values():
+        fn(x)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--tokens", default="1,16,128")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--inter", type=int, default=2816)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--warmup-max", type=int, default=256, help="flashtune tunes every bucket up to this")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--ms", type=float, default=60.0, help="minimum milliseconds per sample")
+    args = ap.parse_args()
+    dtype, tokens = DTYPES[args.dtype], [int(t) for t in args.tokens.split(",")]
+    warnings.filterwarnings("ignore", message=".*TF32.*")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._inductor.config.force_disable_caches = True  # every contender compiles (and tunes) cold
+    torch.manual_seed(0)
+    block = Block(args.hidden, args.inter, args.heads, args.layers).to(dtype).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in block.named_parameters() if "norm" not in n)
+    inputs = {t: torch.randn(t, args.hidden, generator=torch.Generator().manual_seed(t)).to(dtype) for t in tokens}
+    print(
+        f"Llama-shaped block ({args.layers} layers, hidden {args.hidden}, intermediate {args.inter}, {args.dtype}, "
+        f"weights {weight_bytes / 1e6:.0f} MB); {platform.machine()} CPU, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}"
+    )
+    bandwidth = read_gbs()
+    print(
+        f"read bandwidth (sum over 512 MB): {bandwidth:.1f} GB/s -> weight-read floor at T=1: "
+        f"{weight_bytes / bandwidth / 1e6:.2f} ms"
+    )
+    start = time.perf_counter()
+    load_blocked_gemm()  # once per machine; afterwards a load from torch's extension cache
+    print(f"flashtune CPU kernel built or loaded in {time.perf_counter() - start:.1f} s (a build is once per machine)")
+    compile_s, contenders = {}, {"eager": block}
+    with torch.no_grad():
+        print("compiling inductor ...", file=sys.stderr, flush=True)
+        contenders["inductor"] = torch.compile(copy.deepcopy(block), dynamic=True)
+        compile_s["inductor"] = first_calls(contenders["inductor"], inputs)
+        print("compiling inductor max-autotune + freezing (minutes) ...", file=sys.stderr, flush=True)
+        with torch._inductor.config.patch(freezing=True):
+            contenders["inductor-max"] = torch.compile(
+                copy.deepcopy(block), mode="max-autotune-no-cudagraphs", dynamic=True
+            )
+            compile_s["inductor-max"] = first_calls(contenders["inductor-max"], inputs)
+        print("compiling and tuning flashtune ...", file=sys.stderr, flush=True)
+        fblock = copy.deepcopy(block)
+        contenders["flashtune"] = torch.compile(
+            fblock, backend="flashtune", dynamic=True, options={"cache_dir": tempfile.mkdtemp(prefix="ft-block-")}
+        )
+        start = time.perf_counter()
+        report = ft.warmup(
+            contenders["flashtune"],
+            lambda n: (torch.randn(n, args.hidden).to(dtype),),
+            max_tokens=args.warmup_max,
+        )
+        compile_s["flashtune"] = time.perf_counter() - start + first_calls(contenders["flashtune"], inputs)
+        print(report, file=sys.stderr)
+        for t, x in inputs.items():
+            ref = block(x).float()
+            for name, fn in contenders.items():
+                got = fn(x).float()
+                err = ((got - ref).abs().max() / ref.abs().max()).item()
+                if err > TOL[dtype]:
+                    sys.exit(f"FAIL: {name} differs from eager at T={t}: max error {err:.2e} of max |ref|")
+        results = {}
+        for t, x in inputs.items():
+            print(f"timing T={t} ...", file=sys.stderr, flush=True)
+            results[t] = time_contenders(
+                {n: (lambda f=f, x=x: f(x)) for n, f in contenders.items()}, args.rounds, args.ms, random.Random(t)
+            )
+    print("\ncompile (+ tune) seconds: " + ", ".join(f"{n} {s:.1f}" for n, s in compile_s.items()))
+    print(
+        f"flashtune warmup: {len(report.steps)} token counts up to {args.warmup_max}, {report.tuned} buckets "
+        f"tuned, {report.timings} timings, {report.seconds:.1f} s"
+    )
+    peers = ("eager", "inductor", "inductor-max")
+    print(f"\n{'T':>4} " + " ".join(f"{n + ' ms':>16}" for n in contenders) + f" {'flashtune vs best':>18}")
+    logs = []
+    for t, r in results.items():
+        gain = min(r[p] for p in peers) / r["flashtune"]
+        logs.append(math.log(gain))
+        print(f"{t:>4} " + " ".join(f"{r[n]:>16.2f}" for n in contenders) + f" {gain:>17.2f}x")
+    print(f"{'geomean flashtune vs best peer':>60} {math.exp(sum(logs) / len(logs)):.2f}x")
+    if 1 in results:
+        print("\neffective weight-read bandwidth at T=1 (weight bytes / time):")
+        for n, ms in results[1].items():
+            gbs = weight_bytes / ms / 1e6
+            print(f"  {n:<13} {gbs:6.1f} GB/s  ({gbs / bandwidth:.0%} of the measured read)")
+    print("\nflashtune linear winners (bucket, N x K: kernel[tactic], speedup over default):")
+    for e in sorted(ft.tactics(), key=lambda e: (e["bucket"], str(e["shape_key"]))):
+        if e["op"] == "linear":
+            print(
+                f"  {str(e['bucket']):<7} {str(e['shape_key'][1][:2]) if len(e['shape_key']) > 1 else '':<14} "
+                f"{e['kernel']}[{e['tactic']}] {e['speedup']:.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

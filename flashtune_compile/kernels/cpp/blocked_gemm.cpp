@@ -1,0 +1,265 @@
+// y[M, N] = x[M, K] @ W^T + b on CPU, streaming a weight prepacked into blocks of NB columns.
+//
+// Packed layout: [ceil(N / NB), K, NB] in the weight's own dtype (fp32, bf16 or fp16), block j
+// holding columns j*NB .. j*NB+NB-1 of W^T (rows of W), zero-padded past N. A thread reads its
+// blocks front to back, one contiguous stream; bf16/fp16 are widened to fp32 in registers and all
+// sums are fp32. A tile is MR rows of x times one block (NB = R vector widths): MR * R vector
+// accumulators. Threads split the N blocks (and, with ksplit > 1, the K range of each block).
+// Vectors are GCC vector extensions, so -march=native picks AVX-512, AVX2 or SSE by itself.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+#elif defined(__AVX__)
+constexpr int VL = 8;
+#else
+constexpr int VL = 4;
+#endif
+constexpr int64_t L1_BYTES = 32 * 1024;  // a K chunk of one block stays in L1 across row tiles
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4)));
+typedef uint16_t vu16_u __attribute__((vector_size(VL * 2), aligned(2)));
+typedef uint32_t vu32 __attribute__((vector_size(VL * 4)));
+typedef _Float16 vh_u __attribute__((vector_size(VL * 2), aligned(2)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline vf load(const c10::BFloat16* p) {
+  vu32 bits = __builtin_convertvector(*reinterpret_cast<const vu16_u*>(p), vu32) << 16;
+  return reinterpret_cast<vf&>(bits);
+}
+inline vf load(const c10::Half* p) { return __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vf); }
+
+// A step kernel sums one K step of a block into the tile's accumulators. Fma<T>: a step is one k,
+// the weight widened to fp32 and one FMA per row. PairsBf16 (CPUs with AVX512_BF16): a step is two
+// k, packed as (w[n][k], w[n][k+1]) pairs, one vdpbf16ps per row: half the instructions.
+template <typename T>
+struct Fma {
+  using Elem = T;
+  static constexpr int KPS = 1;  // k per step
+  template <int MR, int R>
+  static void tile(const T* panel, const T* const* xr, int64_t s0, int64_t s1, int64_t /*K*/, float* acc) {
+    constexpr int NB = R * VL;
+    vf c[MR][R];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R; ++r) c[m][r] = *reinterpret_cast<const vf_u*>(acc + m * NB + r * VL);
+    for (int64_t k = s0; k < s1; ++k) {
+      const T* p = panel + k * NB;
+      vf w[R];
+      for (int r = 0; r < R; ++r) w[r] = load(p + r * VL);
+      for (int m = 0; m < MR; ++m) {
+        const float s = static_cast<float>(xr[m][k]);
+        for (int r = 0; r < R; ++r) c[m][r] += w[r] * s;
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R; ++r) *reinterpret_cast<vf_u*>(acc + m * NB + r * VL) = c[m][r];
+  }
+};
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define FT_PAIRS 1
+struct PairsBf16 {
+  using Elem = c10::BFloat16;
+  static constexpr int KPS = 2;
+  template <int MR, int R>
+  static void tile(const Elem* panel, const Elem* const* xr, int64_t s0, int64_t s1, int64_t K, float* acc) {
+    constexpr int NB = R * 16;
+    __m512 c[MR][R];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R; ++r) c[m][r] = _mm512_loadu_ps(acc + m * NB + r * 16);
+    const int64_t full = std::min(s1, K / 2);  // steps whose two k are both inside K
+    int64_t s = s0;
+    for (; s < full; ++s) {
+      const Elem* p = panel + s * 2 * NB;
+      __m512bh w[R];
+      for (int r = 0; r < R; ++r) w[r] = (__m512bh)_mm512_loadu_si512(p + r * 32);
+      for (int m = 0; m < MR; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, xr[m] + 2 * s, 4);
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+        for (int r = 0; r < R; ++r) c[m][r] = _mm512_dpbf16_ps(c[m][r], w[r], xb);
+      }
+    }
+    if (s < s1) {  // K odd: the last step holds k = K - 1 and a zero pad; x has no element K
+      const Elem* p = panel + s * 2 * NB;
+      __m512bh w[R];
+      for (int r = 0; r < R; ++r) w[r] = (__m512bh)_mm512_loadu_si512(p + r * 32);
+      for (int m = 0; m < MR; ++m) {
+        uint16_t last;
+        std::memcpy(&last, xr[m] + 2 * s, 2);
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(last));
+        for (int r = 0; r < R; ++r) c[m][r] = _mm512_dpbf16_ps(c[m][r], w[r], xb);
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + m * NB + r * 16, c[m][r]);
+  }
+};
+#else
+#define FT_PAIRS 0
+#endif
+
+// One task: block j, steps [s0, s1), all M rows; sums into acc [M_pad][NB].
+template <class Kern, int MR, int R>
+void block_task(const typename Kern::Elem* packed, const typename Kern::Elem* x, int64_t ldx, int64_t M,
+                int64_t K, int64_t steps, int64_t j, int64_t s0, int64_t s1, float* acc) {
+  using T = typename Kern::Elem;
+  constexpr int NB = R * VL, STEP = NB * Kern::KPS;  // elements of the panel per step
+  const T* panel = packed + j * steps * STEP;
+  const int64_t chunk = std::max<int64_t>(32, L1_BYTES / (STEP * static_cast<int64_t>(sizeof(T))));
+  const T* xr[MR];
+  for (int64_t cs = s0; cs < s1; cs += chunk) {
+    const int64_t ce = std::min(s1, cs + chunk);
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      for (int m = 0; m < MR; ++m) xr[m] = x + std::min(m0 + m, M - 1) * ldx;  // past M: repeat a row
+      Kern::template tile<MR, R>(panel, xr, cs, ce, K, acc + m0 * NB);
+    }
+  }
+}
+
+template <class Kern, int MR, int R>
+void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, at::Tensor& y,
+         int64_t ksplit) {
+  using T = typename Kern::Elem;
+  constexpr int NB = R * VL;
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), nblk = packed.size(0), ldx = x.stride(0);
+  const int64_t steps = (K + Kern::KPS - 1) / Kern::KPS;
+  const int64_t m_pad = (M + MR - 1) / MR * MR;
+  const T* xp = x.data_ptr<T>();
+  const T* wp = packed.data_ptr<T>();
+  const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  const int64_t ldy = y.stride(0);
+  auto epilogue = [&](const float* acc_of_split, int64_t stride_split, int64_t j) {
+    const int64_t n0 = j * NB, nn = std::min<int64_t>(NB, N - n0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < nn; ++n) {
+        float v = bp ? static_cast<float>(bp[n0 + n]) : 0.f;
+        for (int64_t s = 0; s < ksplit; ++s) v += acc_of_split[s * stride_split + m * NB + n];
+        yp[m * ldy + n0 + n] = static_cast<T>(v);
+      }
+  };
+  if (ksplit <= 1) {
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> acc(m_pad * NB);
+      for (int64_t j = b0; j < b1; ++j) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        block_task<Kern, MR, R>(wp, xp, ldx, M, K, steps, j, 0, steps, acc.data());
+        epilogue(acc.data(), 0, j);
+      }
+    });
+    return;
+  }
+  // Split K: task t = j * ksplit + s sums step range s of block j into its own slice; then one pass adds.
+  const int64_t sstep = (steps + ksplit - 1) / ksplit, slice = m_pad * NB;
+  std::vector<float> partial(nblk * ksplit * slice, 0.f);
+  at::parallel_for(0, nblk * ksplit, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t / ksplit, s = t % ksplit;
+      const int64_t s0 = std::min(steps, s * sstep), s1 = std::min(steps, s0 + sstep);
+      block_task<Kern, MR, R>(wp, xp, ldx, M, K, steps, j, s0, s1, partial.data() + t * slice);
+    }
+  });
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t j = b0; j < b1; ++j) epilogue(partial.data() + j * ksplit * slice, slice, j);
+  });
+}
+
+using Fn = void (*)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, int64_t);
+
+// The tiles (MR rows, R vectors) that are built: MR * R accumulators fit the vector registers.
+#define FT_TILES(X) X(1, 2) X(1, 4) X(2, 2) X(2, 4) X(4, 2) X(4, 4) X(8, 2)
+
+template <class Kern>
+Fn pick(int64_t mr, int64_t r) {
+#define FT_CASE(A, B) \
+  if (mr == A && r == B) return &run<Kern, A, B>;
+  FT_TILES(FT_CASE)
+#undef FT_CASE
+  return nullptr;
+}
+
+}  // namespace
+
+int64_t vector_width() { return VL; }
+
+bool has_bf16_pairs() { return FT_PAIRS; }
+
+// w [N, K] (any strides) as packed [ceil(N / nb), ceil(K / kps), nb * kps] in w's dtype: block j,
+// step s, column n, k of the step h hold w[j * nb + n][s * kps + h], zero past N and K (kps = 2 for
+// the bf16 pairs kernel, else 1). The buffer is 2 MiB aligned and advised as huge pages where the OS
+// allows: a stream over 4 KiB pages stalls the hardware prefetchers at every page boundary.
+at::Tensor pack_blocked(const at::Tensor& w, int64_t nb, int64_t kps) {
+  TORCH_CHECK(w.dim() == 2 && nb > 0 && (kps == 1 || kps == 2), "pack_blocked: expected w [N, K], nb > 0, kps 1 or 2");
+  const int64_t n = w.size(0), k = w.size(1), blocks = (n + nb - 1) / nb, steps = (k + kps - 1) / kps;
+  const size_t bytes = std::max<size_t>(1, blocks * steps * nb * kps * w.element_size());
+  constexpr size_t HUGE_PAGE = size_t(2) << 20;
+  const size_t rounded = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+  void* data = std::aligned_alloc(HUGE_PAGE, rounded);
+  TORCH_CHECK(data != nullptr, "pack_blocked: out of memory for ", rounded, " bytes");
+#ifdef MADV_HUGEPAGE
+  madvise(data, rounded, MADV_HUGEPAGE);  // advice only: ignored where huge pages are off
+#endif
+  at::Tensor packed = at::from_blob(data, {blocks, steps, nb * kps}, [](void* p) { std::free(p); }, w.options());
+  at::Tensor padded = at::zeros({blocks * nb, steps * kps}, w.options());
+  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(w);
+  packed.view({blocks, steps, nb, kps}).copy_(padded.view({blocks, nb, steps, kps}).permute({0, 2, 1, 3}));
+  return packed;
+}
+
+std::string tiles() {
+  std::string s;
+#define FT_NAME(A, B) s += std::to_string(A) + "x" + std::to_string(B) + " ";
+  FT_TILES(FT_NAME)
+#undef FT_NAME
+  return s;
+}
+
+// y = x @ W^T + b into y [M, N] (row stride free, unit column stride); x [M, K] with unit column
+// stride; packed = pack_blocked(w, r * vector_width(), pairs ? 2 : 1) from the same dtype.
+// Returns "" or a message naming the bad argument.
+std::string blocked_linear_out(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                               at::Tensor& y, int64_t mr, int64_t r, int64_t ksplit, bool pairs) {
+  if (x.dim() != 2 || packed.dim() != 3 || y.dim() != 2) return "blocked_linear: expected x [M, K], packed [B, S, NB], y [M, N]";
+  if (x.scalar_type() != packed.scalar_type() || y.scalar_type() != x.scalar_type())
+    return "blocked_linear: x, packed and y must share one dtype";
+  if (x.device().type() != at::kCPU || packed.device().type() != at::kCPU || y.device().type() != at::kCPU)
+    return "blocked_linear: CPU tensors only";
+  if (x.stride(1) != 1 || y.stride(1) != 1 || !packed.is_contiguous()) return "blocked_linear: x and y need unit column stride, packed must be contiguous";
+  if (pairs && (!FT_PAIRS || x.scalar_type() != at::kBFloat16)) return "blocked_linear: the pairs kernel needs bf16 and a CPU with AVX512_BF16";
+  const int64_t kps = pairs ? 2 : 1, nb = r * VL;
+  if (packed.size(1) != (x.size(1) + kps - 1) / kps || packed.size(2) != nb * kps) return "blocked_linear: packed does not match K or the tile width";
+  if (y.size(0) != x.size(0) || y.size(1) > packed.size(0) * nb || y.size(1) <= (packed.size(0) - 1) * nb)
+    return "blocked_linear: y does not match M or N";
+  if (bias.has_value() && (bias->scalar_type() != x.scalar_type() || !bias->is_contiguous() || bias->numel() != y.size(1)))
+    return "blocked_linear: bias must be contiguous [N] of x's dtype";
+  if (ksplit < 1 || ksplit > 64) return "blocked_linear: ksplit must be in 1..64";
+  Fn f = nullptr;
+  switch (x.scalar_type()) {
+    case at::kFloat: f = pick<Fma<float>>(mr, r); break;
+#if FT_PAIRS
+    case at::kBFloat16: f = pairs ? pick<PairsBf16>(mr, r) : pick<Fma<c10::BFloat16>>(mr, r); break;
+#else
+    case at::kBFloat16: f = pick<Fma<c10::BFloat16>>(mr, r); break;
+#endif
+    case at::kHalf: f = pick<Fma<c10::Half>>(mr, r); break;
+    default: return "blocked_linear: dtype must be float32, bfloat16 or float16";
+  }
+  if (f == nullptr) return "blocked_linear: no tile " + std::to_string(mr) + "x" + std::to_string(r) + " (built: " + tiles() + ")";
+  if (x.size(0) > 0 && y.size(1) > 0) f(x, packed, bias, y, ksplit);
+  return "";
+}
