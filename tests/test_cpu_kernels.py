@@ -1,6 +1,11 @@
 """The CPU blocked GEMM (``kernels/cpp``): every tactic against a float64 reference, in fp32, bf16
 and fp16, for odd sizes, strided inputs and bias; packed copies never stale; clear errors."""
 
+import ast
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -122,3 +127,31 @@ def test_bad_arguments_raise_clear_errors(kernel):
         kernel.linear(x, packed, None, 16, 1, 2, 0)
     with pytest.raises(RuntimeError, match="pairs kernel needs bf16"):
         kernel.linear(x, packed, None, 16, 1, 2, 1, True)
+
+
+def test_without_a_compiler_the_family_is_absent_with_one_log_line(tmp_path):
+    """A machine whose C++ compiler is missing (here: CXX names none, in a fresh extensions dir) still
+    compiles and tunes models: the blocked family offers nothing, and says why once."""
+    script = """
+import logging, torch, torch.nn as nn
+import flashtune_compile as ft
+logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
+model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+compiled = torch.compile(model, backend="flashtune", options={"inner": "eager", "kernels": {"aten", "cpu"}})
+x = torch.randn(3, 16)
+torch.testing.assert_close(compiled(x), model(x))
+print("TIMED", sorted((r["kernel"], r["timed"]) for r in ft.tactics()))
+"""
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+        "FLASHTUNE_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # each layer timed F.linear, addmm, mm_add, wt_contig and mkldnn_packed: no blocked tactic
+    timed = ast.literal_eval(done.stdout.split("TIMED", 1)[1].strip())
+    assert len(timed) == 2 and all(n == 5 and kernel != "cpu_blocked" for kernel, n in timed), timed
+    lines = [line for line in done.stderr.splitlines() if "CPU blocked GEMM kernels are not available" in line]
+    assert len(lines) == 1, done.stderr[-3000:]

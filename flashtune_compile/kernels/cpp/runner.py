@@ -10,7 +10,7 @@ tactic tuned at a bucket serves all M in it. Importing this module compiles noth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,8 +60,30 @@ def _as_tactic(tactic: Tactic, m: int) -> tuple[int, int, int, int]:
     return tuple(int(v) for v in tactic)  # type: ignore[return-value]
 
 
-def _packer(r: int, pairs: int):
-    return lambda w: load_blocked_gemm().pack(w, r, bool(pairs))
+def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
+    """``fn(x, w, b)`` computing the linear by ``tactic``: the packed weight from the tuner's cache,
+    then one call into the extension (the warm path, so nothing else)."""
+    mr, r, ksplit, pairs = tactic
+    kernel = load_blocked_gemm()
+    extension, weights = kernel.extension, AutoTuner.get().weights  # the tuner of the calling site
+    kind = f"blocked{r}{'p' if pairs else ''}"
+
+    def make(w: torch.Tensor) -> torch.Tensor:
+        return kernel.pack(w, r, bool(pairs))
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        packed = weights.get(w, kind, make)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        if b is not None and not b.is_contiguous():
+            b = b.contiguous()
+        y = x.new_empty(x.shape[0], w.shape[0])
+        error = extension.blocked_linear_out(x, packed, b, y, mr, r, ksplit, bool(pairs))
+        if error:
+            raise RuntimeError(error)
+        return y
+
+    return fn
 
 
 class CpuBlockedLinearRunner(TunableRunner):
@@ -69,6 +91,9 @@ class CpuBlockedLinearRunner(TunableRunner):
     dtype, widened in registers, fp32 sums, the bias fused. Functional: never writes its inputs."""
 
     name = "cpu_blocked"
+
+    def __init__(self) -> None:
+        self._fns: dict[tuple, tuple[Any, Callable[..., torch.Tensor]]] = {}
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         x, w, b = inputs
@@ -82,11 +107,15 @@ class CpuBlockedLinearRunner(TunableRunner):
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         x, w, b = inputs
-        mr, r, ksplit, pairs = _as_tactic(tactic, x.shape[0])
-        kernel = load_blocked_gemm()
-        packed = AutoTuner.get().weights.get(w, f"blocked{r}{'p' if pairs else ''}", _packer(r, pairs))
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        if b is not None and not b.is_contiguous():
-            b = b.contiguous()
-        return kernel.linear(x, packed, b, w.shape[0], mr, r, ksplit, bool(pairs))
+        return self._fn(_as_tactic(tactic, x.shape[0]))(x, w, b)
+
+    def unpacked(self, tactic: Tactic) -> Callable[..., Any] | None:
+        return None if tactic == DEFAULT_TACTIC else self._fn(_as_tactic(tactic, 1))
+
+    def _fn(self, tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
+        """One bound call per tactic, remade for a new tuner (the packed copies live in its cache)."""
+        weights = AutoTuner.get().weights
+        found = self._fns.get(tactic)
+        if found is None or found[0] is not weights:
+            found = self._fns[tactic] = (weights, _bound(tactic))
+        return found[1]
