@@ -251,11 +251,14 @@ def test_tuning_precompiles_each_runners_tactics_before_running_any(tuner, caplo
 def test_a_runners_unpacked_function_computes_its_forward(op):
     """What a warm call runs directly (``unpacked``) is the same function as ``forward``."""
     inputs = make_inputs(op, 5, 7, 9, torch.float32)
-    offered = 0
+    offered: dict[str, int] = {}
     for runner in runners_for(op, ["aten", "cpu", "cuda", "triton"]):
         for tactic in runner.get_valid_tactics(inputs, profile_for(inputs, op)):
             fn = runner.unpacked(tactic)
             if fn is not None:
-                offered += 1
+                offered[runner.name] = offered.get(runner.name, 0) + 1
                 torch.testing.assert_close(fn(*inputs), runner.forward(inputs, tactic))
-    assert offered == (1 if op in ("linear", "mm", "bmm") else 0)
+    aten = {"linear": "aten_linear", "mm": "aten_mm", "bmm": "aten_bmm"}
+    assert offered.pop(aten.get(op, ""), 0) == (1 if op in aten else 0)  # the plain ATen call
+    blocked = blocked_tactics(5, 9, load_blocked_gemm().tiles)
+    assert offered == ({"cpu_blocked": len(blocked)} if op == "linear" else {})  # every blocked tactic

@@ -6,8 +6,13 @@
 // sums are fp32. A tile is MR rows of x times one block (NB = R vector widths): MR * R vector
 // accumulators. Threads split the N blocks (and, with ksplit > 1, the K range of each block).
 // Vectors are GCC vector extensions, so -march=native picks AVX-512, AVX2 or SSE by itself.
-#include <torch/extension.h>
+// The functions are registered as torch ops in the namespace FT_NS (the build's own name, given as
+// -DFT_NS=...): the light headers below compile in seconds, torch/extension.h (pybind) in ~25 s.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -233,7 +238,8 @@ std::string tiles() {
 // stride; packed = pack_blocked(w, r * vector_width(), pairs ? 2 : 1) from the same dtype.
 // Returns "" or a message naming the bad argument.
 std::string blocked_linear_out(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                               at::Tensor& y, int64_t mr, int64_t r, int64_t ksplit, bool pairs) {
+                               const at::Tensor& y_out, int64_t mr, int64_t r, int64_t ksplit, bool pairs) {
+  at::Tensor y = y_out;  // written in place: the caller allocated it
   if (x.dim() != 2 || packed.dim() != 3 || y.dim() != 2) return "blocked_linear: expected x [M, K], packed [B, S, NB], y [M, N]";
   if (x.scalar_type() != packed.scalar_type() || y.scalar_type() != x.scalar_type())
     return "blocked_linear: x, packed and y must share one dtype";
@@ -262,4 +268,12 @@ std::string blocked_linear_out(const at::Tensor& x, const at::Tensor& packed, co
   if (f == nullptr) return "blocked_linear: no tile " + std::to_string(mr) + "x" + std::to_string(r) + " (built: " + tiles() + ")";
   if (x.size(0) > 0 && y.size(1) > 0) f(x, packed, bias, y, ksplit);
   return "";
+}
+
+TORCH_LIBRARY(FT_NS, m) {
+  m.def("blocked_linear_out", &blocked_linear_out);
+  m.def("pack_blocked", &pack_blocked);
+  m.def("vector_width", &vector_width);
+  m.def("tiles", &tiles);
+  m.def("has_bf16_pairs", &has_bf16_pairs);
 }

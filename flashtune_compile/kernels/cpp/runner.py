@@ -65,7 +65,7 @@ def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
     then one call into the extension (the warm path, so nothing else)."""
     mr, r, ksplit, pairs = tactic
     kernel = load_blocked_gemm()
-    extension, weights = kernel.extension, AutoTuner.get().weights  # the tuner of the calling site
+    linear_out, weights = kernel.linear_out, AutoTuner.get().weights  # the tuner of the calling site
     kind = f"blocked{r}{'p' if pairs else ''}"
 
     def make(w: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
         if b is not None and not b.is_contiguous():
             b = b.contiguous()
         y = x.new_empty(x.shape[0], w.shape[0])
-        error = extension.blocked_linear_out(x, packed, b, y, mr, r, ksplit, bool(pairs))
+        error = linear_out(x, packed, b, y, mr, r, ksplit, bool(pairs))
         if error:
             raise RuntimeError(error)
         return y
