@@ -1,6 +1,6 @@
 """Build a kernel extension once per process: thread-safe, memoized, a failure remembered.
 
-``torch.utils.cpp_extension.load_inline`` caches each build on disk (``TORCH_EXTENSIONS_DIR``,
+``torch.utils.cpp_extension`` (``load``, ``load_inline``) caches each build on disk (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``) under its name, so callers name a build by a hash of
 everything that changes the binary (``build_name``): each machine compiles a given version once.
 """

@@ -2,9 +2,9 @@
 
 ``load_blocked_gemm()`` compiles the library the first time it is called, with ``-march=native``
 (the vector width and ISA are this CPU's) and OpenMP (torch's intra-op threads), and loads its
-functions as torch ops in a namespace named after the build (no pybind: ~10 s to build, not ~35 s). The build name
-hashes the sources, flags, torch version and the CPU's feature flags, so a cache directory shared
-by different machines never hands one a binary built for another. A machine without a C++
+functions as torch ops in a namespace named after the build (no pybind: ~12 s to build, not ~33 s).
+The build name hashes the sources, flags, torch version and the CPU's feature flags, so a cache
+directory shared by different machines never hands one a binary built for another. A machine without a C++
 compiler lacks the family: the failure is logged once and the runner offers no tactics.
 """
 
@@ -34,14 +34,14 @@ def cpu_fingerprint() -> str:
 
 
 class BlockedGemm:
-    """The built extension: ``linear`` allocates the output and raises the extension's messages."""
+    """The built library (``torch.ops.<build name>``): ``linear`` allocates the output and raises the
+    library's messages."""
 
     def __init__(self, extension: Any) -> None:
         self.extension = extension  # torch.ops.<build name>
         self.linear_out = extension.blocked_linear_out.default  # the warm call: no overload lookup
         self.vector_width = int(extension.vector_width())  # fp32 lanes per vector register
         self.tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.tiles().split())
-
         self.bf16_pairs = bool(extension.has_bf16_pairs())  # the vdpbf16ps kernel (AVX512_BF16) is built
 
     def block_width(self, r: int) -> int:

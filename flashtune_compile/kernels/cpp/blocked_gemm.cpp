@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -86,30 +87,21 @@ struct PairsBf16 {
     __m512 c[MR][R];
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < R; ++r) c[m][r] = _mm512_loadu_ps(acc + m * NB + r * 16);
-    const int64_t full = std::min(s1, K / 2);  // steps whose two k are both inside K
-    int64_t s = s0;
-    for (; s < full; ++s) {
+    // One step; `tail` (K odd, the last step): it holds k = K - 1 and a zero pad, x has no element K.
+    auto step = [&](int64_t s, auto tail) {
       const Elem* p = panel + s * 2 * NB;
       __m512bh w[R];
       for (int r = 0; r < R; ++r) w[r] = (__m512bh)_mm512_loadu_si512(p + r * 32);
       for (int m = 0; m < MR; ++m) {
-        int32_t pair;
-        std::memcpy(&pair, xr[m] + 2 * s, 4);
+        int32_t pair = 0;
+        std::memcpy(&pair, xr[m] + 2 * s, decltype(tail)::value ? 2 : 4);
         const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
         for (int r = 0; r < R; ++r) c[m][r] = _mm512_dpbf16_ps(c[m][r], w[r], xb);
       }
-    }
-    if (s < s1) {  // K odd: the last step holds k = K - 1 and a zero pad; x has no element K
-      const Elem* p = panel + s * 2 * NB;
-      __m512bh w[R];
-      for (int r = 0; r < R; ++r) w[r] = (__m512bh)_mm512_loadu_si512(p + r * 32);
-      for (int m = 0; m < MR; ++m) {
-        uint16_t last;
-        std::memcpy(&last, xr[m] + 2 * s, 2);
-        const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(last));
-        for (int r = 0; r < R; ++r) c[m][r] = _mm512_dpbf16_ps(c[m][r], w[r], xb);
-      }
-    }
+    };
+    const int64_t full = std::min(s1, K / 2);  // steps whose two k are both inside K
+    for (int64_t s = s0; s < full; ++s) step(s, std::false_type{});
+    if (full < s1) step(full, std::true_type{});
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + m * NB + r * 16, c[m][r]);
   }

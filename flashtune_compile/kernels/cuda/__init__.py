@@ -63,13 +63,17 @@ class SkinnyGemm:
         return y
 
 
-def _build() -> SkinnyGemm:
+def _require_cuda() -> None:
+    """RuntimeError saying why, unless this torch has CUDA and a GPU is visible."""
     if torch.version.cuda is None or not torch.cuda.is_available():
         raise RuntimeError(
             "the CUDA skinny GEMM kernel needs a CUDA build of torch and an NVIDIA GPU "
             f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
             f"cuda available={torch.cuda.is_available()})"
         )
+
+
+def _build() -> SkinnyGemm:
     from torch.utils.cpp_extension import load_inline
 
     cpp_source, cuda_source = skinny_gemm_sources()
@@ -95,6 +99,5 @@ def load_skinny_gemm() -> SkinnyGemm:
 
     Builds on first call, at most once per process; a failed build is remembered and re-raised.
     RuntimeError when this torch has no CUDA or no GPU is visible."""
-    if torch.version.cuda is None or not torch.cuda.is_available():
-        _build()  # raises the clear error, without remembering it: a later process may differ
+    _require_cuda()  # checked on every call, not remembered as a failed build
     return _built.get()
