@@ -2,8 +2,9 @@
 
 A pass is a module of this package with ``rewrite(gm, ops, options) -> int`` (how many nodes it
 routed, of the op families in ``ops``, with ``options`` baked into each call's site). Importing a
-pass imports the op module it routes to, which registers those ops. ``moe_layers`` and ``fx_nodes``
-are not passes: what the MoE pass and all passes read the graph with.
+pass imports the op module it routes to, which registers those ops. ``moe_layers``,
+``moe_gathered``, ``moe_pieces`` and ``fx_nodes`` are not passes: what the MoE pass and all passes
+read the graph with.
 """
 
 from collections.abc import Callable

@@ -18,7 +18,8 @@ import torch
 from ..ops.moe import GROUPED_MM, MOE
 from ..ops.site import SiteOptions
 from .fx_nodes import Node, _method, _val, erase_dead, replace_with_call, routable
-from .moe_layers import MoeLayer, grouped_call, grouped_targets, match_layer
+from .moe_layers import match_layer
+from .moe_pieces import MoeLayer, grouped_call, grouped_targets
 from .symbolic import site_for
 
 log = logging.getLogger("flashtune")

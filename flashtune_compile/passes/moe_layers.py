@@ -16,6 +16,9 @@ feed each step; ``histc`` has ``E`` bins; the activation is gated):
 2. *Expert weights gathered per id*: ``repeat_interleave`` of the rows and two ``bmm``
    (transformers' ``batched_mm``), or ``w[ids]`` with an ``einsum`` per GEMM and one with the
    routing weights over the picks (gpt-fast's Mixtral).
+
+Family 1 is matched here, family 2 in ``moe_gathered.py``; the pieces both read (gated activation,
+sum over the picks, ``MoeLayer``) are in ``moe_pieces.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import operator
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .fx_nodes import (
     Node,
@@ -36,135 +38,15 @@ from .fx_nodes import (
     _method,
     _mul_operands,
     _same_size,
-    _squeezed,
     _strip_to,
     _transposed_param,
     _unsqueezed,
     _val,
 )
+from .moe_gathered import _match_batched, _match_einsum
+from .moe_pieces import MoeLayer, _either_order, _gate_and_up, _sum_over_picks, grouped_call
 
-
-def grouped_targets() -> set:
-    """The functions a plain grouped GEMM call may target in a graph."""
-    out: set = set()
-    if hasattr(torch, "_grouped_mm"):
-        out.add(torch._grouped_mm)
-    if hasattr(F, "grouped_mm"):
-        out.add(F.grouped_mm)
-    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
-    if fallback is not None:
-        out |= {fallback, fallback.default}
-    return out
-
-
-# -- MoE pieces -------------------------------------------------------------------------------
-
-
-def _activation(node: Any) -> tuple[str, Any] | None:
-    """(activation name, its input) for F.silu / F.gelu calls."""
-    if _fn(node, F.silu, torch.nn.functional.silu) and not node.kwargs.get("inplace", False) and len(node.args) == 1:
-        return "silu", node.args[0]
-    if _fn(node, F.gelu) and len(node.args) == 1:
-        approx = node.kwargs.get("approximate", "none")
-        if set(node.kwargs) <= {"approximate"} and approx in ("none", "tanh"):
-            return ("gelu" if approx == "none" else "gelu_tanh"), node.args[0]
-    return None
-
-
-def _activated_products(node: Any) -> list[tuple[str, Any, Any]]:
-    """(activation, its input, the other factor) for each way ``node`` reads as ``act(a) * b``."""
-    ops = _mul_operands(node)
-    out = []
-    for a, b in (ops, ops[::-1]) if ops is not None else ():
-        act = _activation(a)
-        if act is not None:
-            out.append((act[0], act[1], b))
-    return out
-
-
-def _gated(node: Any) -> tuple[str, Any] | None:
-    """(activation, g) when ``node`` is ``act(g.chunk(2, -1)[0]) * g.chunk(2, -1)[1]``."""
-    for name, a, b in _activated_products(node):
-        gate, up = _getitem(a, 0), _getitem(b, 1)
-        if gate is None or up is None or gate[0] is not up[0]:
-            continue
-        chunk = gate[0]
-        if (
-            _call(chunk, "chunk", torch.chunk)
-            and _arg(chunk, 1, "chunks") == 2
-            and _arg(chunk, 2, "dim", 0) in (-1, _val(chunk.args[0]).dim() - 1)
-        ):
-            return name, chunk.args[0]
-    return None
-
-
-def _split_gated(node: Any, targets: set) -> tuple | None:
-    """(activation, x, w_gate, w_up, offs) when ``node`` is ``act(gm(x, w_gate)) * gm(x, w_up)``
-    for two grouped GEMMs ``gm`` of the same rows ``x`` and offsets (gate and up kept apart)."""
-    for name, a, b in _activated_products(node):
-        gate, up = grouped_call(_strip_to(a), targets), grouped_call(_strip_to(b), targets)
-        if gate is not None and up is not None and gate[0] is up[0] and gate[2] is up[2]:
-            return name, gate[0], gate[1], up[1], gate[2]
-    return None
-
-
-def _gate_and_up(h: Any, targets: set) -> tuple | None:
-    """(activation, x, w1 effective, w3 effective or None, offs) of the first grouped GEMM(s) and
-    gate feeding ``h``: stacked [gate; up] chunked in two, or separate gate and up GEMMs."""
-    gated = _gated(_strip_to(h))
-    if gated is not None:
-        gemm1 = grouped_call(gated[1], targets)
-        return (gated[0], gemm1[0], gemm1[1], None, gemm1[2]) if gemm1 is not None else None
-    return _split_gated(_strip_to(h), targets)
-
-
-def grouped_call(node: Any, targets: set) -> tuple | None:
-    """(x, w, offs) of a plain grouped GEMM call (no bias, output in the input's dtype)."""
-    if not _fn(node, *targets):
-        return None
-    extra = {k: v for k, v in node.kwargs.items() if k not in ("input", "mat_a", "mat_b", "weight", "offs")}
-    if any(v is not None for v in extra.values()) or len(node.args) > 3:
-        return None
-    x = _arg(node, 0, "input", node.kwargs.get("mat_a"))
-    w = _arg(node, 1, "weight", node.kwargs.get("mat_b"))
-    offs = _arg(node, 2, "offs")
-    return (x, w, offs) if all(isinstance(t, Node) for t in (x, w, offs)) else None
-
-
-def _sum_over_picks(node: Node) -> tuple | None:
-    """(flat pair outputs, top_k) when ``node`` is ``pairs.view(T, k, H).sum(dim=1)``."""
-    if (
-        not _call(node, "sum", torch.sum)
-        or _arg(node, 1, "dim") not in (1, (1,), [1])
-        or node.kwargs.get("keepdim", False)
-        or node.kwargs.get("dtype") is not None
-    ):
-        return None
-    view = node.args[0]
-    if not (_method(view, "view", "reshape") and _val(view).dim() == 3):
-        return None
-    return view.args[0], _val(view).shape[1]
-
-
-def _either_order(operands: tuple, pick: Any) -> tuple | None:
-    """(other, operand, pick(operand)) for the first of the two product operands that ``pick``
-    accepts (returns non-None for), else None."""
-    for other, operand in (operands, operands[::-1]):
-        got = pick(operand)
-        if got is not None:
-            return other, operand, got
-    return None
-
-
-# -- the patterns ----------------------------------------------------------------------------
-
-
-class MoeLayer:
-    """The pieces of one matched MoE layer."""
-
-    def __init__(self, hidden, weights, ids, w1, w2, activation, nodes, w3=None):
-        self.hidden, self.weights, self.ids, self.w1, self.w2, self.w3 = hidden, weights, ids, w1, w2, w3
-        self.activation, self.nodes = activation, nodes  # w3: the up weight when separate from w1 (gate)
+# -- tokens sorted by expert ------------------------------------------------------------------
 
 
 def _match_sorted(out: Node, targets: set) -> MoeLayer | None:
@@ -311,66 +193,6 @@ def _match_scattered(out: Node, targets: set) -> MoeLayer | None:
     return ex.layer(hidden, [out])
 
 
-def _einsum(node: Any, template: str) -> tuple | None:
-    """The two operands of ``node`` when it is ``einsum(eq, a, b)`` with ``eq`` the ``template``
-    up to the names of its letters and spaces, or the template with its operands swapped."""
-    if not _fn(node, torch.einsum, torch.functional.einsum) or node.kwargs or len(node.args) < 2:
-        return None
-    eq, *operands = node.args
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = list(operands[0])
-    if not isinstance(eq, str) or len(operands) != 2 or "->" not in eq:
-        return None
-    ins, out = eq.replace(" ", "").split("->")
-    parts = ins.split(",")
-    if len(parts) != 2:
-        return None
-    if _canonical(f"{parts[0]},{parts[1]}->{out}") == template:
-        return operands[0], operands[1]
-    if _canonical(f"{parts[1]},{parts[0]}->{out}") == template:
-        return operands[1], operands[0]
-    return None
-
-
-def _canonical(eq: str) -> str:
-    """``eq`` with its letters renamed a, b, c... in order of first appearance."""
-    names: dict[str, str] = {}
-    return "".join(names.setdefault(c, chr(ord("a") + len(names))) if c.isalpha() else c for c in eq)
-
-
-PICK_GEMM = _canonical("ti,taoi->tao")  # x [T, H] by each pick's gathered weight [T, k, N, H]
-PICK_DOWN = _canonical("tao,taio->tai")  # h [T, k, I] by each pick's gathered weight [T, k, H, I]
-PICK_SUM = _canonical("tai,ta->ti")  # pick outputs [T, k, H] weighted and summed over k
-
-
-def _match_einsum(out: Node) -> MoeLayer | None:
-    """gpt-fast's Mixtral: expert weights gathered by id (``w[ids]``), an ``einsum`` per GEMM,
-    ``act(x @ w1) * (x @ w3)``, and an ``einsum`` with the routing weights summing the picks."""
-    found = _einsum(out, PICK_SUM)
-    if found is None:
-        return None
-    outs, weights = found
-    down = _einsum(outs, PICK_DOWN)
-    if down is None:
-        return None
-    inner, w2g = down
-    picked2 = _getitem(w2g)
-    if picked2 is None:
-        return None
-    w2, ids = picked2
-    for name, a, b in _activated_products(inner):
-        gate, up = _einsum(a, PICK_GEMM), _einsum(b, PICK_GEMM)
-        if gate is None or up is None or gate[0] is not up[0]:
-            continue
-        picked1, picked3 = _getitem(gate[1]), _getitem(up[1])
-        if picked1 is None or picked3 is None or picked1[1] is not ids or picked3[1] is not ids:
-            continue
-        if not all(_val(w).dim() == 3 for w in (picked1[0], picked3[0], w2)) or _val(ids).dim() != 2:
-            return None
-        return MoeLayer(gate[0], weights, ids, picked1[0], w2, name, [out], picked3[0])
-    return None
-
-
 def _counts_per_expert(offs: Node, sort: Node, ids: Node, num_experts: int) -> bool:
     """``offs`` is the int32 ``cumsum`` of ``histc(ids, bins=E, min=0, max=E-1 or E)`` or of the
     bincount form, over the sorted or the unsorted flat ``ids`` (a cast of the sum may follow)."""
@@ -406,55 +228,6 @@ def _weight(effective: Node) -> Any:
     parameter itself when the graph transposes it, else a marker to transpose ``effective``."""
     w = _transposed_param(effective)
     return w if w is not None else ("transpose", effective)
-
-
-def _match_batched(out: Node) -> MoeLayer | None:
-    found = _sum_over_picks(out)
-    if found is None:
-        return None
-    weighted, top_k = found
-    ops = _mul_operands(weighted)
-    if ops is None:
-        return None
-    found = _either_order(ops, lambda s: _flat(_unsqueezed(s, -1)))
-    if found is None:
-        return None
-    y2, sw, weights = found
-    step2 = _batched_linear(y2)
-    if step2 is None:
-        return None
-    w2, ids, h = step2
-    gated = _gated(h)
-    if gated is None:
-        return None
-    activation, g = gated
-    step1 = _batched_linear(g)
-    if step1 is None or step1[1] is not ids:
-        return None
-    w1, _, x_rep = step1
-    if not (
-        _call(x_rep, "repeat_interleave", torch.repeat_interleave)
-        and _same_size(_val(_arg(x_rep, 1, "repeats")), top_k)
-        and _arg(x_rep, 2, "dim") == 0
-    ):
-        return None
-    flat_ids = _flat(ids)
-    if flat_ids is None:
-        return None
-    return MoeLayer(x_rep.args[0], weights, flat_ids, w1, w2, activation, [out, weighted, sw, y2, h, g, x_rep])
-
-
-def _batched_linear(node: Any) -> tuple | None:
-    """(w, ids, x) when ``node`` is ``bmm(w[ids], x.unsqueeze(-1)).squeeze(-1)``."""
-    bmm = _squeezed(node, -1)
-    if not (_fn(bmm, torch.bmm) or _method(bmm, "bmm")) or len(bmm.args) != 2:
-        return None
-    picked, col = bmm.args
-    sel = _getitem(picked)
-    x = _unsqueezed(col, -1)
-    if sel is None or x is None or not isinstance(sel[1], Node) or _val(sel[0]).dim() != 3:
-        return None
-    return sel[0], sel[1], x
 
 
 def match_layer(node: Node, targets: set) -> MoeLayer | None:
