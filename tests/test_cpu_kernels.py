@@ -1,5 +1,6 @@
-"""The CPU blocked GEMM (``kernels/cpp``): every tactic against a float64 reference, in fp32, bf16
-and fp16, for odd sizes, strided inputs and bias; packed copies never stale; clear errors."""
+"""The CPU blocked kernels (``kernels/cpp``), the GEMM and the MoE layer: every tactic against a
+float64 reference, in fp32, bf16 and fp16, for odd sizes, strided inputs and bias, experts with no
+tokens and ids out of range; packed copies never stale; clear errors."""
 
 import ast
 import os
@@ -12,7 +13,9 @@ import torch.nn as nn
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpp import load_blocked_gemm
+from flashtune_compile.kernels.cpp.moe_runner import MAX_ROWS_PER_EXPERT, CpuBlockedMoeRunner
 from flashtune_compile.kernels.cpp.runner import MAX_M, CpuBlockedLinearRunner, blocked_tactics
+from flashtune_compile.kernels.moe import ACTIVATIONS
 from flashtune_compile.tuner.runner import BucketProfile
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -155,3 +158,166 @@ print("TIMED", sorted((r["kernel"], r["timed"]) for r in ft.tactics()))
     assert len(timed) == 2 and all(n == 5 and kernel != "cpu_blocked" for kernel, n in timed), timed
     lines = [line for line in done.stderr.splitlines() if "CPU blocked GEMM kernels are not available" in line]
     assert len(lines) == 1, done.stderr[-3000:]
+
+
+# -- the MoE layer -------------------------------------------------------------------------------
+
+MOE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}  # relative to max |ref|
+
+
+def _moe_reference(x, weights, ids, gate, up, w2, activation):
+    """Token by token, pick by pick, in float64, rounding to x's dtype where the op's semantics do
+    (``kernels/moe.py``): [gate | up], the activation, h, the expert output."""
+    dt, act = x.dtype, ACTIVATIONS[activation]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if 0 <= e < gate.shape[0]:
+                g = (gate[e].double() @ x[t].double()).to(dt).double()
+                u = (up[e].double() @ x[t].double()).to(dt).double()
+                h = (act(g).to(dt).double() * u).to(dt).double()
+                out[t] += (w2[e].double() @ h).to(dt).double() * float(weights[t, j])
+    return out
+
+
+def _moe_close(got, ref, dtype):
+    assert got.dtype == dtype and got.shape == ref.shape
+    if ref.numel():
+        err = (got.double() - ref).abs().max().item()
+        assert err <= MOE_TOL[dtype] * max(ref.abs().max().item(), 1.0), f"error {err}"
+
+
+def _moe_layer(e, h, i, dtype, split, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate, up, w2 = (torch.randn(*shape, generator=g).to(dtype) * 0.3 for shape in ((e, i, h), (e, i, h), (e, h, i)))
+    if split:  # gpt-fast / torchtitan: separate gate (w1) and up (w3) parameters
+        w1, w3 = nn.Parameter(gate.clone(), requires_grad=False), nn.Parameter(up.clone(), requires_grad=False)
+    else:  # transformers: w1 holds [gate; up]
+        w1, w3 = nn.Parameter(torch.cat([gate, up], dim=1), requires_grad=False), None
+    return w1, nn.Parameter(w2, requires_grad=False), w3
+
+
+def _moe_parts(w1, w3):
+    """(gate, up) of a layer's weights, as the kernel must read them."""
+    if w3 is not None:
+        return w1.detach(), w3.detach()
+    return w1.detach().chunk(2, dim=1)
+
+
+def _profile(inputs):
+    return BucketProfile((inputs[0].shape[0],), tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in inputs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,k", [(1, 2), (3, 2), (16, 2), (21, 3)])
+def test_moe_every_tactic_matches_float64(kernel, dtype, tokens, k):
+    """Odd H and I (I not a multiple of any block), expert 3 of 5 gets no token, one id out of range,
+    T = 21 with k = 3 gives an expert more rows than the tallest tile; stacked and split gate/up,
+    each activation, fp32 and bf16 routing weights, int32 and int64 ids."""
+    e, h, i = 5, 33, 19
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, h, generator=g).to(dtype)
+    ids = torch.stack([torch.tensor([0, 1, 2, 4])[torch.randperm(4, generator=g)[:k]] for _ in range(tokens)])
+    if tokens >= 3:
+        ids[1, 0] = e  # out of range: adds nothing
+    if tokens > 16:
+        ids[:, 0] = 2  # expert 2 gets every token: more rows than any tile
+    weights = torch.softmax(torch.randn(tokens, k, generator=g), -1)
+    runner = CpuBlockedMoeRunner()
+    checked = 0
+    for split in (False, True):
+        w1, w2, w3 = _moe_layer(e, h, i, dtype, split)
+        for activation in ACTIVATIONS:
+            for wts, ids_ in ((weights, ids), (weights.to(dtype), ids.int())):
+                inputs = (x, wts, ids_, w1, w2, activation, w3)
+                ref = _moe_reference(x, wts, ids, *_moe_parts(w1, w3), w2.detach(), activation)
+                for tactic in runner.get_valid_tactics(inputs, _profile(inputs)):
+                    _moe_close(runner.forward(inputs, tactic), ref, dtype)
+                    checked += 1
+    assert checked >= 2 * 3 * 2 * (4 if kernel.bf16_pairs and dtype == torch.bfloat16 else 2)
+
+
+def test_moe_strided_hidden_views_and_empty_batch(kernel):
+    g = torch.Generator().manual_seed(3)
+    runner = CpuBlockedMoeRunner()
+    w1, w2, w3 = _moe_layer(4, 24, 16, torch.float32, split=False)
+    w1t = nn.Parameter(w1.detach().transpose(1, 2).contiguous(), requires_grad=False)  # stored [E, H, 2I]
+    weights, ids = torch.rand(5, 2, generator=g), torch.randint(0, 4, (5, 2), generator=g)
+    rows = torch.randn(5, 40, generator=g)[:, 8:32]  # row stride 40
+    cols = torch.randn(24, 5, generator=g).t()  # column stride 5
+    ref = None
+    for x in (rows, cols):
+        ref = _moe_reference(x, weights, ids, *_moe_parts(w1, None), w2.detach(), "silu")
+        for weight in (w1, w1t.transpose(1, 2)):  # a parameter, and a view of one computed in the graph
+            inputs = (x, weights, ids, weight, w2, "silu", None)
+            for tactic in runner.get_valid_tactics(inputs, _profile(inputs)):
+                _moe_close(runner.forward(inputs, tactic), ref, torch.float32)
+    empty = (torch.randn(0, 24), torch.rand(0, 2), torch.zeros(0, 2, dtype=torch.long), w1, w2, "silu", None)
+    assert runner.forward(empty, (2, 0)).shape == (0, 24)
+
+
+def test_moe_packed_weights_are_never_stale(tuner, kernel):
+    """The gate/up copy is made from two parameters when they are separate: updating either one
+    (in place or by ``.data``) remakes it; otherwise it is served from the cache."""
+    runner = CpuBlockedMoeRunner()
+    w1, w2, w3 = _moe_layer(4, 16, 8, torch.bfloat16, split=True)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    weights, ids = torch.rand(3, 2), torch.tensor([[0, 1], [1, 2], [3, 0]])
+    copies = ft.AutoTuner.get().weights
+    inputs = (x, weights, ids, w1, w2, "silu", w3)
+
+    def check(tactic):
+        ref = _moe_reference(x, weights, ids, w1.detach(), w3.detach(), w2.detach(), "silu")
+        _moe_close(runner.forward(inputs, tactic), ref, torch.bfloat16)
+
+    for tactic in runner.get_valid_tactics(inputs, _profile(inputs)):
+        check(tactic)
+        made = copies.made
+        runner.forward(inputs, tactic)
+        assert copies.made == made, "the packed copies were not served from the cache"
+        for w in (w1, w3, w2):
+            with torch.no_grad():
+                w.mul_(2)
+            check(tactic)
+        w3.data = torch.randn(4, 8, 16).to(torch.bfloat16)
+        check(tactic)
+
+
+def test_moe_offered_only_where_it_applies(kernel):
+    runner = CpuBlockedMoeRunner()
+    w1, w2, _ = _moe_layer(4, 16, 8, torch.float32, split=False)
+    x, weights, ids = torch.randn(4, 16), torch.rand(4, 2), torch.randint(0, 4, (4, 2))
+
+    def offered(*inputs, tokens=4):
+        shapes = tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in inputs)
+        shapes = ((tokens, 16), (tokens, 2), (tokens, 2), *shapes[3:])
+        return runner.get_valid_tactics(inputs, BucketProfile((tokens,), shapes))
+
+    assert offered(x, weights, ids, w1, w2, "silu", None)
+    assert offered(x, weights, ids, w1, w2.detach().clone(), "silu", None) == [], "a weight computed in the graph"
+    assert offered(x.double(), weights, ids, w1, w2, "silu", None) == [], "mixed dtypes"
+    assert offered(x, weights.double(), ids, w1, w2, "silu", None) == [], "float64 routing weights"
+    assert offered(x, weights, ids, w1, w2, "relu", None) == []
+    assert offered(x, weights, ids, w1, w2, "silu", None, tokens=MAX_ROWS_PER_EXPERT * 4 // 2 + 1) == []
+    if kernel.bf16_pairs:
+        b1, b2, _ = _moe_layer(4, 16, 8, torch.bfloat16, split=False)
+        assert {p for _, p in offered(x.bfloat16(), weights, ids, b1, b2, "silu", None)} == {0, 1}
+
+
+def test_moe_bad_arguments_raise_clear_errors(kernel):
+    gate, up, w2 = torch.randn(3, 8, 16), torch.randn(3, 8, 16), torch.randn(3, 16, 8)
+    gu, down = kernel.pack_gate_up(gate, up, 2), kernel.pack(w2, 2)
+    x, weights, ids = torch.randn(2, 16), torch.rand(2, 2), torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="act must be"):
+        kernel.moe(x, weights, ids, gu, down, 8, 7, 2)
+    with pytest.raises(RuntimeError, match="no tiles 3 vectors wide"):
+        kernel.moe(x, weights, ids, gu, down, 8, 0, 3)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernel.moe(x, weights, ids.int(), gu, down, 8, 0, 2)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        kernel.moe(x.bfloat16(), weights, ids, gu, down, 8, 0, 2)
+    with pytest.raises(RuntimeError, match="packed2 does not match"):
+        kernel.moe(x, weights, ids, gu, down, 9, 0, 2)
+    with pytest.raises(RuntimeError, match="tile width"):
+        kernel.moe(x, weights, ids, gu, down, 8, 0, 4)

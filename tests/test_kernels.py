@@ -154,6 +154,12 @@ def test_weight_cache_is_bounded_and_forgets_dead_weights():
     del ws[3], w
     gc.collect()
     assert cache.nbytes == 2 * 64 * 4
+    pair = (ws[0], torch.randn(8, 8))  # one copy made from two weights: it dies with either
+    cache.get(pair, "sum", lambda p: p[0] + p[1])
+    assert len(cache._entries) == 3
+    del pair
+    gc.collect()
+    assert len(cache._entries) == 2 and cache.nbytes == 2 * 64 * 4
     with torch.inference_mode():
         frozen = torch.randn(8, 8)
     assert not cache.cacheable(frozen)

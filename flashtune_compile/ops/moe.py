@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.cpp.moe_runner import CpuBlockedMoeRunner
 from ..kernels.grouped_mm import AtenGroupedMMRunner, CpuGroupedMMRunner, grouped_loop
 from ..kernels.moe import ACTIVATIONS, AtenMoeRunner, CpuMoeRunner, moe_loop
 from ..kernels.triton_moe_runner import TritonGroupedMMRunner, TritonMoeRunner
@@ -96,6 +97,7 @@ MOE = register(
             Candidate("aten", AtenMoeRunner),
             Candidate("triton", TritonMoeRunner),
             Candidate("cpu", CpuMoeRunner),
+            Candidate("cpu", CpuBlockedMoeRunner),
         ),
     )
 )

@@ -47,19 +47,23 @@ class WeightCache:
         """Whether copies of ``w`` are worth keeping: ``w`` is a parameter or a view of one."""
         return WeightCache.parameter_of(w) is not None
 
-    def get(self, w: torch.Tensor, kind: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def get(
+        self,
+        w: torch.Tensor | tuple[torch.Tensor, ...],
+        kind: str,
+        make: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """``make(w)``, from the cache when a valid copy of this kind exists (for a view of a
-        parameter: made from this same view of the parameter as it is now)."""
-        owner = self.parameter_of(w)
-        if owner is None or owner is w:
-            owner, view = w, ()
-        else:
-            view = (tuple(w.shape), w.stride(), w.storage_offset(), w.dtype)
-        key = (id(owner), kind, view)
-        meta = (owner._version, owner.data_ptr(), owner.shape, owner.stride(), owner.dtype)
+        parameter: made from this same view of the parameter as it is now). ``w`` may be a tuple of
+        weights (one copy made from several, e.g. gate and up packed together): the copy is then
+        valid only while every one of them is."""
+        parts = [self._identity(t) for t in (w if isinstance(w, tuple) else (w,))]
+        owners = tuple(owner for owner, _, _ in parts)
+        key = (kind, tuple(ident for _, ident, _ in parts))
+        meta = tuple(m for _, _, m in parts)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry[0]() is owner and entry[1] == meta:
+            if entry is not None and entry[1] == meta and all(ref() is o for ref, o in zip(entry[0], owners)):
                 self._entries.move_to_end(key)
                 return entry[2]
         value = make(w)
@@ -68,12 +72,22 @@ class WeightCache:
             self._drop(key)
             self.made += 1
             if size <= self.max_bytes:
-                ref = weakref.ref(owner, lambda _, key=key: self._forget(key))
-                self._entries[key] = (ref, meta, value, size)
+                refs = tuple(weakref.ref(o, lambda _, key=key: self._forget(key)) for o in owners)
+                self._entries[key] = (refs, meta, value, size)
                 self.nbytes += size
                 while self.nbytes > self.max_bytes:
                     self._drop(next(iter(self._entries)))
         return value
+
+    def _identity(self, w: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
+        """``(owner, key, meta)``: the tensor whose life and version a copy of ``w`` follows (the
+        parameter, for a view of one), its key part, and what must not have changed."""
+        owner = self.parameter_of(w)
+        if owner is None or owner is w:
+            owner, view = w, ()
+        else:
+            view = (tuple(w.shape), w.stride(), w.storage_offset(), w.dtype)
+        return owner, (id(owner), view), (owner._version, owner.data_ptr(), owner.shape, owner.stride(), owner.dtype)
 
     def _drop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)

@@ -15,6 +15,7 @@ import platform
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..extension import BuiltOnce, build_name, log
 
@@ -40,6 +41,7 @@ class BlockedGemm:
     def __init__(self, extension: Any) -> None:
         self.extension = extension  # torch.ops.<build name>
         self.linear_out = extension.blocked_linear_out.default  # the warm call: no overload lookup
+        self.moe_out = extension.blocked_moe_out.default
         self.vector_width = int(extension.vector_width())  # fp32 lanes per vector register
         self.tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.tiles().split())
         self.bf16_pairs = bool(extension.has_bf16_pairs())  # the vdpbf16ps kernel (AVX512_BF16) is built
@@ -50,9 +52,21 @@ class BlockedGemm:
 
     def pack(self, w: torch.Tensor, r: int, pairs: bool = False) -> torch.Tensor:
         """``w [N, K]`` in blocks of ``block_width(r)`` of its rows, zero-padded, in w's dtype (and
-        huge pages where the OS allows); ``pairs``: k interleaved in pairs for the bf16 pairs kernel."""
+        huge pages where the OS allows); ``pairs``: k interleaved in pairs for the bf16 pairs kernel.
+        ``w [E, N, K]``: each expert's so, stacked."""
         with torch.no_grad():
             return self.extension.pack_blocked(w.detach(), self.block_width(r), 2 if pairs else 1)
+
+    def pack_gate_up(self, gate: torch.Tensor, up: torch.Tensor, r: int, pairs: bool = False) -> torch.Tensor:
+        """Experts' ``gate`` and ``up`` weights ``[E, I, H]`` packed for ``moe``: block j holds gate
+        rows ``j * half ..`` then the same up rows (``half`` = ``block_width(r) // 2``), so one tile
+        yields matching gate and up columns; zero rows pad I to a multiple of ``half``."""
+        half = self.block_width(r) // 2
+        e, inter, hidden = gate.shape
+        ipad = -(-inter // half) * half
+        with torch.no_grad():
+            padded = [F.pad(w.detach(), (0, 0, 0, ipad - inter)).view(e, -1, half, hidden) for w in (gate, up)]
+            return self.pack(torch.stack(padded, dim=2).view(e, 2 * ipad, hidden), r, pairs)
 
     def linear(
         self,
@@ -72,6 +86,28 @@ class BlockedGemm:
         if error:
             raise RuntimeError(error)
         return y
+
+    def moe(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        inter: int,
+        activation: int,
+        r: int,
+        pairs: bool = False,
+    ) -> torch.Tensor:
+        """One MoE layer (``kernels/moe.py``'s semantics) from ``gate_up = pack_gate_up(w1, w3, r, pairs)``
+        and ``down = pack(w2, r, pairs)``: ``x [T, H]`` with unit column stride, ``weights [T, k]``
+        fp32 and ``ids [T, k]`` int64, both contiguous; ``activation`` 0 silu, 1 gelu, 2 gelu_tanh.
+        RuntimeError naming the bad argument."""
+        out = x.new_empty(x.shape)
+        error = self.moe_out(x, weights, ids, gate_up, down, out, inter, activation, r, pairs)
+        if error:
+            raise RuntimeError(error)
+        return out
 
 
 def _build() -> BlockedGemm:

@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -110,10 +111,11 @@ struct PairsBf16 {
 #define FT_PAIRS 0
 #endif
 
-// One task: block j, steps [s0, s1), all M rows; sums into acc [M_pad][NB].
+// One task: block j of a packed weight, steps [s0, s1), the M rows of x at rows[0..M); sums into
+// acc [M_pad][NB] (M_pad: M rounded up to MR; tile rows past M repeat the last row).
 template <class Kern, int MR, int R>
-void block_task(const typename Kern::Elem* packed, const typename Kern::Elem* x, int64_t ldx, int64_t M,
-                int64_t K, int64_t steps, int64_t j, int64_t s0, int64_t s1, float* acc) {
+void block_task(const typename Kern::Elem* packed, const typename Kern::Elem* const* rows, int64_t M, int64_t K,
+                int64_t steps, int64_t j, int64_t s0, int64_t s1, float* acc) {
   using T = typename Kern::Elem;
   constexpr int NB = R * VL, STEP = NB * Kern::KPS;  // elements of the panel per step
   const T* panel = packed + j * steps * STEP;
@@ -122,10 +124,17 @@ void block_task(const typename Kern::Elem* packed, const typename Kern::Elem* x,
   for (int64_t cs = s0; cs < s1; cs += chunk) {
     const int64_t ce = std::min(s1, cs + chunk);
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
-      for (int m = 0; m < MR; ++m) xr[m] = x + std::min(m0 + m, M - 1) * ldx;  // past M: repeat a row
+      for (int m = 0; m < MR; ++m) xr[m] = rows[std::min(m0 + m, M - 1)];
       Kern::template tile<MR, R>(panel, xr, cs, ce, K, acc + m0 * NB);
     }
   }
+}
+
+template <class T>
+std::vector<const T*> row_pointers(const T* x, int64_t M, int64_t ldx) {
+  std::vector<const T*> rows(M);
+  for (int64_t m = 0; m < M; ++m) rows[m] = x + m * ldx;
+  return rows;
 }
 
 template <class Kern, int MR, int R>
@@ -136,7 +145,7 @@ void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), nblk = packed.size(0), ldx = x.stride(0);
   const int64_t steps = (K + Kern::KPS - 1) / Kern::KPS;
   const int64_t m_pad = (M + MR - 1) / MR * MR;
-  const T* xp = x.data_ptr<T>();
+  const std::vector<const T*> rows = row_pointers(x.data_ptr<T>(), M, ldx);
   const T* wp = packed.data_ptr<T>();
   const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
@@ -155,7 +164,7 @@ void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::
       std::vector<float> acc(m_pad * NB);
       for (int64_t j = b0; j < b1; ++j) {
         std::fill(acc.begin(), acc.end(), 0.f);
-        block_task<Kern, MR, R>(wp, xp, ldx, M, K, steps, j, 0, steps, acc.data());
+        block_task<Kern, MR, R>(wp, rows.data(), M, K, steps, j, 0, steps, acc.data());
         epilogue(acc.data(), 0, j);
       }
     });
@@ -168,7 +177,7 @@ void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j = t / ksplit, s = t % ksplit;
       const int64_t s0 = std::min(steps, s * sstep), s1 = std::min(steps, s0 + sstep);
-      block_task<Kern, MR, R>(wp, xp, ldx, M, K, steps, j, s0, s1, partial.data() + t * slice);
+      block_task<Kern, MR, R>(wp, rows.data(), M, K, steps, j, s0, s1, partial.data() + t * slice);
     }
   });
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -180,6 +189,14 @@ using Fn = void (*)(const at::Tensor&, const at::Tensor&, const std::optional<at
 
 // The tiles (MR rows, R vectors) that are built: MR * R accumulators fit the vector registers.
 #define FT_TILES(X) X(1, 2) X(1, 4) X(2, 2) X(2, 4) X(4, 2) X(4, 4) X(8, 2)
+
+bool has_width(int64_t r) {
+#define FT_WIDTH(A, B) \
+  if (r == B) return true;
+  FT_TILES(FT_WIDTH)
+#undef FT_WIDTH
+  return false;
+}
 
 template <class Kern>
 Fn pick(int64_t mr, int64_t r) {
@@ -198,12 +215,15 @@ bool has_bf16_pairs() { return FT_PAIRS; }
 
 // w [N, K] (any strides) as packed [ceil(N / nb), ceil(K / kps), nb * kps] in w's dtype: block j,
 // step s, column n, k of the step h hold w[j * nb + n][s * kps + h], zero past N and K (kps = 2 for
-// the bf16 pairs kernel, else 1). The buffer is 2 MiB aligned and advised as huge pages where the OS
-// allows: a stream over 4 KiB pages stalls the hardware prefetchers at every page boundary.
+// the bf16 pairs kernel, else 1); w [E, N, K] (experts) as [E, ...] of those. The buffer is 2 MiB
+// aligned and advised as huge pages where the OS allows: a stream over 4 KiB pages stalls the
+// hardware prefetchers at every page boundary.
 at::Tensor pack_blocked(const at::Tensor& w, int64_t nb, int64_t kps) {
-  TORCH_CHECK(w.dim() == 2 && nb > 0 && (kps == 1 || kps == 2), "pack_blocked: expected w [N, K], nb > 0, kps 1 or 2");
-  const int64_t n = w.size(0), k = w.size(1), blocks = (n + nb - 1) / nb, steps = (k + kps - 1) / kps;
-  const size_t bytes = std::max<size_t>(1, blocks * steps * nb * kps * w.element_size());
+  TORCH_CHECK((w.dim() == 2 || w.dim() == 3) && nb > 0 && (kps == 1 || kps == 2),
+              "pack_blocked: expected w [N, K] or [E, N, K], nb > 0, kps 1 or 2");
+  const at::Tensor we = w.dim() == 3 ? w : w.unsqueeze(0);
+  const int64_t e = we.size(0), n = we.size(1), k = we.size(2), blocks = (n + nb - 1) / nb, steps = (k + kps - 1) / kps;
+  const size_t bytes = std::max<size_t>(1, e * blocks * steps * nb * kps * w.element_size());
   constexpr size_t HUGE_PAGE = size_t(2) << 20;
   const size_t rounded = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
   void* data = std::aligned_alloc(HUGE_PAGE, rounded);
@@ -211,11 +231,11 @@ at::Tensor pack_blocked(const at::Tensor& w, int64_t nb, int64_t kps) {
 #ifdef MADV_HUGEPAGE
   madvise(data, rounded, MADV_HUGEPAGE);  // advice only: ignored where huge pages are off
 #endif
-  at::Tensor packed = at::from_blob(data, {blocks, steps, nb * kps}, [](void* p) { std::free(p); }, w.options());
-  at::Tensor padded = at::zeros({blocks * nb, steps * kps}, w.options());
-  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(w);
-  packed.view({blocks, steps, nb, kps}).copy_(padded.view({blocks, nb, steps, kps}).permute({0, 2, 1, 3}));
-  return packed;
+  at::Tensor packed = at::from_blob(data, {e, blocks, steps, nb * kps}, [](void* p) { std::free(p); }, w.options());
+  at::Tensor padded = at::zeros({e, blocks * nb, steps * kps}, w.options());
+  padded.narrow(1, 0, n).narrow(2, 0, k).copy_(we);
+  packed.view({e, blocks, steps, nb, kps}).copy_(padded.view({e, blocks, nb, steps, kps}).permute({0, 1, 3, 2, 4}));
+  return w.dim() == 3 ? packed : packed.squeeze(0);
 }
 
 std::string tiles() {
@@ -262,8 +282,192 @@ std::string blocked_linear_out(const at::Tensor& x, const at::Tensor& packed, co
   return "";
 }
 
+// -- one MoE layer ------------------------------------------------------------------------------
+namespace {
+
+enum Activation : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2 };
+
+inline float activate(float v, int64_t act) {
+  switch (act) {
+    case SILU: return v / (1.f + std::exp(-v));
+    case GELU: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    default: return 0.5f * v * (1.f + std::tanh(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+  }
+}
+
+template <class T>
+inline T round_to(float v) { return static_cast<T>(v); }
+
+template <class Kern>
+using TaskFn = void (*)(const typename Kern::Elem*, const typename Kern::Elem* const*, int64_t, int64_t, int64_t,
+                        int64_t, int64_t, int64_t, float*);
+
+template <class Kern>
+struct Tile {
+  int64_t mr;
+  TaskFn<Kern> fn;
+};
+
+// The built tiles R vectors wide, shortest first.
+template <class Kern>
+std::vector<Tile<Kern>> tiles_of_width(int64_t r) {
+  std::vector<Tile<Kern>> v;
+#define FT_TASK(A, B) \
+  if (r == B) v.push_back({A, &block_task<Kern, A, B>});
+  FT_TILES(FT_TASK)
+#undef FT_TASK
+  return v;
+}
+
+// For M rows: the shortest tile that covers them in one pass, else the tallest.
+template <class Kern>
+const Tile<Kern>& tile_for(const std::vector<Tile<Kern>>& tiles, int64_t M) {
+  for (const auto& t : tiles)
+    if (t.mr >= M) return t;
+  return tiles.back();
+}
+
+// The layer (semantics in kernels/moe.py): pairs grouped by expert on the host; pass 1, tasks
+// (gate/up block, expert) sum [gate | up] of the expert's rows and write h = act(gate) * up;
+// pass 2, tasks (down block, expert) write y; pass 3, per token, the routed sum over its picks.
+// Tasks are ordered block-major so each thread gets a share of every expert.
+template <class Kern>
+void moe_run(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& packed1,
+             const at::Tensor& packed2, at::Tensor& out, int64_t inter, int64_t act, int64_t r) {
+  using T = typename Kern::Elem;
+  const int64_t NB = r * VL, half = NB / 2;
+  const int64_t tokens = ids.size(0), top_k = ids.size(1), E = packed1.size(0), H = x.size(1);
+  const int64_t B1 = packed1.size(1), S1 = packed1.size(2), B2 = packed2.size(1), S2 = packed2.size(2);
+  const int64_t ipad = B1 * half, ldx = x.stride(0), ldo = out.stride(0);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* rw = weights.data_ptr<float>();
+  const T* xp = x.data_ptr<T>();
+  const T* w1 = packed1.data_ptr<T>();
+  const T* w2 = packed2.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t panel1 = B1 * S1 * packed1.size(3), panel2 = B2 * S2 * packed2.size(3);  // elements per expert
+
+  // Group the (token, pick) pairs by expert: expert e holds positions start[e] .. start[e + 1).
+  std::vector<int64_t> start(E + 1, 0), slot(tokens * top_k, -1);
+  for (int64_t p = 0; p < tokens * top_k; ++p)
+    if (id[p] >= 0 && id[p] < E) ++start[id[p] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  const int64_t S = start[E];
+  std::vector<const T*> xrows(S), hrows(S);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < tokens * top_k; ++p)
+      if (id[p] >= 0 && id[p] < E) {
+        slot[p] = fill[id[p]]++;
+        xrows[slot[p]] = xp + (p / top_k) * ldx;
+      }
+  }
+  std::vector<T> h(S * ipad), y(S * H);
+  for (int64_t s = 0; s < S; ++s) hrows[s] = h.data() + s * ipad;
+  std::vector<int64_t> used;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) used.push_back(e);
+  const int64_t U = used.size();
+  const auto tiles = tiles_of_width<Kern>(r);
+
+  at::parallel_for(0, B1 * U, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t / U, e = used[t % U], s0 = start[e], M = start[e + 1] - s0;
+      const Tile<Kern>& tile = tile_for(tiles, M);
+      acc.assign((M + tile.mr - 1) / tile.mr * tile.mr * NB, 0.f);
+      tile.fn(w1 + e * panel1, xrows.data() + s0, M, H, S1, j, 0, S1, acc.data());
+      for (int64_t m = 0; m < M; ++m)  // block j holds gate columns j*half.. then the same up columns
+        for (int64_t n = 0; n < half; ++n) {
+          const float g = static_cast<float>(round_to<T>(acc[m * NB + n]));
+          const float u = static_cast<float>(round_to<T>(acc[m * NB + half + n]));
+          const float a = static_cast<float>(round_to<T>(activate(g, act)));
+          h[(s0 + m) * ipad + j * half + n] = round_to<T>(a * u);
+        }
+    }
+  });
+  at::parallel_for(0, B2 * U, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t / U, e = used[t % U], s0 = start[e], M = start[e + 1] - s0;
+      const Tile<Kern>& tile = tile_for(tiles, M);
+      acc.assign((M + tile.mr - 1) / tile.mr * tile.mr * NB, 0.f);
+      tile.fn(w2 + e * panel2, hrows.data() + s0, M, inter, S2, j, 0, S2, acc.data());
+      const int64_t n0 = j * NB, nn = std::min<int64_t>(NB, H - n0);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < nn; ++n) y[(s0 + m) * H + n0 + n] = round_to<T>(acc[m * NB + n]);
+    }
+  });
+  at::parallel_for(0, tokens, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> sum(H);
+    for (int64_t t = a; t < b; ++t) {
+      std::fill(sum.begin(), sum.end(), 0.f);
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int64_t s = slot[t * top_k + k];
+        if (s < 0) continue;
+        const float w = rw[t * top_k + k];
+        const T* yr = y.data() + s * H;
+        for (int64_t n = 0; n < H; ++n) sum[n] += static_cast<float>(yr[n]) * w;
+      }
+      for (int64_t n = 0; n < H; ++n) op[t * ldo + n] = round_to<T>(sum[n]);
+    }
+  });
+}
+
+}  // namespace
+
+// One MoE layer into out [T, H]: x [T, H] (unit column stride), weights [T, k] fp32 and ids [T, k]
+// int64 (contiguous; ids outside [0, E) add nothing), packed1 = pack_blocked of [E, 2 * I_pad, H]
+// whose block j holds the gate rows j*NB/2 .. then the same up rows (I_pad: I rounded up to NB/2,
+// zero rows past I), packed2 = pack_blocked of w2 [E, H, I]; act 0 silu, 1 gelu, 2 gelu_tanh.
+// Returns "" or a message naming the bad argument.
+std::string blocked_moe_out(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& ids,
+                            const at::Tensor& packed1, const at::Tensor& packed2, const at::Tensor& out_,
+                            int64_t inter, int64_t act, int64_t r, bool pairs) {
+  at::Tensor out = out_;  // written in place: the caller allocated it
+  if (x.dim() != 2 || ids.dim() != 2 || weights.sizes() != ids.sizes() || ids.size(0) != x.size(0) ||
+      out.sizes() != x.sizes())
+    return "blocked_moe: expected x [T, H], weights and ids [T, k], out [T, H]";
+  if (ids.scalar_type() != at::kLong || weights.scalar_type() != at::kFloat || !ids.is_contiguous() ||
+      !weights.is_contiguous())
+    return "blocked_moe: ids must be contiguous int64 and weights contiguous float32";
+  if (x.scalar_type() != packed1.scalar_type() || x.scalar_type() != packed2.scalar_type() ||
+      out.scalar_type() != x.scalar_type())
+    return "blocked_moe: x, the packed weights and out must share one dtype";
+  if (x.stride(1) != 1 || out.stride(1) != 1 || !packed1.is_contiguous() || !packed2.is_contiguous())
+    return "blocked_moe: x and out need unit column stride, the packed weights must be contiguous";
+  if (pairs && (!FT_PAIRS || x.scalar_type() != at::kBFloat16))
+    return "blocked_moe: the pairs kernel needs bf16 and a CPU with AVX512_BF16";
+  if (act < 0 || act > 2) return "blocked_moe: act must be 0 (silu), 1 (gelu) or 2 (gelu_tanh)";
+  if (!has_width(r)) return "blocked_moe: no tiles " + std::to_string(r) + " vectors wide (built: " + tiles() + ")";
+  const int64_t kps = pairs ? 2 : 1, nb = r * VL, H = x.size(1);
+  if (packed1.dim() != 4 || packed2.dim() != 4 || packed1.size(0) != packed2.size(0))
+    return "blocked_moe: packed weights must be [E, blocks, steps, width] with one E";
+  if (packed1.size(2) != (H + kps - 1) / kps || packed1.size(3) != nb * kps || packed2.size(3) != nb * kps)
+    return "blocked_moe: packed1 does not match H or the tile width";
+  if (inter < 1 || inter > packed1.size(1) * nb / 2 || packed2.size(2) != (inter + kps - 1) / kps ||
+      packed2.size(1) != (H + nb - 1) / nb)
+    return "blocked_moe: packed2 does not match H or I";
+  if (x.size(0) == 0 || H == 0) return "";
+  switch (x.scalar_type()) {
+    case at::kFloat: moe_run<Fma<float>>(x, weights, ids, packed1, packed2, out, inter, act, r); break;
+#if FT_PAIRS
+    case at::kBFloat16:
+      if (pairs) moe_run<PairsBf16>(x, weights, ids, packed1, packed2, out, inter, act, r);
+      else moe_run<Fma<c10::BFloat16>>(x, weights, ids, packed1, packed2, out, inter, act, r);
+      break;
+#else
+    case at::kBFloat16: moe_run<Fma<c10::BFloat16>>(x, weights, ids, packed1, packed2, out, inter, act, r); break;
+#endif
+    case at::kHalf: moe_run<Fma<c10::Half>>(x, weights, ids, packed1, packed2, out, inter, act, r); break;
+    default: return "blocked_moe: dtype must be float32, bfloat16 or float16";
+  }
+  return "";
+}
+
 TORCH_LIBRARY(FT_NS, m) {
   m.def("blocked_linear_out", &blocked_linear_out);
+  m.def("blocked_moe_out", &blocked_moe_out);
   m.def("pack_blocked", &pack_blocked);
   m.def("vector_width", &vector_width);
   m.def("tiles", &tiles);

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from ...tuner.autotuner import AutoTuner
-from ...tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
+from ...tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic
 from ...tuner.weights import WeightCache
 from . import blocked_gemm_or_none, load_blocked_gemm
+from .bound import BoundRunner
 
 MAX_M = 64  # past this, oneDNN's cache-blocked GEMMs are the candidates that matter
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,14 +53,6 @@ def blocked_tactics(
     return [(mr, r, s, p) for mr, r in tiles if mr in heights for s in splits for p in kinds]
 
 
-def _as_tactic(tactic: Tactic, m: int) -> tuple[int, int, int, int]:
-    if tactic == DEFAULT_TACTIC:
-        return (1, 4, 1, 0) if m <= 1 else (4, 4, 1, 0)
-    if not isinstance(tactic, (tuple, list)) or len(tactic) != 4:
-        raise ValueError(f"cpu_blocked tactic must be (mr, r, ksplit, pairs) or -1, got {tactic!r}")
-    return tuple(int(v) for v in tactic)  # type: ignore[return-value]
-
-
 def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
     """``fn(x, w, b)`` computing the linear by ``tactic``: the packed weight from the tuner's cache,
     then the kernel (the warm path, so nothing else)."""
@@ -82,14 +75,11 @@ def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
     return fn
 
 
-class CpuBlockedLinearRunner(TunableRunner):
+class CpuBlockedLinearRunner(BoundRunner):
     """``x @ w.T + b`` by the blocked CPU kernel: the weight streamed once per row tile in its own
     dtype, widened in registers, fp32 sums, the bias fused. Functional: never writes its inputs."""
 
     name = "cpu_blocked"
-
-    def __init__(self) -> None:
-        self._fns: dict[tuple, tuple[Any, Callable[..., torch.Tensor]]] = {}
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         x, w, b = inputs
@@ -101,17 +91,12 @@ class CpuBlockedLinearRunner(TunableRunner):
             return []
         return list(blocked_tactics(m, k, kernel.tiles, kernel.bf16_pairs and x.dtype == torch.bfloat16))
 
-    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
-        x, w, b = inputs
-        return self._fn(_as_tactic(tactic, x.shape[0]))(x, w, b)
+    def resolve(self, tactic: Tactic, inputs: Sequence[Any] | None) -> tuple:
+        if tactic == DEFAULT_TACTIC:
+            return (1, 4, 1, 0) if inputs is not None and inputs[0].shape[0] <= 1 else (4, 4, 1, 0)
+        if not isinstance(tactic, (tuple, list)) or len(tactic) != 4:
+            raise ValueError(f"cpu_blocked tactic must be (mr, r, ksplit, pairs) or -1, got {tactic!r}")
+        return tuple(int(v) for v in tactic)
 
-    def unpacked(self, tactic: Tactic) -> Callable[..., Any] | None:
-        return None if tactic == DEFAULT_TACTIC else self._fn(_as_tactic(tactic, 1))
-
-    def _fn(self, tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
-        """One bound call per tactic, remade for a new tuner (the packed copies live in its cache)."""
-        weights = AutoTuner.get().weights
-        found = self._fns.get(tactic)
-        if found is None or found[0] is not weights:
-            found = self._fns[tactic] = (weights, _bound(tactic))
-        return found[1]
+    def bind(self, tactic: tuple) -> Callable[..., torch.Tensor]:
+        return _bound(tactic)
