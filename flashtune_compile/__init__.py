@@ -28,6 +28,7 @@ from .tuner import (  # noqa: E402
     TuningConfig,
     autotune,
 )
+from .tuner.distributed import DistributedTuningError, set_process_group  # noqa: E402
 from .warmup import WarmupReport, warmup  # noqa: E402
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "CacheFileError",
     "ConstraintSpec",
     "DEFAULT_TACTIC",
+    "DistributedTuningError",
     "DynamicDim",
     "ProfilerSettings",
     "TunableRunner",
@@ -51,6 +53,7 @@ __all__ = [
     "reset_stats",
     "save_artifacts",
     "save_cache",
+    "set_process_group",
     "stats",
     "tactics",
     "warmup",

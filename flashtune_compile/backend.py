@@ -28,6 +28,7 @@ from .passes.fx_nodes import _val
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
 from .tuner.cache import resolve_dir
+from .tuner.distributed import STRATEGIES
 
 log = logging.getLogger("flashtune")
 
@@ -50,6 +51,7 @@ class Options:
     moe_routing: str = "zipf"
     mode: str | None = None  # Inductor's mode (as torch.compile's mode=), for when options are given too
     inductor_config: Mapping[str, Any] = field(default_factory=dict)  # patches of torch._inductor.config
+    distributed: str | None = None  # strategy across ranks; None: $FLASHTUNE_DISTRIBUTED, else "auto"
 
     def inductor_patches(self, mode: str | None = None) -> dict[str, Any]:
         """The config the inner Inductor compiles under: ``mode``'s settings (torch.compile's
@@ -76,7 +78,14 @@ class Options:
             cache_dir = None if resolved is None else str(resolved)
         kernels = tuple(sorted(self.kernels))
         return SiteOptions(
-            self.buckets, self.max_tokens, self.tune, kernels, self.moe_routing, cache_dir, self.cuda_graphs(mode)
+            self.buckets,
+            self.max_tokens,
+            self.tune,
+            kernels,
+            self.moe_routing,
+            cache_dir,
+            self.cuda_graphs(mode),
+            self.distributed,
         )
 
 
@@ -172,6 +181,12 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
         kw["mode"] = check_mode(options["mode"])
     if "inductor_config" in options:
         kw["inductor_config"] = _inductor_config(options["inductor_config"])
+    if "distributed" in options:
+        if options["distributed"] not in STRATEGIES:
+            raise ValueError(
+                f"flashtune option 'distributed' must be one of {list(STRATEGIES)}, got {options['distributed']!r}"
+            )
+        kw["distributed"] = options["distributed"]
     opts = Options(**kw)
     if opts.inner != "inductor" and (opts.mode or opts.inductor_config):
         raise ValueError("flashtune options 'mode' and 'inductor_config' apply to inner='inductor' only")

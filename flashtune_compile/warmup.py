@@ -24,6 +24,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backend import Options, parse_options
+from .tuner import distributed as teams
 from .tuner.autotuner import AutoTuner, autotune
 from .tuner.buckets import DynamicDim
 
@@ -45,10 +46,12 @@ class WarmupStep:
 
 @dataclass
 class WarmupReport:
-    """``ft.warmup``'s result: one step per token count. Prints as a table (rich or plain)."""
+    """``ft.warmup``'s result: one step per token count this rank ran. Prints as a table (rich or
+    plain). ``merged``: winners received from other ranks (a data-parallel warmup)."""
 
     steps: list[WarmupStep] = field(default_factory=list)
     seconds: float = 0.0
+    merged: int = 0
 
     @property
     def tuned(self) -> int:
@@ -171,6 +174,7 @@ def warmup(
     buckets: Any = None,
     grad: bool = False,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> WarmupReport:
     """Call ``compiled(*make_inputs(n))`` once per token count ``n``, tuning every unseen bucket.
 
@@ -181,9 +185,24 @@ def warmup(
     most once, so a second warmup profiles nothing; winners are written to the tactic cache as
     they are found, so an interrupted warmup keeps what it tuned. ``progress``: show the bar and
     the closing table (on stderr).
+
+    ``distributed`` (with ``torch.distributed`` initialized over several ranks): True splits the
+    token counts across the ranks (rank r of n runs every n-th count, tuning alone), then gives
+    every rank every rank's winners: for data-parallel replicas, each tunes about 1/n of the
+    buckets. False: this rank alone, no coordination. None (the default): True under the
+    "replicas" strategy (``$FLASHTUNE_DISTRIBUTED``), else every rank runs every count and the
+    ranks settle each bucket together as they reach it (lockstep).
     """
     axis = token_axis(compiled, max_tokens, buckets)
     sizes = _check_sizes(num_tokens) if num_tokens is not None else list(axis.ladder)
+    if distributed is False:
+        with teams.strategy("off"):
+            return warmup(
+                compiled, make_inputs, sizes, max_tokens=max_tokens, buckets=buckets, grad=grad, progress=progress
+            )
+    team = teams.team("replicas")
+    if team is not None and (distributed or teams.strategy_from_env() == "replicas"):
+        return _replicas_warmup(team, compiled, make_inputs, sizes, max_tokens, buckets, grad, progress)
     tuner = AutoTuner.get()
     stats = tuner.stats
     report = WarmupReport()
@@ -221,15 +240,68 @@ def warmup(
         tuner.listeners.remove(on_tune)
         report.seconds = time.perf_counter() - start
         bar.close()
-    if stats.routed_ops == 0:
+    _closing(report, progress, len(sizes), stats.routed_ops)
+    return report
+
+
+def _closing(report: WarmupReport, progress: bool, counts: int, routed_ops: int) -> None:
+    if routed_ops == 0:
         log.warning("flashtune: warmup ran no flashtune op; was the model compiled with backend='flashtune'?")
     if progress:
         Console(stderr=True).print(report.table())
     log.info(
         "flashtune: warmup of %d token counts took %.1fs: %d buckets tuned, %d timings",
-        len(sizes),
+        counts,
         report.seconds,
         report.tuned,
         report.timings,
+    )
+
+
+def _replicas_warmup(
+    team: teams.Team,
+    compiled: Callable[..., Any],
+    make_inputs: Callable[[int], Any],
+    sizes: list[int],
+    max_tokens: int | None,
+    buckets: Any,
+    grad: bool,
+    progress: bool,
+) -> WarmupReport:
+    """This rank's share of ``sizes``, tuned alone; then every rank's new winners into every rank's caches."""
+    tuner = AutoTuner.get()
+    before = {id(cache): cache.snapshot() for cache in tuner.caches.values()}
+    mine = [sizes[i] for i in team.share(len(sizes))]
+    start = time.perf_counter()
+    report = WarmupReport()
+    if mine:
+        with teams.strategy("off"):
+            report = warmup(
+                compiled, make_inputs, mine, max_tokens=max_tokens, buckets=buckets, grad=grad, progress=progress
+            )
+    found = []
+    for cache in tuner.caches.values():
+        old = before.get(id(cache), {})
+        new = {key: e for key, e in cache.snapshot().items() if old.get(key) != e}
+        if new:
+            label = None if cache is tuner.cache else str(cache.directory)
+            found.append((label, cache.env.get("timing", ""), new))
+    received = 0
+    for r, entries in enumerate(team.gather("merging the warmup's winners", found)):
+        if r == team.rank:
+            continue
+        for label, timing, new in entries:
+            cuda_graph = timing.endswith("+cuda_graph")
+            cache = tuner.cache if label is None and not cuda_graph else tuner.cache_for(label, cuda_graph)
+            received += cache.merge_in(new)
+    report.merged = received
+    report.seconds = time.perf_counter() - start
+    log.info(
+        "flashtune: rank %d of %d warmed %d of %d token counts and took %d winners from the others",
+        team.rank,
+        team.size,
+        len(mine),
+        len(sizes),
+        received,
     )
     return report

@@ -38,6 +38,7 @@ class SiteOptions:
     routing: str = "zipf"
     cache_dir: str | None = DEFAULT_CACHE
     cuda_graph: bool = False  # the inner compiler replays CUDA graphs: time candidates as graph replays
+    distributed: str | None = None  # strategy across ranks (tuner/distributed.py); None: $FLASHTUNE_DISTRIBUTED
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,14 @@ class SiteSpec:
     def encode(self) -> str:
         o = self.options
         fields = [self.op, self.axes, self.sig, o.ladder, o.tune, o.kernels, o.routing, o.cache_dir, o.cuda_graph]
+        fields.append(o.distributed)
         return json.dumps(fields, separators=(",", ":"))  # tuples become lists
 
     @classmethod
     def decode(cls, text: str) -> SiteSpec:
-        op, axes, sig, ladder, tune, kernels, routing, cache_dir, cuda_graph = json.loads(text)
+        fields = json.loads(text)
+        op, axes, sig, ladder, tune, kernels, routing, cache_dir, cuda_graph = fields[:9]
+        distributed = fields[9] if len(fields) > 9 else None  # sites written before the option existed
         axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
         ladder = ladder if isinstance(ladder, str) else tuple(ladder)
         options = SiteOptions(
@@ -71,6 +75,7 @@ class SiteSpec:
             routing=routing,
             cache_dir=cache_dir,
             cuda_graph=cuda_graph,
+            distributed=distributed,
         )
         return cls(op, axes, sig, options)
 
@@ -97,7 +102,8 @@ class SiteSpec:
         cache = tuner.cache_for(directory, o.cuda_graph)
         tune = None if o.tune is None else o.tune == "auto"
         runners = runners_for(self.op, o.kernels, tuner)
-        return TunedSite(tuner, self.op, runners, TuningConfig(dynamic=dyn, initializers=inits), tune, on_new, cache)
+        config = TuningConfig(dynamic=dyn, initializers=inits)
+        return TunedSite(tuner, self.op, runners, config, tune, on_new, cache, o.distributed)
 
 
 def site_string(spec: OpSpec, axes: Axes, shapes: Sequence[Any], dtypes: Sequence[Any], options: SiteOptions) -> str:

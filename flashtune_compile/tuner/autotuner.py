@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from . import distributed as teams
 from .buckets import TuningConfig
 from .cache import Entry, Key, TacticCache, environment, resolve_dir
 from .keys import Alias, OpContext, bounded_put, signature
@@ -112,6 +113,9 @@ class AutoTuner:
         self._validated: set[tuple[int, Key]] = set()  # (id(cache), key): entries checked to be offered
         self._profile_lock = threading.RLock()
         self._said: set[Key] = set()
+        # (id(cache), key) -> what the ranks of a lockstep team agreed for it, and whether it is cached:
+        # served without asking the cache again, so no later change to one rank's cache splits them
+        self._agreed: dict[tuple[int, Key], tuple[tuple[int, Tactic], bool]] = {}
         # Called as fn(op, bucket, entry) when a bucket starts tuning (entry None) and when its winner
         # is cached; e.g. ft.warmup's progress bar. A listener must not raise.
         self.listeners: list[Callable[[str, tuple, Entry | None], None]] = []
@@ -171,7 +175,14 @@ class AutoTuner:
     # -- the hot path ----------------------------------------------------------------------------
 
     def choose_one(
-        self, op: str, runners: Runners, config: TuningConfig, inputs: Inputs, *, tune: bool | None = None
+        self,
+        op: str,
+        runners: Runners,
+        config: TuningConfig,
+        inputs: Inputs,
+        *,
+        tune: bool | None = None,
+        distributed: str | None = None,
     ) -> Choice:
         """The (runner, tactic) to run ``inputs`` with. ``runners[0]`` with tactic -1 is the default.
 
@@ -179,8 +190,9 @@ class AutoTuner:
         (``ft.autotune()``, else ``tune``, else the tuner's mode): the bucket is profiled once and the
         winner cached. Miss otherwise, or while a CUDA graph is being captured: the default.
         Pass the same ``runners`` and ``config`` objects each call for the fastest path.
+        ``distributed``: the strategy across ranks (``tuner/distributed.py``; None: ``$FLASHTUNE_DISTRIBUTED``).
         """
-        return self.choose_cached(op, runners, config, inputs, tune=tune)[0]
+        return self.choose_cached(op, runners, config, inputs, tune=tune, distributed=distributed)[0]
 
     def choose_cached(
         self,
@@ -191,6 +203,7 @@ class AutoTuner:
         *,
         tune: bool | None = None,
         cache: TacticCache | None = None,
+        distributed: str | None = None,
     ) -> tuple[Choice, bool]:
         """``choose_one`` against ``cache`` (default: this tuner's), and whether the answer came
         from the cache (False for a fallback)."""
@@ -203,7 +216,7 @@ class AutoTuner:
         if hit is not None:
             self.stats.hits += 1
             return hit, True
-        return self._choose_slow(alias, sig, inputs, tune)
+        return self._choose_slow(alias, sig, inputs, tune, distributed)
 
     # -- everything else -----------------------------------------------------------------------
 
@@ -233,14 +246,33 @@ class AutoTuner:
         return (runners[0], DEFAULT_TACTIC), False
 
     def _choose_slow(
-        self, alias: Alias, sig: tuple, inputs: Sequence[Any], tune: bool | None
+        self, alias: Alias, sig: tuple, inputs: Sequence[Any], tune: bool | None, distributed: str | None = None
     ) -> tuple[tuple[TunableRunner, Tactic], bool]:
         """The choice for a signature not memoized yet, and whether it came from the cache (and was
         memoized) rather than being the default's fallback."""
         ctx, runners, cache = alias.ctx, alias.runners, alias.cache
         allowed = self._tuning_allowed(tune)
-        if not allowed and sig in alias.missed:
+        if not allowed and sig in alias.missed:  # only ever filled outside lockstep
             return self._fallback(runners)
+        team = teams.team(distributed)
+        if team is not None and team.lockstep:
+            bucket = ctx.config.bucket_of(inputs)
+            if 0 in bucket:  # an empty call: nothing to tune, the default handles it (on every rank)
+                return (runners[0], DEFAULT_TACTIC), False
+            key = ctx.cache_key(inputs, bucket)
+            agreed = self._agreed.get((id(cache), key))
+            if agreed is None:
+                with self._profile_lock:
+                    agreed = self._settle(team, ctx, runners, cache, key, inputs, bucket, allowed)
+                    self._agreed[(id(cache), key)] = agreed
+            elif agreed[1]:
+                self.stats.hits += 1
+            (idx, tactic), cached = agreed
+            if not cached:
+                return self._fallback(runners)
+            result = (runners[idx], tactic)
+            bounded_put(alias.memo, sig, result)
+            return result, True
         bucket = ctx.config.bucket_of(inputs)
         if 0 in bucket:  # an empty call: nothing to tune, the default handles it
             return (runners[0], DEFAULT_TACTIC), False
@@ -277,6 +309,64 @@ class AutoTuner:
         result = (runners[choice[0]], choice[1])
         bounded_put(alias.memo, sig, result)
         return result, True
+
+    def _settle(
+        self,
+        team: teams.Team,
+        ctx: OpContext,
+        runners: Sequence[TunableRunner],
+        cache: TacticCache,
+        key: Key,
+        inputs: Sequence[Any],
+        bucket: tuple[int, ...],
+        allowed: bool,
+    ) -> tuple[tuple[int, Tactic], bool]:
+        """Settle ``key`` with every rank of a lockstep ``team`` (each calls this at the same point):
+        the choice every rank will serve, and whether it is cached (False: the default, because
+        tuning is off on some rank and the ranks hold no entry they all can run).
+
+        The ranks exchange what their caches hold. When the ranks holding an entry agree and every
+        rank offers it, all adopt it; when they disagree and tuning is off somewhere, all adopt the
+        lowest rank's entry that every rank offers; otherwise they tune the bucket together."""
+        what = f"settling {ctx.op} bucket {list(bucket)}"
+        entry = cache.get(key) if self._lookup(ctx, cache, key, inputs, bucket) is not None else None
+        held = team.gather(what, (key, entry, allowed))
+        if any(k != key for k, _, _ in held):
+            points = "; ".join(
+                f"rank {team.ranks[r]}: {k[0]} {k[2]} bucket {list(k[4])}" for r, (k, _, _) in enumerate(held)
+            )
+            raise teams.DistributedTuningError(
+                f"flashtune: ranks reached different tuning points ({points}). In lockstep mode every rank must make "
+                "the same calls in the same order (tensor parallel); for independent replicas set "
+                "FLASHTUNE_DISTRIBUTED=replicas"
+            )
+        proposals: dict[tuple[str, Tactic], Entry] = {}
+        for _, e, _ in held:
+            if e is not None:
+                proposals.setdefault((e.runner, e.tactic), e)  # rank order: the lowest rank's first
+        everyone_tunes = all(ok for _, _, ok in held)
+        for proposal in proposals.values() if len(proposals) == 1 or not everyone_tunes else ():
+            if all(team.gather(what, self._offers(ctx, inputs, bucket, proposal))):
+                if entry is None or (entry.runner, entry.tactic) != (proposal.runner, proposal.tactic):
+                    cache.put(key, replace(proposal))
+                self._validated.add((id(cache), key))
+                self.stats.hits += 1
+                return (ctx.names.index(proposal.runner), proposal.tactic), True
+        if everyone_tunes:
+            return self._tune(ctx, runners, cache, key, inputs, bucket, team), True
+        log.info("flashtune: %s bucket %s: tuning is off on some rank; every rank uses the default", ctx.op, bucket)
+        return (0, DEFAULT_TACTIC), False
+
+    def _offers(self, ctx: OpContext, inputs: Sequence[Any], bucket: tuple[int, ...], entry: Entry) -> bool:
+        """Whether this process's runner offers ``entry``'s tactic for this bucket."""
+        idx = ctx.names.index(entry.runner)
+        if idx == 0 and entry.tactic == DEFAULT_TACTIC:
+            return True
+        profile = BucketProfile(bucket, tuple(bucket_shapes(inputs, ctx.config, bucket)))
+        try:
+            return entry.tactic in {canonical_tactic(t) for t in ctx.runners[idx].get_valid_tactics(inputs, profile)}
+        except Exception:
+            return False
 
     def _lookup(
         self, ctx: OpContext, cache: TacticCache, key: Key, inputs: Sequence[Any], bucket: tuple[int, ...]
@@ -318,8 +408,10 @@ class AutoTuner:
         key: Key,
         inputs: Sequence[Any],
         bucket: tuple[int, ...],
+        team: teams.Team | None = None,
     ) -> tuple[int, Tactic]:
-        """Profile this bucket (``tune.tune_bucket``), cache its winner and return it."""
+        """Profile this bucket (``tune.tune_bucket``; with a lockstep ``team``, together with its
+        ranks), cache its winner and return it."""
         start = time.perf_counter()
         self.stats.misses += 1
         for listener in list(self.listeners):
@@ -329,7 +421,7 @@ class AutoTuner:
         # Python mode (AOTAutograd runs a compiled graph's first call under one) slows every ATen
         # call several-fold, unevenly across candidates, which would decide the pick.
         with _disable_current_modes():
-            tuned = tune_bucket(ctx, runners, inputs, bucket, settings, self.min_gain, self.generator)
+            tuned = tune_bucket(ctx, runners, inputs, bucket, settings, self.min_gain, self.generator, team)
         self.stats.synthesized += tuned.synthesized
         self.stats.profiles += tuned.timed
         self.stats.rejected += len(tuned.entry.rejected)

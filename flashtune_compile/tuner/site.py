@@ -26,7 +26,19 @@ class TunedSite:
     static metadata (shapes outside the dynamic dims, dtypes, devices); runners must be correct for
     any strides."""
 
-    __slots__ = ("op", "runners", "config", "tune", "on_new", "tuner", "cache", "_readers", "memo", "_stats")
+    __slots__ = (
+        "op",
+        "runners",
+        "config",
+        "tune",
+        "on_new",
+        "tuner",
+        "cache",
+        "distributed",
+        "_readers",
+        "memo",
+        "_stats",
+    )
 
     def __init__(
         self,
@@ -37,12 +49,15 @@ class TunedSite:
         tune: bool | None = None,
         on_new: Callable[[Sequence[Any]], None] | None = None,
         cache: TacticCache | None = None,
+        distributed: str | None = None,
     ) -> None:
         """``on_new(inputs)`` runs on each call of a size not answered from the memo, before the
         tuner is asked (e.g. input checks that a site's fixed static shapes make once-per-size).
-        ``cache``: the tactic cache to choose from (default: the tuner's)."""
+        ``cache``: the tactic cache to choose from (default: the tuner's). ``distributed``: the
+        strategy across ranks (None: ``$FLASHTUNE_DISTRIBUTED``)."""
         self.tuner, self.op, self.runners, self.config, self.tune = tuner, op, tuple(runners), config, tune
         self.on_new, self.cache = on_new, cache if cache is not None else tuner.cache
+        self.distributed = distributed
         self._readers = tuple((spec.input_idx[0], spec.dim_idx[0]) for spec in config.dynamic)
         # sizes -> the cached choice (runner, tactic), and how a warm call runs it: fn(inputs, tactic)
         # (fn = runner.forward), or fn(*inputs) when ``unpacked`` (fn = runner.unpacked(tactic))
@@ -91,7 +106,7 @@ class TunedSite:
         if self.on_new is not None:
             self.on_new(inputs)
         result, cached = self.tuner.choose_cached(
-            self.op, self.runners, self.config, inputs, tune=self.tune, cache=self.cache
+            self.op, self.runners, self.config, inputs, tune=self.tune, cache=self.cache, distributed=self.distributed
         )
         if cached:
             runner, tactic = result

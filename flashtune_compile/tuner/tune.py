@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from .keys import OpContext
 from .profiler import ProfilerSettings, Timing, pick_winner, settle_cpu, time_candidates
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner, canonical_tactic
 from .synth import synthesize
+
+if TYPE_CHECKING:
+    from .distributed import Team
 
 log = logging.getLogger("flashtune")
 
@@ -35,16 +38,16 @@ class Tuned:
     tactic: Tactic
     entry: Entry
     synthesized: int  # tensors made for profiling
-    timed: int  # candidates timed (0 when the default was the only correct one)
+    timed: int  # candidates timed here (0 when the default was the only correct one)
 
 
-def _correct_candidates(
-    ctx: OpContext, runners: Sequence[TunableRunner], synth: list, profile: BucketProfile
+def _listed_candidates(
+    runners: Sequence[TunableRunner], synth: list, profile: BucketProfile
 ) -> tuple[list[tuple[int, Tactic]], list[str]]:
-    """The (runner index, tactic) pairs whose output matches the default's, the default first, and
-    a reason for each one rejected."""
-    ref = runners[0].forward(synth, DEFAULT_TACTIC)  # the default must work: its error is the op's
-    candidates: list[tuple[int, Tactic]] = [(0, DEFAULT_TACTIC)]
+    """Every (runner index, tactic) offered for this bucket, the default first and each once, and a
+    reason for each runner that could not even list its tactics. The same on every rank of a job
+    (it depends on the bucket's shapes only)."""
+    listed: list[tuple[int, Tactic]] = [(0, DEFAULT_TACTIC)]
     rejected: list[str] = []
     for i, runner in enumerate(runners):
         try:
@@ -52,27 +55,86 @@ def _correct_candidates(
         except Exception as e:
             rejected.append(f"{runner.name}: get_valid_tactics raised {type(e).__name__}: {e}")
             continue
-        tactics = [t for t in dict.fromkeys(tactics) if (i, t) not in candidates]  # each once
+        listed += [(i, t) for t in dict.fromkeys(tactics) if (i, t) not in listed]
+    return listed, rejected
+
+
+def _checked(
+    ctx: OpContext, runners: Sequence[TunableRunner], synth: list, ref: Any, candidates: list[tuple[int, Tactic]]
+) -> tuple[list[tuple[int, Tactic]], list[str]]:
+    """Those of ``candidates`` whose output matches the default's ``ref`` (each runner builds its
+    tactics all at once first), and a reason for each one rejected."""
+    correct: list[tuple[int, Tactic]] = []
+    rejected: list[str] = []
+    for i in dict.fromkeys(i for i, _ in candidates):
+        runner, tactics = runners[i], [t for j, t in candidates if j == i]
+        todo = [t for t in tactics if (i, t) != (0, DEFAULT_TACTIC)]
         try:
-            runner.precompile(synth, tactics)  # e.g. all Triton kernels at once, in parallel
+            runner.precompile(synth, todo)
         except Exception as e:  # only time is lost: each tactic still compiles on its first call
             log.warning(
-                "flashtune: %s: precompiling %d tactic(s) failed: %s: %s",
-                runner.name,
-                len(tactics),
-                type(e).__name__,
-                e,
+                "flashtune: %s: precompiling %d tactic(s) failed: %s: %s", runner.name, len(todo), type(e).__name__, e
             )
         for t in tactics:
+            if (i, t) == (0, DEFAULT_TACTIC):
+                correct.append((i, t))
+                continue
             try:
                 why = mismatch(runner.forward(synth, t), ref, ctx.config.rtol)
             except Exception as e:
                 why = f"raised {type(e).__name__}: {e}"
             if why is None:
-                candidates.append((i, t))
+                correct.append((i, t))
             else:
                 rejected.append(f"{runner.name}[{t!r}]: {why}")
-    return candidates, rejected
+    order = {c: n for n, c in enumerate(candidates)}
+    return sorted(correct, key=order.__getitem__), rejected
+
+
+@dataclass(frozen=True)
+class _Share:
+    """What one rank found for its share of a bucket's candidates."""
+
+    timed: list[tuple[int, int, Tactic, Timing]]  # (listed position, runner index, tactic, timing)
+    rejected: list[str]
+    synthesized: int
+
+
+def _tune_share(
+    ctx: OpContext,
+    runners: Sequence[TunableRunner],
+    inputs: Sequence[Any],
+    bucket: tuple[int, ...],
+    settings: ProfilerSettings,
+    min_gain: float,
+    generator: Callable[[torch.device], torch.Generator],
+    share: tuple[int, int] | None,
+) -> _Share:
+    """Check and time this rank's share (``(rank, size)``: listed candidates n with n % size == rank;
+    None: all of them) of the bucket's candidates, on inputs synthesized here."""
+    synth, shapes, made = synthesize(inputs, ctx.config, bucket, generator)
+    listed, rejected = _listed_candidates(runners, synth, BucketProfile(bucket, shapes))
+    ref = runners[0].forward(synth, DEFAULT_TACTIC)  # the default must work: its error is the op's
+    mine = listed if share is None else listed[share[0] :: share[1]]
+    candidates, wrong = _checked(ctx, runners, synth, ref, mine)
+    rejected += wrong
+    position = {c: n for n, c in enumerate(listed)}
+    if len(listed) == 1 or (share is None and len(candidates) == 1):  # nothing to choose: the default, untimed
+        untimed = [(0, 0, DEFAULT_TACTIC, Timing(0.0, 0.0, 0.0))]
+        return _Share(untimed if (0, DEFAULT_TACTIC) in candidates else [], rejected, made)
+    if not candidates:
+        return _Share([], rejected, made)
+    fns: list[Callable[[], Any]] = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
+    device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    timed = time_candidates(fns, device, settings)
+    for (i, t), tm in zip(candidates, timed):
+        if tm is None:
+            rejected.append(f"{runners[i].name}[{t!r}]: cannot be captured in a CUDA graph")
+    kept = [n for n, tm in enumerate(timed) if tm is not None]
+    times = [timed[n] for n in kept]
+    if share is None and device.type == "cpu":  # a candidate ahead of the default but within the noise
+        times = settle_cpu([fns[n] for n in kept], times, min_gain, settings)
+    return _Share([(position[candidates[n]], *candidates[n], tm) for n, tm in zip(kept, times)], rejected, made)
 
 
 def tune_bucket(
@@ -83,30 +145,33 @@ def tune_bucket(
     settings: ProfilerSettings,
     min_gain: float,
     generator: Callable[[torch.device], torch.Generator],
+    team: Team | None = None,
 ) -> Tuned:
     """Profile every valid (runner, tactic) of ``bucket`` on inputs synthesized from ``inputs``
-    (random values from ``generator(device)``) and return the winner."""
-    synth, shapes, made = synthesize(inputs, ctx.config, bucket, generator)
-    candidates, rejected = _correct_candidates(ctx, runners, synth, BucketProfile(bucket, shapes))
-    if rejected:
-        log.info("flashtune: %s bucket %s: never choosing %s", ctx.op, bucket, "; ".join(rejected))
-    if len(candidates) == 1:  # nothing to choose between: record the default untimed
-        times = [Timing(0.0, 0.0, 0.0)]
+    (random values from ``generator(device)``) and return the winner. With a lockstep ``team``,
+    each rank checks and times its share of the candidates and every rank picks the same winner
+    from everyone's timings (``Tuned.timed`` counts this rank's timings only)."""
+    if team is None:
+        found = _tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, None)
+        shares = [found]
     else:
-        fns: list[Callable[[], Any]] = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
-        device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        timed = time_candidates(fns, device, settings)
-        for (i, t), tm in zip(candidates, timed):
-            if tm is None:
-                rejected.append(f"{runners[i].name}[{t!r}]: cannot be captured in a CUDA graph")
-        kept = [n for n, tm in enumerate(timed) if tm is not None]  # the default (0) always is
-        candidates, times = [candidates[n] for n in kept], [timed[n] for n in kept]
-        if device.type == "cpu":  # a candidate ahead of the default but within the noise: measure more
-            times = settle_cpu([fns[n] for n in kept], times, min_gain, settings)
-        if log.isEnabledFor(logging.DEBUG):
-            medians = (f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for (i, t), tm in zip(candidates, times))
-            log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(medians))
+        share = (team.rank, team.size)
+        what = f"tuning {ctx.op} bucket {bucket}"
+        shares = team.run_shared(
+            what, lambda: _tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, share)
+        )
+    results = sorted((r for s in shares for r in s.timed), key=lambda r: r[0])
+    rejected = [why for s in shares for why in s.rejected]
+    if rejected:
+        log.info("flashtune: %s bucket %s: never choosing %s", ctx.op, bucket, "; ".join(dict.fromkeys(rejected)))
+    if log.isEnabledFor(logging.DEBUG):
+        medians = (f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for _, i, t, tm in results)
+        log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(medians))
+    times = [tm for _, _, _, tm in results]  # the default (listed first, always correct) is times[0]
     best = pick_winner(times, min_gain)
-    idx, tactic = candidates[best]
-    entry = Entry(runners[idx].name, tactic, times[best].median, times[0].median, timed=len(times), rejected=rejected)
-    return Tuned(idx, tactic, entry, made, len(times) if len(times) > 1 else 0)
+    _, idx, tactic, _ = results[best]
+    here = shares[0 if team is None else team.rank]
+    timed_here = len(here.timed) if len(results) > 1 else 0
+    entry = Entry(runners[idx].name, tactic, times[best].median, times[0].median, rejected=rejected)
+    entry.timed = len(results) if len(results) > 1 else 0
+    return Tuned(idx, tactic, entry, here.synthesized, timed_here)
