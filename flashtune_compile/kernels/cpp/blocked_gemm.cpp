@@ -370,33 +370,34 @@ void moe_run(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& i
   const int64_t U = used.size();
   const auto tiles = tiles_of_width<Kern>(r);
 
-  at::parallel_for(0, B1 * U, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j = t / U, e = used[t % U], s0 = start[e], M = start[e + 1] - s0;
-      const Tile<Kern>& tile = tile_for(tiles, M);
-      acc.assign((M + tile.mr - 1) / tile.mr * tile.mr * NB, 0.f);
-      tile.fn(w1 + e * panel1, xrows.data() + s0, M, H, S1, j, 0, S1, acc.data());
-      for (int64_t m = 0; m < M; ++m)  // block j holds gate columns j*half.. then the same up columns
-        for (int64_t n = 0; n < half; ++n) {
-          const float g = static_cast<float>(round_to<T>(acc[m * NB + n]));
-          const float u = static_cast<float>(round_to<T>(acc[m * NB + half + n]));
-          const float a = static_cast<float>(round_to<T>(activate(g, act)));
-          h[(s0 + m) * ipad + j * half + n] = round_to<T>(a * u);
-        }
-    }
+  // Every task (block j of `packed`, used expert e), block-major: the expert's rows of block j summed
+  // into acc, then epilogue(j, first row s0, rows M, acc).
+  auto expert_blocks = [&](const T* packed, int64_t panel, int64_t blocks, const T* const* rows, int64_t K,
+                           int64_t steps, auto epilogue) {
+    at::parallel_for(0, blocks * U, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> acc;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t j = t / U, e = used[t % U], s0 = start[e], M = start[e + 1] - s0;
+        const Tile<Kern>& tile = tile_for(tiles, M);
+        acc.assign((M + tile.mr - 1) / tile.mr * tile.mr * NB, 0.f);
+        tile.fn(packed + e * panel, rows + s0, M, K, steps, j, 0, steps, acc.data());
+        epilogue(j, s0, M, acc.data());
+      }
+    });
+  };
+  expert_blocks(w1, panel1, B1, xrows.data(), H, S1, [&](int64_t j, int64_t s0, int64_t M, const float* acc) {
+    for (int64_t m = 0; m < M; ++m)  // block j holds gate columns j*half.. then the same up columns
+      for (int64_t n = 0; n < half; ++n) {
+        const float g = static_cast<float>(round_to<T>(acc[m * NB + n]));
+        const float u = static_cast<float>(round_to<T>(acc[m * NB + half + n]));
+        const float a = static_cast<float>(round_to<T>(activate(g, act)));
+        h[(s0 + m) * ipad + j * half + n] = round_to<T>(a * u);
+      }
   });
-  at::parallel_for(0, B2 * U, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j = t / U, e = used[t % U], s0 = start[e], M = start[e + 1] - s0;
-      const Tile<Kern>& tile = tile_for(tiles, M);
-      acc.assign((M + tile.mr - 1) / tile.mr * tile.mr * NB, 0.f);
-      tile.fn(w2 + e * panel2, hrows.data() + s0, M, inter, S2, j, 0, S2, acc.data());
-      const int64_t n0 = j * NB, nn = std::min<int64_t>(NB, H - n0);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < nn; ++n) y[(s0 + m) * H + n0 + n] = round_to<T>(acc[m * NB + n]);
-    }
+  expert_blocks(w2, panel2, B2, hrows.data(), inter, S2, [&](int64_t j, int64_t s0, int64_t M, const float* acc) {
+    const int64_t n0 = j * NB, nn = std::min<int64_t>(NB, H - n0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < nn; ++n) y[(s0 + m) * H + n0 + n] = round_to<T>(acc[m * NB + n]);
   });
   at::parallel_for(0, tokens, 1, [&](int64_t a, int64_t b) {
     std::vector<float> sum(H);
