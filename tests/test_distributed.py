@@ -73,20 +73,26 @@ def test_ranks_agree_share_the_work_and_merge_replicas(tmp_path, world):
     assert all(r["dp_merged"] == 2 * (len(counts) - len(r["dp_counts"])) for r in res)
 
 
-def test_a_rank_that_raises_makes_every_rank_raise_clearly(tmp_path):
-    codes, res, errs = launch("raise", 2, tmp_path)
-    assert codes == [0, 0], errs
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_rank_that_raises_makes_every_rank_raise_clearly(tmp_path, world):
+    codes, res, errs = launch("raise", world, tmp_path)
+    assert codes == [0] * world, errs
     assert res[1]["error"] == "RuntimeError: rank 1's kernel broke"
-    assert res[0]["error"].startswith("DistributedTuningError: flashtune: rank 1 failed while tuning rank_skewed_mm")
-    assert "rank 1's kernel broke" in res[0]["error"] and res[0]["seconds"] < 40
+    for r in [0, *range(2, world)]:
+        assert res[r]["error"].startswith(
+            "DistributedTuningError: flashtune: rank 1 failed while tuning rank_skewed_mm"
+        )
+        assert "rank 1's kernel broke" in res[r]["error"] and res[r]["seconds"] < 40
 
 
-def test_a_rank_that_dies_makes_the_others_raise_within_the_timeout(tmp_path):
-    codes, res, errs = launch("die", 2, tmp_path)
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_rank_that_dies_makes_the_others_raise_within_the_timeout(tmp_path, world):
+    codes, res, errs = launch("die", world, tmp_path)
     assert codes[1] == 3 and res[1] is None
-    assert codes[0] == 0, errs[0]
-    assert res[0]["error"].startswith("DistributedTuningError: flashtune: not every rank of [0, 1] reached")
-    assert res[0]["seconds"] < 40 + 15  # the worker's FLASHTUNE_DISTRIBUTED_TIMEOUT is 40 s
+    for r in [0, *range(2, world)]:
+        assert codes[r] == 0, errs[r]
+        assert res[r]["error"].startswith(f"DistributedTuningError: flashtune: not every rank of {list(range(world))}")
+        assert res[r]["seconds"] < 40 + 15  # the worker's FLASHTUNE_DISTRIBUTED_TIMEOUT is 40 s
 
 
 def test_mismatched_versions_are_named_before_any_tuning(tmp_path):
