@@ -211,6 +211,7 @@ class Team:
         env = environment("")
         mine = {name: env.get(name) for name in CHECKED_ENV}
         if mine["gpu"] is not None:
+            mine["gpu"] = torch.cuda.get_device_name(torch.cuda.current_device())  # this rank's GPU, not GPU 0
             mine["cpu"] = None  # GPU ranks may sit on different host CPUs
         everyone = self.gather("the check of versions and devices", mine)
         differing = [name for name in CHECKED_ENV if len({repr(e[name]) for e in everyone}) > 1]
