@@ -1,11 +1,14 @@
 """Profiling one bucket: synthesize its inputs, check every candidate, time the correct ones, pick.
 
-``tune_bucket`` guarantees: the default (``runners[0]``, tactic -1) runs first and its result is the
-reference; each runner builds all its tactics at once first (``TunableRunner.precompile``); a
+``tune_bucket`` guarantees: the default (``runners[0]``, tactic -1) runs before any candidate and its
+result is the reference; each runner builds all its tactics at once first (``TunableRunner.precompile``); a
 candidate that raises, or whose output is not the same function as the reference's
 (``check.mismatch``), or that cannot run the way it is timed (captured in a CUDA graph, when the
 deployment replays graphs), is never chosen, and its reason is kept; the default is replaced only
-by a candidate that is *clearly* faster (``profiler.pick_winner``).
+by a candidate that is *clearly* faster (``profiler.pick_winner``). With a lockstep team of ranks
+(``tuner/distributed.py``), the listed candidates are dealt out round-robin: each rank checks and
+times only its share (rank 0's includes the default), and every rank picks from everyone's timings
+with the same rule, so all get the same winner.
 """
 
 from __future__ import annotations
