@@ -57,13 +57,16 @@ class WeightCache:
         parameter: made from this same view of the parameter as it is now). ``w`` may be a tuple of
         weights (one copy made from several, e.g. gate and up packed together): the copy is then
         valid only while every one of them is."""
-        parts = [self._identity(t) for t in (w if isinstance(w, tuple) else (w,))]
-        owners = tuple(owner for owner, _, _ in parts)
-        key = (kind, tuple(ident for _, ident, _ in parts))
-        meta = tuple(m for _, _, m in parts)
+        if isinstance(w, tuple):
+            owners, ident, meta = zip(*map(self._identity, w))
+            owner = owners[0]
+        else:
+            owner, ident, meta = self._identity(w)
+        key = (kind, ident)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry[1] == meta and all(ref() is o for ref, o in zip(entry[0], owners)):
+            # every owner's death drops the entry (weakref callbacks), so checking the first one suffices
+            if entry is not None and entry[0][0]() is owner and entry[1] == meta:
                 self._entries.move_to_end(key)
                 return entry[2]
         value = make(w)
@@ -72,17 +75,19 @@ class WeightCache:
             self._drop(key)
             self.made += 1
             if size <= self.max_bytes:
-                refs = tuple(weakref.ref(o, lambda _, key=key: self._forget(key)) for o in owners)
+                alive = owners if isinstance(w, tuple) else (owner,)
+                refs = tuple(weakref.ref(o, lambda _, key=key: self._forget(key)) for o in alive)
                 self._entries[key] = (refs, meta, value, size)
                 self.nbytes += size
                 while self.nbytes > self.max_bytes:
                     self._drop(next(iter(self._entries)))
         return value
 
-    def _identity(self, w: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
+    @staticmethod
+    def _identity(w: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
         """``(owner, key, meta)``: the tensor whose life and version a copy of ``w`` follows (the
         parameter, for a view of one), its key part, and what must not have changed."""
-        owner = self.parameter_of(w)
+        owner = WeightCache.parameter_of(w)
         if owner is None or owner is w:
             owner, view = w, ()
         else:
