@@ -200,8 +200,8 @@ def warmup(
             return warmup(
                 compiled, make_inputs, sizes, max_tokens=max_tokens, buckets=buckets, grad=grad, progress=progress
             )
-    team = teams.team("replicas")
-    if team is not None and (distributed or teams.strategy_from_env() == "replicas"):
+    team = teams.team()
+    if team is not None and (distributed or teams.resolve() == "replicas"):
         return _replicas_warmup(team, compiled, make_inputs, sizes, max_tokens, buckets, grad, progress)
     tuner = AutoTuner.get()
     stats = tuner.stats

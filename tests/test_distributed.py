@@ -107,13 +107,13 @@ def test_without_a_process_group_nothing_coordinates_and_bad_settings_are_named(
     from flashtune_compile.backend import parse_options
     from flashtune_compile.tuner import distributed
 
-    assert distributed.team() is None and distributed.team("lockstep") is None  # not initialized: off
+    assert distributed.team() is None and distributed.resolve("lockstep") == "off"  # not initialized: off
     with pytest.raises(ValueError, match="option 'distributed' must be one of"):
         parse_options({"distributed": "sometimes"})
     assert parse_options({"distributed": "replicas"}).site_options().distributed == "replicas"
     monkeypatch.setenv("FLASHTUNE_DISTRIBUTED", "sometimes")
     with pytest.raises(ValueError, match="FLASHTUNE_DISTRIBUTED='sometimes'"):
-        distributed.team()
+        distributed.resolve()
     monkeypatch.setenv("FLASHTUNE_DISTRIBUTED_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="FLASHTUNE_DISTRIBUTED_TIMEOUT='soon'"):
         distributed.timeout_s()

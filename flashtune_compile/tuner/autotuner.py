@@ -113,9 +113,9 @@ class AutoTuner:
         self._validated: set[tuple[int, Key]] = set()  # (id(cache), key): entries checked to be offered
         self._profile_lock = threading.RLock()
         self._said: set[Key] = set()
-        # (id(cache), key) -> what the ranks of a lockstep team agreed for it, and whether it is cached:
+        # (id(cache), key) -> (the choice the ranks of a lockstep team agreed for it, None: the default):
         # served without asking the cache again, so no later change to one rank's cache splits them
-        self._agreed: dict[tuple[int, Key], tuple[tuple[int, Tactic], bool]] = {}
+        self._agreed: dict[tuple[int, Key], tuple[tuple[int, Tactic] | None]] = {}
         # Called as fn(op, bucket, entry) when a bucket starts tuning (entry None) and when its winner
         # is cached; e.g. ft.warmup's progress bar. A listener must not raise.
         self.listeners: list[Callable[[str, tuple, Entry | None], None]] = []
@@ -250,123 +250,108 @@ class AutoTuner:
     ) -> tuple[tuple[TunableRunner, Tactic], bool]:
         """The choice for a signature not memoized yet, and whether it came from the cache (and was
         memoized) rather than being the default's fallback."""
-        ctx, runners, cache = alias.ctx, alias.runners, alias.cache
+        ctx, runners = alias.ctx, alias.runners
         allowed = self._tuning_allowed(tune)
         if not allowed and sig in alias.missed:  # only ever filled outside lockstep
             return self._fallback(runners)
-        team = teams.team(distributed)
-        if team is not None and team.lockstep:
-            bucket = ctx.config.bucket_of(inputs)
-            if 0 in bucket:  # an empty call: nothing to tune, the default handles it (on every rank)
-                return (runners[0], DEFAULT_TACTIC), False
-            key = ctx.cache_key(inputs, bucket)
-            agreed = self._agreed.get((id(cache), key))
-            if agreed is None:
-                with self._profile_lock:
-                    agreed = self._settle(team, ctx, runners, cache, key, inputs, bucket, allowed)
-                    self._agreed[(id(cache), key)] = agreed
-            elif agreed[1]:
-                self.stats.hits += 1
-            (idx, tactic), cached = agreed
-            if not cached:
-                return self._fallback(runners)
-            result = (runners[idx], tactic)
-            bounded_put(alias.memo, sig, result)
-            return result, True
         bucket = ctx.config.bucket_of(inputs)
-        if 0 in bucket:  # an empty call: nothing to tune, the default handles it
+        if 0 in bucket:  # an empty call: nothing to tune, the default handles it (on every rank)
             return (runners[0], DEFAULT_TACTIC), False
         key = ctx.cache_key(inputs, bucket)
-        choice = self._lookup(ctx, cache, key, inputs, bucket)
-        if choice is None:
-            capturing = (
-                any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
-                and torch.cuda.is_current_stream_capturing()
-            )
-            if not allowed or capturing:
-                if not capturing:
-                    bounded_put(alias.missed, sig)
-                if key not in self._said:
-                    self._said.add(key)
-                    why = "a CUDA graph is being captured" if capturing else "tuning is off"
-                    log.info(
-                        "flashtune: %s bucket %s not in the cache and %s; using the default %s",
-                        ctx.op,
-                        bucket,
-                        why,
-                        ctx.names[0],
-                    )
-                return self._fallback(runners)
-            with self._profile_lock:
-                choice = self._lookup(ctx, cache, key, inputs, bucket)  # another thread may have tuned it
-                if choice is None:
-                    choice = self._tune(ctx, runners, cache, key, inputs, bucket)
-                else:
-                    self.stats.hits += 1
+        if teams.resolve(distributed) == "lockstep":
+            choice = self._agreed_choice(alias, key, inputs, bucket, allowed)
         else:
-            self.stats.hits += 1
-            log.debug("flashtune: %s bucket %s from the cache: %s[%r]", ctx.op, bucket, ctx.names[choice[0]], choice[1])
+            choice = self._cached_choice(alias, sig, key, inputs, bucket, allowed)
+        if choice is None:
+            return self._fallback(runners)
         result = (runners[choice[0]], choice[1])
         bounded_put(alias.memo, sig, result)
         return result, True
 
-    def _settle(
-        self,
-        team: teams.Team,
-        ctx: OpContext,
-        runners: Sequence[TunableRunner],
-        cache: TacticCache,
-        key: Key,
-        inputs: Sequence[Any],
-        bucket: tuple[int, ...],
-        allowed: bool,
-    ) -> tuple[tuple[int, Tactic], bool]:
-        """Settle ``key`` with every rank of a lockstep ``team`` (each calls this at the same point):
-        the choice every rank will serve, and whether it is cached (False: the default, because
-        tuning is off on some rank and the ranks hold no entry they all can run).
+    def _cached_choice(
+        self, alias: Alias, sig: tuple, key: Key, inputs: Sequence[Any], bucket: tuple[int, ...], allowed: bool
+    ) -> tuple[int, Tactic] | None:
+        """This process's choice for ``key``: from the cache, else tuned here when allowed; None:
+        the default (tuning is off, or a CUDA graph is being captured), said once per key."""
+        ctx, runners, cache = alias.ctx, alias.runners, alias.cache
+        choice = self._lookup(ctx, cache, key, inputs, bucket)
+        if choice is not None:
+            self.stats.hits += 1
+            log.debug("flashtune: %s bucket %s from the cache: %s[%r]", ctx.op, bucket, ctx.names[choice[0]], choice[1])
+            return choice
+        capturing = (
+            any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs) and torch.cuda.is_current_stream_capturing()
+        )
+        if not allowed or capturing:
+            if not capturing:
+                bounded_put(alias.missed, sig)
+            if key not in self._said:
+                self._said.add(key)
+                why = "a CUDA graph is being captured" if capturing else "tuning is off"
+                log.info(
+                    "flashtune: %s bucket %s not in the cache and %s; using the default %s",
+                    ctx.op,
+                    bucket,
+                    why,
+                    ctx.names[0],
+                )
+            return None
+        with self._profile_lock:
+            choice = self._lookup(ctx, cache, key, inputs, bucket)  # another thread may have tuned it
+            if choice is None:
+                return self._tune(ctx, runners, cache, key, inputs, bucket)
+            self.stats.hits += 1
+            return choice
 
-        The ranks exchange what their caches hold. When the ranks holding an entry agree and every
-        rank offers it, all adopt it; when they disagree and tuning is off somewhere, all adopt the
-        lowest rank's entry that every rank offers; otherwise they tune the bucket together."""
-        what = f"settling {ctx.op} bucket {list(bucket)}"
-        entry = cache.get(key) if self._lookup(ctx, cache, key, inputs, bucket) is not None else None
-        held = team.gather(what, (key, entry, allowed))
-        if any(k != key for k, _, _ in held):
-            points = "; ".join(
-                f"rank {team.ranks[r]}: {k[0]} {k[2]} bucket {list(k[4])}" for r, (k, _, _) in enumerate(held)
-            )
-            raise teams.DistributedTuningError(
-                f"flashtune: ranks reached different tuning points ({points}). In lockstep mode every rank must make "
-                "the same calls in the same order (tensor parallel); for independent replicas set "
-                "FLASHTUNE_DISTRIBUTED=replicas"
-            )
-        proposals: dict[tuple[str, Tactic], Entry] = {}
-        for _, e, _ in held:
-            if e is not None:
-                proposals.setdefault((e.runner, e.tactic), e)  # rank order: the lowest rank's first
-        everyone_tunes = all(ok for _, _, ok in held)
-        for proposal in proposals.values() if len(proposals) == 1 or not everyone_tunes else ():
-            if all(team.gather(what, self._offers(ctx, inputs, bucket, proposal))):
-                if entry is None or (entry.runner, entry.tactic) != (proposal.runner, proposal.tactic):
-                    cache.put(key, replace(proposal))
+    def _agreed_choice(
+        self, alias: Alias, key: Key, inputs: Sequence[Any], bucket: tuple[int, ...], allowed: bool
+    ) -> tuple[int, Tactic] | None:
+        """The choice the ranks of the lockstep team agreed for ``key``, settled the first time this
+        process needs it (``distributed.settle``) and served from then on, whatever this rank's
+        cache later holds; None: every rank runs the default, uncached."""
+        ctx, runners, cache = alias.ctx, alias.runners, alias.cache
+        found = self._agreed.get((id(cache), key))
+        if found is not None:
+            self.stats.hits += found[0] is not None
+            return found[0]
+        with self._profile_lock:
+            choice = self._lookup(ctx, cache, key, inputs, bucket)
+            held = cache.get(key) if choice is not None else None
+            team = teams.team()
+            what = f"settling {ctx.op} bucket {list(bucket)}"
+
+            def offers(e: Entry) -> bool:
+                return self._offers(ctx, inputs, bucket, ctx.names.index(e.runner), e.tactic)[0]
+
+            decision = teams.settle(team, what, key, held, allowed, offers)
+            if decision == "tune":
+                choice = self._tune(ctx, runners, cache, key, inputs, bucket, team)
+            elif decision == "default":
+                log.info(
+                    "flashtune: %s bucket %s: tuning is off on some rank; every rank uses the default", ctx.op, bucket
+                )
+                choice = None
+            else:
+                if held is None or (held.runner, held.tactic) != (decision.runner, decision.tactic):
+                    cache.put(key, replace(decision))
                 self._validated.add((id(cache), key))
                 self.stats.hits += 1
-                return (ctx.names.index(proposal.runner), proposal.tactic), True
-        if everyone_tunes:
-            return self._tune(ctx, runners, cache, key, inputs, bucket, team), True
-        log.info("flashtune: %s bucket %s: tuning is off on some rank; every rank uses the default", ctx.op, bucket)
-        return (0, DEFAULT_TACTIC), False
+                choice = (ctx.names.index(decision.runner), decision.tactic)
+            self._agreed[(id(cache), key)] = (choice,)
+        return choice
 
-    def _offers(self, ctx: OpContext, inputs: Sequence[Any], bucket: tuple[int, ...], entry: Entry) -> bool:
-        """Whether this process's runner offers ``entry``'s tactic for this bucket."""
-        idx = ctx.names.index(entry.runner)
-        if idx == 0 and entry.tactic == DEFAULT_TACTIC:
-            return True
+    def _offers(
+        self, ctx: OpContext, inputs: Sequence[Any], bucket: tuple[int, ...], idx: int, tactic: Tactic
+    ) -> tuple[bool, Exception | None]:
+        """Whether runner ``idx`` offers ``tactic`` for this bucket (the default always is), and the
+        error of a runner that could not even list its tactics."""
+        if idx == 0 and tactic == DEFAULT_TACTIC:
+            return True, None
         profile = BucketProfile(bucket, tuple(bucket_shapes(inputs, ctx.config, bucket)))
         try:
-            return entry.tactic in {canonical_tactic(t) for t in ctx.runners[idx].get_valid_tactics(inputs, profile)}
-        except Exception:
-            return False
+            return tactic in {canonical_tactic(t) for t in ctx.runners[idx].get_valid_tactics(inputs, profile)}, None
+        except Exception as e:  # a runner that cannot even list tactics cannot be trusted
+            return False, e
 
     def _lookup(
         self, ctx: OpContext, cache: TacticCache, key: Key, inputs: Sequence[Any], bucket: tuple[int, ...]
@@ -378,25 +363,18 @@ class AutoTuner:
             return None
         idx = ctx.names.index(entry.runner)
         if (id(cache), key) not in self._validated:
-            if not (idx == 0 and entry.tactic == DEFAULT_TACTIC):
-                profile = BucketProfile(bucket, tuple(bucket_shapes(inputs, ctx.config, bucket)))
-                try:
-                    offered = {canonical_tactic(t) for t in ctx.runners[idx].get_valid_tactics(inputs, profile)}
-                except Exception as e:  # a runner that cannot even list tactics cannot be trusted
-                    offered, entry_err = set(), e
-                else:
-                    entry_err = None
-                if entry.tactic not in offered:
-                    log.warning(
-                        "flashtune: dropping cached %s tactic %r of %s for bucket %s: not offered by the runner%s",
-                        ctx.op,
-                        entry.tactic,
-                        entry.runner,
-                        bucket,
-                        f" ({entry_err})" if entry_err else "",
-                    )
-                    cache.drop(key)
-                    return None
+            offered, error = self._offers(ctx, inputs, bucket, idx, entry.tactic)
+            if not offered:
+                log.warning(
+                    "flashtune: dropping cached %s tactic %r of %s for bucket %s: not offered by the runner%s",
+                    ctx.op,
+                    entry.tactic,
+                    entry.runner,
+                    bucket,
+                    f" ({error})" if error else "",
+                )
+                cache.drop(key)
+                return None
             self._validated.add((id(cache), key))
         return idx, entry.tactic
 

@@ -103,50 +103,74 @@ def strategy(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def team(strategy: str | None = None) -> Team | None:
-    """The team tuning coordinates with under ``strategy`` (None: ``$FLASHTUNE_DISTRIBUTED``; a
-    ``strategy(...)`` block overrides both): None when off, when ``torch.distributed`` is not
-    initialized, or when the group has one rank."""
-    strategy = _override.get() or strategy or strategy_from_env()
-    if strategy not in STRATEGIES:
-        raise ValueError(f"flashtune: distributed strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-    if strategy == "off" or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return None
+def team() -> Team | None:
+    """The ranks of the selected group (``set_process_group``, else the world), tuning together:
+    None when ``torch.distributed`` is not initialized or the group has one rank."""
     dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        return None
     group = _selection.group
     ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
     if len(ranks) < 2 or dist.get_rank() not in ranks:
         return None
-    mode = "replicas" if strategy == "replicas" else "lockstep"
     key = (ranks, timeout_s())
     with _teams_lock:
         found = _teams.get(key)
         if found is None:
             found = _teams[key] = Team(ranks, key[1])
-    return found.with_mode(mode)
+    return found
+
+
+def resolve(strategy: str | None = None) -> str:
+    """What tuning does across ranks: "lockstep", "replicas" or "off". A ``strategy(...)`` block
+    wins over ``strategy`` (a model's option), which wins over ``$FLASHTUNE_DISTRIBUTED``; without
+    a team of several ranks (``team()``) every strategy is "off", and "auto" is "lockstep"."""
+    name = _override.get() or strategy or strategy_from_env()
+    if name not in STRATEGIES:
+        raise ValueError(f"flashtune: distributed strategy must be one of {list(STRATEGIES)}, got {name!r}")
+    if name == "off" or team() is None:
+        return "off"
+    return "replicas" if name == "replicas" else "lockstep"
+
+
+def settle(team: Team, what: str, key: Any, held: Any, allowed: bool, offers: Callable[[Any], bool]) -> Any | str:
+    """Settle one bucket with every rank of a lockstep ``team`` (each calls this at the same point,
+    ``what`` naming it): ``held`` is this rank's valid cache entry for ``key`` (or None), ``allowed``
+    whether it may tune, ``offers(entry)`` whether its runner offers that entry's tactic here.
+
+    Returns the entry every rank adopts (the holders agree and every rank offers it; or, with
+    tuning off on some rank, the lowest rank's entry that every rank offers), "tune" when the ranks
+    must tune the bucket together, or "default" (tuning is off somewhere and nothing can be adopted)."""
+    exchanged = team.gather(what, (key, what, held, allowed))
+    if any(k != key for k, _, _, _ in exchanged):
+        points = "; ".join(f"rank {team.ranks[r]}: {w}" for r, (_, w, _, _) in enumerate(exchanged))
+        raise DistributedTuningError(
+            f"flashtune: ranks reached different tuning points ({points}). In lockstep mode every rank must make "
+            "the same calls in the same order (tensor parallel); for independent replicas set "
+            "FLASHTUNE_DISTRIBUTED=replicas"
+        )
+    proposals: dict[tuple, Any] = {}
+    for _, _, entry, _ in exchanged:
+        if entry is not None:
+            proposals.setdefault((entry.runner, entry.tactic), entry)  # rank order: the lowest rank's first
+    everyone_tunes = all(ok for _, _, _, ok in exchanged)
+    candidates = list(proposals.values()) if len(proposals) == 1 or not everyone_tunes else []
+    for proposal in candidates:
+        if all(team.gather(what, offers(proposal))):
+            return proposal
+    return "tune" if everyone_tunes else "default"
 
 
 class Team:
     """The ranks tuning together: this rank's place among them and their gloo group (made on the
-    first exchange). ``mode`` is "lockstep" or "replicas"."""
+    first exchange)."""
 
-    def __init__(self, ranks: tuple[int, ...], timeout: float, mode: str = "lockstep") -> None:
-        self.ranks, self.timeout, self.mode = ranks, timeout, mode
+    def __init__(self, ranks: tuple[int, ...], timeout: float) -> None:
+        self.ranks, self.timeout = ranks, timeout
         self.rank = ranks.index(torch.distributed.get_rank())
         self.size = len(ranks)
-        self._shared: dict[str, Any] = {"group": None, "broken": None}  # shared by every mode's view
-
-    def with_mode(self, mode: str) -> Team:
-        if mode == self.mode:
-            return self
-        view = Team.__new__(Team)
-        view.__dict__.update(self.__dict__)
-        view.mode = mode
-        return view
-
-    @property
-    def lockstep(self) -> bool:
-        return self.mode == "lockstep"
+        self._group_made: Any = None
+        self._broken: str | None = None  # the step whose failure stopped this team
 
     def share(self, n: int) -> list[int]:
         """This rank's share of ``n`` work items: item i goes to rank i % size."""
@@ -160,7 +184,7 @@ class Team:
         try:
             torch.distributed.all_gather_object(out, obj, group=group)
         except Exception as e:  # gloo raises on a timeout and on a peer that closed its connection
-            self._shared["broken"] = what
+            self._broken = what
             raise DistributedTuningError(
                 f"flashtune: not every rank of {list(self.ranks)} reached {what} within {self.timeout:.0f} s, or one "
                 f"died ({type(e).__name__}: {e}). In lockstep mode every rank must make the same calls in the same "
@@ -191,18 +215,19 @@ class Team:
         return [value for _, value in gathered]
 
     def _group(self) -> Any:
-        broken = self._shared["broken"]
-        if broken is not None:
-            raise DistributedTuningError(f"flashtune: tuning across ranks stopped after an earlier failure ({broken})")
-        if self._shared["group"] is None:
-            self._shared["group"] = torch.distributed.new_group(
+        if self._broken is not None:
+            raise DistributedTuningError(
+                f"flashtune: tuning across ranks stopped after an earlier failure ({self._broken})"
+            )
+        if self._group_made is None:
+            self._group_made = torch.distributed.new_group(
                 list(self.ranks),
                 timeout=datetime.timedelta(seconds=self.timeout),
                 backend="gloo",
                 use_local_synchronization=True,
             )
             self._check_environments()
-        return self._shared["group"]
+        return self._group_made
 
     def _check_environments(self) -> None:
         """Raise DistributedTuningError naming what differs when the ranks' software or devices do."""
@@ -216,7 +241,7 @@ class Team:
         everyone = self.gather("the check of versions and devices", mine)
         differing = [name for name in CHECKED_ENV if len({repr(e[name]) for e in everyone}) > 1]
         if differing:
-            self._shared["broken"] = "a version or device mismatch"
+            self._broken = "a version or device mismatch"
             detail = "; ".join(
                 f"{name}: " + ", ".join(f"rank {self.ranks[r]} {e[name]!r}" for r, e in enumerate(everyone))
                 for name in differing
