@@ -111,18 +111,18 @@ def _tune_share(
     settings: ProfilerSettings,
     min_gain: float,
     generator: Callable[[torch.device], torch.Generator],
-    share: tuple[int, int] | None,
+    team: Team | None,
 ) -> _Share:
-    """Check and time this rank's share (``(rank, size)``: listed candidates n with n % size == rank;
-    None: all of them) of the bucket's candidates, on inputs synthesized here."""
+    """Check and time this rank's share of the bucket's listed candidates (``team.share``; without
+    a team, all of them), on inputs synthesized here."""
     synth, shapes, made = synthesize(inputs, ctx.config, bucket, generator)
     listed, rejected = _listed_candidates(runners, synth, BucketProfile(bucket, shapes))
     ref = runners[0].forward(synth, DEFAULT_TACTIC)  # the default must work: its error is the op's
-    mine = listed if share is None else listed[share[0] :: share[1]]
+    mine = listed if team is None else [listed[n] for n in team.share(len(listed))]
     candidates, wrong = _checked(ctx, runners, synth, ref, mine)
     rejected += wrong
     position = {c: n for n, c in enumerate(listed)}
-    if len(listed) == 1 or (share is None and len(candidates) == 1):  # nothing to choose: the default, untimed
+    if len(listed) == 1 or (team is None and len(candidates) == 1):  # nothing to choose: the default, untimed
         untimed = [(0, 0, DEFAULT_TACTIC, Timing(0.0, 0.0, 0.0))]
         return _Share(untimed if (0, DEFAULT_TACTIC) in candidates else [], rejected, made)
     if not candidates:
@@ -135,7 +135,7 @@ def _tune_share(
             rejected.append(f"{runners[i].name}[{t!r}]: cannot be captured in a CUDA graph")
     kept = [n for n, tm in enumerate(timed) if tm is not None]
     times = [timed[n] for n in kept]
-    if share is None and device.type == "cpu":  # a candidate ahead of the default but within the noise
+    if team is None and device.type == "cpu":  # a candidate ahead of the default but within the noise
         times = settle_cpu([fns[n] for n in kept], times, min_gain, settings)
     return _Share([(position[candidates[n]], *candidates[n], tm) for n, tm in zip(kept, times)], rejected, made)
 
@@ -155,13 +155,11 @@ def tune_bucket(
     each rank checks and times its share of the candidates and every rank picks the same winner
     from everyone's timings (``Tuned.timed`` counts this rank's timings only)."""
     if team is None:
-        found = _tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, None)
-        shares = [found]
+        shares = [_tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, None)]
     else:
-        share = (team.rank, team.size)
         what = f"tuning {ctx.op} bucket {bucket}"
         shares = team.run_shared(
-            what, lambda: _tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, share)
+            what, lambda: _tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, team)
         )
     results = sorted((r for s in shares for r in s.timed), key=lambda r: r[0])
     rejected = [why for s in shares for why in s.rejected]

@@ -190,14 +190,6 @@ using Fn = void (*)(const at::Tensor&, const at::Tensor&, const std::optional<at
 // The tiles (MR rows, R vectors) that are built: MR * R accumulators fit the vector registers.
 #define FT_TILES(X) X(1, 2) X(1, 4) X(2, 2) X(2, 4) X(4, 2) X(4, 4) X(8, 2)
 
-bool has_width(int64_t r) {
-#define FT_WIDTH(A, B) \
-  if (r == B) return true;
-  FT_TILES(FT_WIDTH)
-#undef FT_WIDTH
-  return false;
-}
-
 template <class Kern>
 Fn pick(int64_t mr, int64_t r) {
 #define FT_CASE(A, B) \
@@ -440,7 +432,7 @@ std::string blocked_moe_out(const at::Tensor& x, const at::Tensor& weights, cons
   if (pairs && (!FT_PAIRS || x.scalar_type() != at::kBFloat16))
     return "blocked_moe: the pairs kernel needs bf16 and a CPU with AVX512_BF16";
   if (act < 0 || act > 2) return "blocked_moe: act must be 0 (silu), 1 (gelu) or 2 (gelu_tanh)";
-  if (!has_width(r)) return "blocked_moe: no tiles " + std::to_string(r) + " vectors wide (built: " + tiles() + ")";
+  if (tiles_of_width<Fma<float>>(r).empty()) return "blocked_moe: no tiles " + std::to_string(r) + " vectors wide (built: " + tiles() + ")";
   const int64_t kps = pairs ? 2 : 1, nb = r * VL, H = x.size(1);
   if (packed1.dim() != 4 || packed2.dim() != 4 || packed1.size(0) != packed2.size(0))
     return "blocked_moe: packed weights must be [E, blocks, steps, width] with one E";
