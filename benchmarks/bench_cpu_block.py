@@ -19,6 +19,9 @@ caches off so that every contender starts cold. Timing: the
 contenders interleaved in a shuffled order over --rounds rounds; median ms per call.
 
 Run: python benchmarks/bench_cpu_block.py --dtype fp32   (and again with --dtype bf16)
+     [--processes N]: the whole run N times, each in a fresh process, then each process's ratio per
+     T with their median and range (the T = 1 rows stream the weights at the memory's rate, which on
+     a VM moves by tens of percent with where a process's buffers land)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import math
 import platform
 import random
@@ -33,11 +37,12 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timing import read_gbs, time_contenders
+from timing import in_fresh_processes, print_ratio_spread, read_gbs, time_contenders
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpp import load_blocked_gemm
@@ -95,7 +100,14 @@ def main() -> None:
     ap.add_argument("--warmup-max", type=int, default=256, help="flashtune tunes every bucket up to this")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--ms", type=float, default=60.0, help="minimum milliseconds per sample")
+    ap.add_argument("--processes", type=int, default=1, help="repeat in N fresh processes; print the ratios' spread")
+    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)  # where a child process writes its figures
     args = ap.parse_args()
+    if args.processes < 1:
+        ap.error("--processes must be >= 1")
+    if args.processes > 1:
+        across_processes(args)
+        return
     dtype, tokens = DTYPES[args.dtype], [int(t) for t in args.tokens.split(",")]
     warnings.filterwarnings("ignore", message=".*TF32.*")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -172,6 +184,9 @@ def main() -> None:
         for n, ms in results[1].items():
             gbs = weight_bytes / ms / 1e6
             print(f"  {n:<13} {gbs:6.1f} GB/s  ({gbs / bandwidth:.0%} of the measured read)")
+    if args.json:
+        figures = {"results": results, "compile_s": compile_s, "bandwidth": bandwidth, "weight_bytes": weight_bytes}
+        Path(args.json).write_text(json.dumps(figures))
     print("\nflashtune linear winners (bucket, N x K: kernel[tactic], speedup over default):")
     for e in sorted(ft.tactics(), key=lambda e: (e["bucket"], str(e["shape_key"]))):
         if e["op"] == "linear":
@@ -179,6 +194,33 @@ def main() -> None:
                 f"  {str(e['bucket']):<7} {str(e['shape_key'][1][:2]) if len(e['shape_key']) > 1 else '':<14} "
                 f"{e['kernel']}[{e['tactic']}] {e['speedup']:.2f}x"
             )
+
+
+def across_processes(args) -> None:
+    """The run in ``args.processes`` fresh processes; each process's ratio, their median and range."""
+    runs = in_fresh_processes(args.processes, __file__, sys.argv[1:])
+    print(
+        f"Llama-shaped block, {args.dtype}: {args.processes} fresh processes, {platform.machine()} CPU, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}"
+    )
+    peers = ("eager", "inductor", "inductor-max")
+    ratios: dict[str, list[float]] = {}
+    for run in runs:
+        logs = []
+        for t, r in run["results"].items():
+            gain = min(r[p] for p in peers) / r["flashtune"]
+            ratios.setdefault(f"T={t}", []).append(gain)
+            logs.append(math.log(gain))
+        ratios.setdefault("geomean", []).append(math.exp(sum(logs) / len(logs)))
+    print_ratio_spread("flashtune vs the best peer", ratios)
+    for run_i, run in enumerate(runs):
+        line = f"p{run_i + 1}: read {run['bandwidth']:.1f} GB/s; compile (+ tune) s " + ", ".join(
+            f"{n} {s:.1f}" for n, s in run["compile_s"].items()
+        )
+        if "1" in run["results"]:
+            rates = {n: run["weight_bytes"] / ms / 1e6 / run["bandwidth"] for n, ms in run["results"]["1"].items()}
+            line += "; T=1 read " + ", ".join(f"{n} {v:.0%}" for n, v in rates.items())
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
-"""Timing helpers shared by the CPU benchmarks: interleaved medians and the machine's read rate."""
+"""Timing helpers shared by the CPU benchmarks: interleaved medians, the machine's read rate, and
+repeats in fresh processes (where each process's buffers land moves memory-bound rows by tens of
+percent on a VM, so one process's ratio is one draw)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -46,3 +53,35 @@ def read_gbs(mb: int = 512, reps: int = 7) -> float:
         buf.sum()
         times.append(time.perf_counter() - start)
     return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def in_fresh_processes(n: int, script: str, argv: list[str]) -> list:
+    """Runs ``python script *argv --json F`` ``n`` times (``--processes`` and ``--json`` dropped from
+    argv), one fresh process after another, and returns what each wrote to F. A process that fails
+    stops the run with its output."""
+    runs = []
+    argv = list(argv)
+    for flag in ("--processes", "--json"):  # the child's own: one process, its own file
+        while flag in argv:
+            at = argv.index(flag)
+            del argv[at : at + 2]
+        argv = [a for a in argv if not a.startswith(flag + "=")]
+    for i in range(n):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run.json"
+            print(f"process {i + 1}/{n}: {Path(script).name} {' '.join(argv)}", file=sys.stderr, flush=True)
+            done = subprocess.run([sys.executable, script, *argv, "--json", str(out)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"process {i + 1} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+            runs.append(json.loads(out.read_text()))
+    return runs
+
+
+def print_ratio_spread(label: str, ratios: dict[str, list[float]]) -> None:
+    """One row per key: each process's ratio, their median, min and max (a ratio > 1: ours faster)."""
+    n = max(len(v) for v in ratios.values())
+    print(f"\n{label}: ratio per process, then the median over processes and the range")
+    print(f"{'':>14} " + " ".join(f"{f'p{i + 1}':>6}" for i in range(n)) + f" {'median':>7} {'min':>6} {'max':>6}")
+    for key, values in ratios.items():
+        cells = " ".join(f"{v:>5.2f}x" for v in values)
+        print(f"{key:>14} {cells} {statistics.median(values):>6.2f}x {min(values):>5.2f}x {max(values):>5.2f}x")
