@@ -19,7 +19,8 @@ budget of its tier (rows past the budget are skipped and said so):
            DeepSeek-V3 shaped experts, Zipf-skewed routing.
 - e2e:     a Llama-3-8B-shaped decoder (a few layers) for prefill and decode under eager, Inductor
            (default, max-autotune-no-cudagraphs, reduce-overhead), flashtune and flashtune with CUDA
-           graphs; compile + tune seconds of each.
+           graphs; compile + tune seconds of each; where a decode call's host time goes for Inductor
+           and flashtune (enqueue time, torch.profiler's top ops, cProfile's top Python functions).
 - offline: a cold process (compile, ``ft.warmup``, save the artifact) vs a fresh warm process
            loading it: seconds to first output and to ready; timings run in the warm one (must be 0).
 
@@ -731,6 +732,51 @@ def section_e2e(sec: Section, tier: Tier) -> None:
             if ratios:
                 sec.note(f"{flash} vs best of {have}: worst {min(ratios):.3f}x, geomean {_geomean(ratios):.3f}x")
     sec.record["data"].update(setup=setup_rows, timings=data)
+    # A few seconds, so run past the budget too: it is what the decode rows above cannot say.
+    host_breakdown(sec, tier, {n: ready[n] for n in ("inductor", "flashtune") if n in ready}, tokens[(1, 1)])
+
+
+def host_breakdown(sec: Section, tier: Tier, fns: dict[str, Callable], x: torch.Tensor, calls: int = 20) -> None:
+    """Where a decode call's host time goes, per contender: microseconds per call of enqueueing
+    (the calls timed with no sync between them), the torch.profiler ops with the most self CPU
+    time, and for flashtune the Python functions with the most own time (cProfile). Without CUDA
+    graphs, small decode steps wait on the host; this says on what."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    rows, python_rows = [], []
+    with torch.no_grad():
+        for name, fn in fns.items():
+            fn(x)
+            sync(tier)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(x)
+            host_us = (time.perf_counter() - start) / calls * 1e6
+            sync(tier)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(calls):
+                    fn(x)
+                sync(tier)
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            rows.append([name, "(all: enqueue, no sync)", round(host_us, 1), calls])
+            rows += [[name, e.key[:70], round(e.self_cpu_time_total / calls, 1), e.count] for e in events[:8]]
+            if name == "flashtune":
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(calls):
+                    fn(x)
+                profiler.disable()
+                sync(tier)
+                stats = pstats.Stats(profiler).sort_stats("tottime")
+                for (file, line, func), (_, ncalls, tottime, _, _) in list(stats.stats.items()):
+                    python_rows.append([f"{Path(file).name}:{line} {func}", ncalls, round(tottime / calls * 1e6, 1)])
+    sec.table(f"decode B=1: host time per call ({calls} calls)", ["contender", "op", "self us / call", "count"], rows)
+    python_rows.sort(key=lambda r: r[2], reverse=True)
+    header = ["function", "calls", "us / call"]
+    sec.table("flashtune decode B=1: Python functions by own time", header, python_rows[:15])
 
 
 def section_offline(sec: Section, tier: Tier, dry: bool) -> None:
