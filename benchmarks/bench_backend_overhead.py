@@ -1,6 +1,7 @@
 """Warm-path cost of routing: models of small linears compiled several ways, side by side.
 
-Models: L x (Linear(256, 256) + ReLU), 1 token, for L = 4 and L = 12. Contenders, interleaved in
+Models: L x (Linear(256, 256) + ReLU), 1 token (x [1, 256], or [1, 1, 256] with ``--input-dims 3``,
+as models call their linears), for L = 4 and L = 12. Contenders, interleaved in
 rounds in one process, median us per forward:
   eager            the nn.Sequential as is
   functional       the same layers as a plain loop of F.linear + relu (no module calls)
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--number", type=int, default=1000)
     ap.add_argument("--only", default="", help="comma-separated contenders to time (default: all)")
+    ap.add_argument("--input-dims", type=int, default=2, choices=(2, 3), help="3: x [1, 1, 256], as models do")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
     ft.AutoTuner.reset(ft.AutoTuner(cache_dir=tempfile.mkdtemp()))
@@ -79,7 +81,7 @@ def main() -> None:
     lib.define("linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
     lib.impl("linear", F.linear, "CompositeExplicitAutograd")
     wrapped = torch.ops.ftbench.linear.default
-    x = torch.randn(1, DIM)
+    x = torch.randn(1, DIM) if args.input_dims == 2 else torch.randn(1, 1, DIM)
     calls = {}
     with torch.no_grad():
         for layers in SIZES:
@@ -101,7 +103,7 @@ def main() -> None:
     lo, hi = SIZES
     slope = {name: (med[(name, hi)] - med[(name, lo)]) / (hi - lo) for name, _ in calls if _ == lo}
     print(
-        f"backend overhead: L x Linear({DIM}, {DIM}) + ReLU, 1 token, fp32, {platform.machine()}, "
+        f"backend overhead: L x Linear({DIM}, {DIM}) + ReLU, x {list(x.shape)}, fp32, {platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds"
     )
     print(f"{'contender':<16} {'L=4 us':>8} {'L=12 us':>8} {'per op us':>10}")
