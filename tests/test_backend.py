@@ -141,6 +141,45 @@ def test_shared_symbol_is_one_axis_for_flattened_3d(tuner):
     assert ft.tactics()[0]["bucket"] == (16,)  # 15 rows -> bucket 16
 
 
+def test_nd_linear_input_reaches_the_op_as_rows_flattened_in_the_graph(tuner):
+    """The pass flattens an N-D input to 2-D rows with a graph node and views the result back, so
+    the op itself never flattens (Inductor makes graph views free)."""
+    from flashtune_compile.ops import SiteOptions
+    from flashtune_compile.passes.matmul import rewrite
+
+    model = nn.Linear(16, 8)
+    x = r(2, 3, 5, 16)
+    gm = _traced(model, x)
+    assert rewrite(gm, frozenset({"linear"}), SiteOptions(kernels=("aten",), max_tokens=64)) == 1
+    (op,) = [n for n in gm.graph.nodes if str(n.target) == "flashtune.linear.default"]
+    rows = op.args[0]
+    assert rows.op == "call_method" and rows.target == "flatten" and rows.args[1:] == (0, -2)
+    assert [u.target for u in op.users] == ["view"]
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_nd_linear_inputs_of_every_size_match_eager_with_gradients(tuner, inner):
+    torch.manual_seed(0)
+    model = Fn(lambda w, b, x: torch.tanh(F.linear(x, w, b)), r(8, 16), r(8))
+    model.p0.requires_grad_(), model.p1.requires_grad_()
+    compiled = torch.compile(model, backend="flashtune", dynamic=True, options={"inner": inner})
+    for shape in [(2, 3, 16), (4, 7, 16), (1, 1, 16), (2, 5, 3, 16), (3, 1, 2, 16)]:
+        x = r(*shape).requires_grad_()
+        got = compiled(x)
+        got.square().sum().backward()
+        grads = [x.grad, model.p0.grad, model.p1.grad]
+        x2 = x.detach().clone().requires_grad_()
+        model.p0.grad = model.p1.grad = None
+        ref = model(x2)
+        ref.square().sum().backward()
+        torch.testing.assert_close(got, ref)
+        for g, e in zip(grads, [x2.grad, model.p0.grad, model.p1.grad]):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        model.p0.grad = model.p1.grad = None
+    assert ft.stats()["routed_ops"] >= 2  # the 3-D and the 4-D graph
+
+
 def test_tune_off_never_profiles(tuner):
     model = nn.Linear(16, 16)
     compiled = torch.compile(model, backend="flashtune", dynamic=True, options={**EAGER, "tune": "off"})
