@@ -208,24 +208,24 @@ def _call_on_rows(
     nothing under Inductor (it emits them as ``reinterpret_tensor``), instead of two dispatcher
     calls per run (about 1.5 us per op, ``bench_backend_overhead.py --input-dims 3``)."""
     x, xv, out = tensors[0], values[0], _val(node)
+    keys = [k for k in ("example_value", "val") if k in node.meta]  # where this graph keeps fake values
+
+    def made(new: torch.fx.Node, fake: Any) -> torch.fx.Node:
+        new.meta.update({k: v for k, v in node.meta.items() if k not in keys})  # stack trace, module stack
+        new.meta.update(dict.fromkeys(keys, fake))
+        return new
+
     with graph.inserting_before(node):
-        rows = graph.call_method("flatten", (x, 0, -2))
-        rows.meta["example_value"] = xv.flatten(0, -2)
-        lead = []
-        for d, size in enumerate(xv.shape[:-1]):
-            if isinstance(size, torch.SymInt):
-                size_node = graph.call_method("size", (x, d))
-                size_node.meta["example_value"] = size
-                lead.append(size_node)
-            else:
-                lead.append(int(size))
-        site = site_for(op, [rows.meta["example_value"], *values[1:]], options)
-        flat = graph.call_function(target, (rows, *tensors[1:], *scalars, site))
-        flat.meta["example_value"] = out.flatten(0, -2)
+        rows = made(graph.call_method("flatten", (x, 0, -2)), xv.flatten(0, -2))
+        lead = [
+            made(graph.call_method("size", (x, d)), size) if isinstance(size, torch.SymInt) else int(size)
+            for d, size in enumerate(xv.shape[:-1])
+        ]
+        site = site_for(op, [_val(rows), *values[1:]], options)
+        flat = made(graph.call_function(target, (rows, *tensors[1:], *scalars, site)), out.flatten(0, -2))
         last = out.shape[-1]
         if isinstance(last, torch.SymInt):  # a dynamic output width: read it off the 2-D result
-            last = graph.call_method("size", (flat, 1))
-            last.meta["example_value"] = out.shape[-1]
+            last = made(graph.call_method("size", (flat, 1)), last)
         view = graph.call_method("view", (flat, *lead, last))
     view.meta = dict(node.meta)
     node.replace_all_uses_with(view)
@@ -249,7 +249,7 @@ def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> i
         tensors = [_node(graph, node, t) for t in m.tensors]
         target = getattr(torch.ops.flashtune, m.op.name).default
         scalars = tuple(map(float, m.scalars))
-        if m.op.flatten_rows and values[0].dim() > 2:
+        if m.op.flatten_rows and values[0].dim() > 2 and isinstance(_val(node), torch.Tensor):
             _call_on_rows(graph, node, m.op, target, tensors, values, scalars, options)
         else:
             replace_with_call(graph, node, target, (*tensors, *scalars, site_for(m.op, values, options)))
