@@ -11,7 +11,7 @@ import torch.nn as nn
 from helpers import MMChunked, MMDefault, mm_config
 
 import flashtune_compile as ft
-from flashtune_compile.tuner.autotuner import default_cache_dir
+from flashtune_compile.tuner.cache import default_cache_dir
 from flashtune_compile.tuner.profiler import ProfilerSettings
 
 backend_module = sys.modules["flashtune_compile.backend"]  # ft.backend is the function

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from . import distributed as teams
 from .buckets import TuningConfig
-from .cache import Entry, Key, TacticCache, environment, resolve_dir
+from .cache import Entry, Key, TacticCache, default_cache_dir, environment, resolve_dir
 from .keys import Alias, OpContext, bounded_put, signature
 from .profiler import ProfilerSettings
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner, canonical_tactic
@@ -456,14 +456,3 @@ class AutoTuner:
         """Zero every counter in place (sites hold a reference to this Stats)."""
         for f in fields(Stats):
             setattr(self.stats, f.name, 0.0 if f.type == "float" else 0)
-
-
-def default_cache_dir() -> Path:
-    """The platform's user cache dir for flashtune (e.g. ~/.cache/flashtune on Linux). Without
-    platformdirs installed (e.g. a GPU box set up with ``pip install --no-deps``), the XDG rule:
-    $XDG_CACHE_HOME/flashtune, else ~/.cache/flashtune."""
-    try:
-        import platformdirs
-    except ImportError:
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashtune"
-    return Path(platformdirs.user_cache_dir("flashtune"))

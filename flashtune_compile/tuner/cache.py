@@ -68,6 +68,17 @@ def environment(timing_mode: str) -> dict[str, Any]:
     }
 
 
+def default_cache_dir() -> Path:
+    """The platform's user cache dir for flashtune (e.g. ~/.cache/flashtune on Linux). Without
+    platformdirs installed (e.g. a GPU box set up with ``pip install --no-deps``), the XDG rule:
+    $XDG_CACHE_HOME/flashtune, else ~/.cache/flashtune."""
+    try:
+        import platformdirs
+    except ImportError:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashtune"
+    return Path(platformdirs.user_cache_dir("flashtune"))
+
+
 def resolve_dir(directory: Path | str | None) -> Path | None:
     """A cache directory as one path names it everywhere (absolute, ``~`` expanded); None stays None."""
     return Path(directory).expanduser().resolve() if directory is not None else None
