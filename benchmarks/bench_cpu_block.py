@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timing import in_fresh_processes, print_ratio_spread, read_gbs, time_contenders
+from timing import add_process_options, in_fresh_processes, print_ratio_spread, read_gbs, time_contenders
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpp import load_blocked_gemm
@@ -100,8 +100,7 @@ def main() -> None:
     ap.add_argument("--warmup-max", type=int, default=256, help="flashtune tunes every bucket up to this")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--ms", type=float, default=60.0, help="minimum milliseconds per sample")
-    ap.add_argument("--processes", type=int, default=1, help="repeat in N fresh processes; print the ratios' spread")
-    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)  # where a child process writes its figures
+    add_process_options(ap)
     args = ap.parse_args()
     if args.processes < 1:
         ap.error("--processes must be >= 1")

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import in_fresh_processes, print_ratio_spread, time_contenders
+from timing import add_process_options, in_fresh_processes, print_ratio_spread, time_contenders
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -141,8 +141,7 @@ def main() -> None:
     ap.add_argument(
         "--spelling", choices=("transformers", "hand_grouped_mm", "torchtitan", "gpt_fast"), default="transformers"
     )
-    ap.add_argument("--processes", type=int, default=1, help="repeat in N fresh processes; print the ratios' spread")
-    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)  # where a child process writes its figures
+    add_process_options(ap)
     args = ap.parse_args()
     if args.processes < 1:
         ap.error("--processes must be >= 1")

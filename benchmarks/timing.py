@@ -4,6 +4,7 @@ percent on a VM, so one process's ratio is one draw)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -53,6 +54,13 @@ def read_gbs(mb: int = 512, reps: int = 7) -> float:
         buf.sum()
         times.append(time.perf_counter() - start)
     return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def add_process_options(ap: argparse.ArgumentParser) -> None:
+    """``--processes N`` (repeat the run in N fresh processes) and the child's own ``--json F``
+    (where it writes its figures): what ``in_fresh_processes`` reads and strips."""
+    ap.add_argument("--processes", type=int, default=1, help="repeat in N fresh processes; print the ratios' spread")
+    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
 
 
 def in_fresh_processes(n: int, script: str, argv: list[str]) -> list:

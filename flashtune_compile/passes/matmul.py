@@ -194,20 +194,13 @@ def _node(graph: torch.fx.Graph, before: torch.fx.Node, t: Any) -> Any:
 
 
 def _call_on_rows(
-    graph: torch.fx.Graph,
-    node: torch.fx.Node,
-    op: OpSpec,
-    target: Any,
-    tensors: list,
-    values: list,
-    scalars: tuple,
-    options: SiteOptions,
+    graph: torch.fx.Graph, node: torch.fx.Node, op: OpSpec, args: tuple, values: list, options: SiteOptions
 ) -> None:
-    """Replace ``node`` (x N-D) by ``target`` on x flattened to 2-D rows, its result viewed back to
+    """Replace ``node`` (x = args[0], N-D) by ``op`` on x flattened to 2-D rows, its result viewed back to
     x's leading dims. Same values as the op flattening inside; as graph nodes the two views cost
     nothing under Inductor (it emits them as ``reinterpret_tensor``), instead of two dispatcher
     calls per run (about 1.5 us per op, ``bench_backend_overhead.py --input-dims 3``)."""
-    x, xv, out = tensors[0], values[0], _val(node)
+    x, xv, out = args[0], values[0], _val(node)
     keys = [k for k in ("example_value", "val") if k in node.meta]  # where this graph keeps fake values
 
     def made(new: torch.fx.Node, fake: Any) -> torch.fx.Node:
@@ -222,7 +215,8 @@ def _call_on_rows(
             for d, size in enumerate(xv.shape[:-1])
         ]
         site = site_for(op, [_val(rows), *values[1:]], options)
-        flat = made(graph.call_function(target, (rows, *tensors[1:], *scalars, site)), out.flatten(0, -2))
+        target = getattr(torch.ops.flashtune, op.name).default
+        flat = made(graph.call_function(target, (rows, *args[1:], site)), out.flatten(0, -2))
         last = out.shape[-1]
         if isinstance(last, torch.SymInt):  # a dynamic output width: read it off the 2-D result
             last = made(graph.call_method("size", (flat, 1)), last)
@@ -246,13 +240,12 @@ def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> i
         if why is not None:
             log.debug("flashtune: leaving %s (%s): %s", node.format_node(), m.op.name, why)
             continue
-        tensors = [_node(graph, node, t) for t in m.tensors]
-        target = getattr(torch.ops.flashtune, m.op.name).default
-        scalars = tuple(map(float, m.scalars))
+        args = (*[_node(graph, node, t) for t in m.tensors], *map(float, m.scalars))
         if m.op.flatten_rows and values[0].dim() > 2 and isinstance(_val(node), torch.Tensor):
-            _call_on_rows(graph, node, m.op, target, tensors, values, scalars, options)
+            _call_on_rows(graph, node, m.op, args, values, options)
         else:
-            replace_with_call(graph, node, target, (*tensors, *scalars, site_for(m.op, values, options)))
+            target = getattr(torch.ops.flashtune, m.op.name).default
+            replace_with_call(graph, node, target, (*args, site_for(m.op, values, options)))
         routed += 1
     gm.recompile()  # no eliminate_dead_code(): it drops in-place methods whose result is unused
     return routed
