@@ -75,6 +75,29 @@ def test_strided_inputs_and_edge_sizes(kernel, dtype):
             _check(runner.forward((x1, w1, None), tactic), x1, w1.detach(), None)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_rounds_as_torch_rounds_and_keeps_nan_and_inf(kernel, dtype):
+    """y = a + b, exact in fp32, must round to the output dtype exactly as torch's ``.to`` does
+    (nearest, ties to even), in the vector stores and the tail; NaN and inf come through."""
+    g = torch.Generator().manual_seed(3)
+    bits = 8 if dtype == torch.bfloat16 else 11  # significand bits of the output dtype
+    n = 100  # several full vectors and a tail
+    a = (1 + torch.rand(n, generator=g)).to(dtype)
+    b = (torch.rand(n, generator=g) * 2.0 ** -(bits + 1)).to(dtype)  # a + b needs < 24 bits
+    a[:4] = torch.tensor([1.0, 1.0 + 2.0 ** (1 - bits), 1.0, 2.0 - 2.0 ** (1 - bits)])  # ties, both ways
+    b[:4] = torch.tensor([2.0**-bits, 2.0**-bits, 0.0, 2.0**-bits])
+    w = torch.stack([a, b], dim=1)  # [n, 2]
+    x = torch.ones(3, 2, dtype=dtype)
+    x[1, 0] = float("nan")
+    x[2, 0] = float("inf")
+    want = (a.float() + b.float()).to(dtype)
+    for mr, r, split, pairs in _all_tactics(kernel, dtype):
+        y = kernel.linear(x, kernel.pack(w, r, pairs), None, n, mr, r, split, pairs)
+        assert torch.equal(y[0], want), f"tactic {(mr, r, split, pairs)} rounds differently from torch"
+        assert y[1].isnan().all(), f"tactic {(mr, r, split, pairs)} lost a NaN"
+        assert (y[2] == float("inf")).all(), f"tactic {(mr, r, split, pairs)} lost an inf"
+
+
 def test_packed_weight_is_never_stale(tuner, kernel):
     runner = CpuBlockedLinearRunner()
     w = nn.Parameter(torch.randn(40, 24).to(torch.bfloat16))
