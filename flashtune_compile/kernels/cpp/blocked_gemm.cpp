@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -148,14 +149,18 @@ void pack_rows(const typename Kern::Elem* const* rows, int64_t M, int64_t K, int
   });
 }
 
+template <class E>
+std::unique_ptr<E[]> uninitialized(int64_t n) { return std::unique_ptr<E[]>(new E[n]); }
+
 template <class Kern, int MR>
 int64_t panel_size(int64_t M, int64_t steps) { return (M + MR - 1) / MR * steps * MR; }
 
 // One task: block j of a packed weight, steps [s0, s1), the M rows of the x panel xp (pack_rows);
-// sums into acc [M_pad][NB] (M_pad: M rounded up to MR).
+// sums into acc [M_pad][NB] (M_pad: M rounded up to MR). `after`: the weights this thread reads
+// next, prefetched during the last chunk (nullptr: none known).
 template <class Kern, int MR, int R>
 void block_task(const typename Kern::Elem* packed, const typename Kern::XElem* xp, int64_t M, int64_t steps,
-                int64_t j, int64_t s0, int64_t s1, float* acc) {
+                int64_t j, int64_t s0, int64_t s1, float* acc, const typename Kern::Elem* after) {
   using T = typename Kern::Elem;
   constexpr int NB = R * VL, STEP = NB * Kern::KPS;  // elements of the panel per step
   const T* panel = packed + j * steps * STEP;
@@ -164,10 +169,16 @@ void block_task(const typename Kern::Elem* packed, const typename Kern::XElem* x
   const int64_t passes = (M + MR - 1) / MR;
   for (int64_t cs = s0; cs < s1; cs += chunk) {
     const int64_t ce = std::min(s1, cs + chunk);
-    // The weight bytes after this chunk (the next chunk, or the next block's first) are prefetched
-    // while this chunk is summed: each row tile's pass asks for its share, one address per step.
-    const char* next = reinterpret_cast<const char*>(panel + ce * STEP);
-    const int64_t share = (chunk * step_bytes + passes - 1) / passes, pfs = (share + (ce - cs) - 1) / (ce - cs);
+    // The weights read next (this block's next chunk, or `after`) are prefetched while this chunk is
+    // summed, each pass (row tile) asking for its share, one address per step: where the chunk takes
+    // more than one pass, or where the thread's stream runs on past this task (measured: a single
+    // pass over a short stream that then jumps, as an MoE task, is slower with it). With nothing to
+    // fetch, the steps ask for the chunk at hand, already in cache.
+    const bool fetch = passes > 1 || after == panel + s1 * STEP;
+    const T* upcoming = !fetch ? nullptr : ce < s1 ? panel + ce * STEP : after;
+    const char* next = reinterpret_cast<const char*>(upcoming ? upcoming : panel + cs * STEP);
+    const int64_t share = upcoming ? (chunk * step_bytes + passes - 1) / passes : 0;
+    const int64_t pfs = (share + (ce - cs) - 1) / (ce - cs);
     for (int64_t t = 0; t < passes; ++t)
       Kern::template tile<MR, R>(panel, xp + t * MR * steps, cs, ce, acc + t * MR * NB, next + t * share, pfs);
   }
@@ -204,12 +215,12 @@ template <class Kern, int MR, int R>
 void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, at::Tensor& y,
          int64_t ksplit) {
   using T = typename Kern::Elem;
-  constexpr int NB = R * VL;
+  constexpr int NB = R * VL, STEP = NB * Kern::KPS;
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), nblk = packed.size(0), ldx = x.stride(0);
   const int64_t steps = (K + Kern::KPS - 1) / Kern::KPS;
   const int64_t m_pad = (M + MR - 1) / MR * MR;
-  std::vector<typename Kern::XElem> xp(panel_size<Kern, MR>(M, steps));
-  pack_rows<Kern, MR>(row_pointers(x.data_ptr<T>(), M, ldx).data(), M, K, steps, xp.data());
+  const auto xp = uninitialized<typename Kern::XElem>(panel_size<Kern, MR>(M, steps));  // pack_rows writes it all
+  pack_rows<Kern, MR>(row_pointers(x.data_ptr<T>(), M, ldx).data(), M, K, steps, xp.get());
   const T* wp = packed.data_ptr<T>();
   std::vector<float> b32(nblk * NB, 0.f);  // the bias in fp32, zero where there is none
   if (bias.has_value())
@@ -232,7 +243,8 @@ void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::
       std::vector<float> acc(m_pad * NB);
       for (int64_t j = b0; j < b1; ++j) {
         std::fill(acc.begin(), acc.end(), 0.f);
-        block_task<Kern, MR, R>(wp, xp.data(), M, steps, j, 0, steps, acc.data());
+        block_task<Kern, MR, R>(wp, xp.get(), M, steps, j, 0, steps, acc.data(),
+                                j + 1 < b1 ? wp + (j + 1) * steps * STEP : nullptr);
         epilogue(acc.data(), 0, j);
       }
     });
@@ -245,7 +257,8 @@ void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j = t / ksplit, s = t % ksplit;
       const int64_t s0 = std::min(steps, s * sstep), s1 = std::min(steps, s0 + sstep);
-      block_task<Kern, MR, R>(wp, xp.data(), M, steps, j, s0, s1, partial.data() + t * slice);
+      block_task<Kern, MR, R>(wp, xp.get(), M, steps, j, s0, s1, partial.data() + t * slice,
+                              t + 1 < t1 ? wp + (j * steps + s1) * STEP : nullptr);
     }
   });
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -362,7 +375,7 @@ template <class Kern>
 struct Tile {
   int64_t mr;
   void (*task)(const typename Kern::Elem*, const typename Kern::XElem*, int64_t, int64_t, int64_t, int64_t, int64_t,
-               float*);  // block_task
+               float*, const typename Kern::Elem*);  // block_task
   void (*pack)(const typename Kern::Elem* const*, int64_t, int64_t, int64_t, typename Kern::XElem*);  // pack_rows
 };
 
@@ -433,6 +446,7 @@ void moe_run(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& i
   // x panel for the tile its row count gets.
   auto expert_blocks = [&](const T* packed, int64_t panel, int64_t blocks, const T* const* rows, int64_t K,
                            int64_t steps, auto epilogue) {
+    const int64_t block_elems = panel / blocks;
     std::vector<const Tile<Kern>*> tile(U);
     std::vector<int64_t> off(U + 1, 0);  // expert u's x panel: xpanel[off[u] .. off[u + 1])
     for (int64_t u = 0; u < U; ++u) {
@@ -440,11 +454,11 @@ void moe_run(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& i
       tile[u] = &tile_for(tiles, M);
       off[u + 1] = off[u] + (M + tile[u]->mr - 1) / tile[u]->mr * tile[u]->mr * steps;
     }
-    std::vector<typename Kern::XElem> xpanel(off[U]);
+    const auto xpanel = uninitialized<typename Kern::XElem>(off[U]);  // pack_rows writes it all
     at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t e = used[u];
-        tile[u]->pack(rows + start[e], start[e + 1] - start[e], K, steps, xpanel.data() + off[u]);
+        tile[u]->pack(rows + start[e], start[e + 1] - start[e], K, steps, xpanel.get() + off[u]);
       }
     });
     at::parallel_for(0, blocks * U, 1, [&](int64_t t0, int64_t t1) {
@@ -452,7 +466,9 @@ void moe_run(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& i
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t j = t / U, u = t % U, e = used[u], s0 = start[e], M = start[e + 1] - s0;
         acc.assign((M + tile[u]->mr - 1) / tile[u]->mr * tile[u]->mr * NB, 0.f);
-        tile[u]->task(packed + e * panel, xpanel.data() + off[u], M, steps, j, 0, steps, acc.data());
+        const T* after = nullptr;  // task t + 1's weights, where this thread runs it
+        if (t + 1 < t1) after = packed + used[(t + 1) % U] * panel + (t + 1) / U * block_elems;
+        tile[u]->task(packed + e * panel, xpanel.get() + off[u], M, steps, j, 0, steps, acc.data(), after);
         epilogue(j, s0, M, acc.data());
       }
     });
