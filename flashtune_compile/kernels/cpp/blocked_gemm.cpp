@@ -39,6 +39,10 @@ constexpr int VL = 8;
 #else
 constexpr int VL = 4;
 #endif
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
 constexpr int64_t CHUNK_BYTES = 32 * 1024;  // a K chunk of one block: fetched once, then read by every row tile
 // Prefetch into L2 (locality 2: prefetcht1): the next chunk must not evict the chunk being summed.
 constexpr int PREFETCH_LOCALITY = 2;
@@ -133,7 +137,7 @@ struct PairsBf16 {
 template <class Kern, int MR>
 void pack_rows(const typename Kern::Elem* const* rows, int64_t M, int64_t K, int64_t steps,
                typename Kern::XElem* out) {
-  const int64_t tiles = (M + MR - 1) / MR;
+  const int64_t tiles = ceil_div(M, MR);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, steps * MR));  // tiles per task
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
@@ -152,9 +156,6 @@ void pack_rows(const typename Kern::Elem* const* rows, int64_t M, int64_t K, int
 template <class E>
 std::unique_ptr<E[]> uninitialized(int64_t n) { return std::unique_ptr<E[]>(new E[n]); }
 
-template <class Kern, int MR>
-int64_t panel_size(int64_t M, int64_t steps) { return (M + MR - 1) / MR * steps * MR; }
-
 // One task: block j of a packed weight, steps [s0, s1), the M rows of the x panel xp (pack_rows);
 // sums into acc [M_pad][NB] (M_pad: M rounded up to MR). `after`: the weights this thread reads
 // next, prefetched during the last chunk (nullptr: none known).
@@ -166,7 +167,7 @@ void block_task(const typename Kern::Elem* packed, const typename Kern::XElem* x
   const T* panel = packed + j * steps * STEP;
   const int64_t step_bytes = STEP * static_cast<int64_t>(sizeof(T));
   const int64_t chunk = std::max<int64_t>(32, CHUNK_BYTES / step_bytes);
-  const int64_t passes = (M + MR - 1) / MR;
+  const int64_t passes = ceil_div(M, MR);
   for (int64_t cs = s0; cs < s1; cs += chunk) {
     const int64_t ce = std::min(s1, cs + chunk);
     // The weights read next (this block's next chunk, or `after`) are prefetched while this chunk is
@@ -217,9 +218,8 @@ void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::
   using T = typename Kern::Elem;
   constexpr int NB = R * VL, STEP = NB * Kern::KPS;
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), nblk = packed.size(0), ldx = x.stride(0);
-  const int64_t steps = (K + Kern::KPS - 1) / Kern::KPS;
-  const int64_t m_pad = (M + MR - 1) / MR * MR;
-  const auto xp = uninitialized<typename Kern::XElem>(panel_size<Kern, MR>(M, steps));  // pack_rows writes it all
+  const int64_t steps = ceil_div(K, Kern::KPS), m_pad = round_up(M, MR);
+  const auto xp = uninitialized<typename Kern::XElem>(m_pad * steps);  // pack_rows writes it all
   pack_rows<Kern, MR>(row_pointers(x.data_ptr<T>(), M, ldx).data(), M, K, steps, xp.get());
   const T* wp = packed.data_ptr<T>();
   std::vector<float> b32(nblk * NB, 0.f);  // the bias in fp32, zero where there is none
@@ -452,7 +452,7 @@ void moe_run(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& i
     for (int64_t u = 0; u < U; ++u) {
       const int64_t M = start[used[u] + 1] - start[used[u]];
       tile[u] = &tile_for(tiles, M);
-      off[u + 1] = off[u] + (M + tile[u]->mr - 1) / tile[u]->mr * tile[u]->mr * steps;
+      off[u + 1] = off[u] + round_up(M, tile[u]->mr) * steps;
     }
     const auto xpanel = uninitialized<typename Kern::XElem>(off[U]);  // pack_rows writes it all
     at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
@@ -465,7 +465,7 @@ void moe_run(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& i
       std::vector<float> acc;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t j = t / U, u = t % U, e = used[u], s0 = start[e], M = start[e + 1] - s0;
-        acc.assign((M + tile[u]->mr - 1) / tile[u]->mr * tile[u]->mr * NB, 0.f);
+        acc.assign(round_up(M, tile[u]->mr) * NB, 0.f);
         const T* after = nullptr;  // task t + 1's weights, where this thread runs it
         if (t + 1 < t1) after = packed + used[(t + 1) % U] * panel + (t + 1) / U * block_elems;
         tile[u]->task(packed + e * panel, xpanel.get() + off[u], M, steps, j, 0, steps, acc.data(), after);
