@@ -19,13 +19,12 @@ import random
 from functools import partial
 
 import torch
+from bench_cpu_block import Block
 from timing import read_gbs, time_contenders
 
 from flashtune_compile.kernels.cpp import load_blocked_gemm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SHAPES = [(3072, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]  # (N, K) of one layer's linears
-LAYERS = 2
 
 
 def blocked(kernel, xs: dict, weights: list, packed: list, tactic: tuple) -> list[torch.Tensor]:
@@ -54,7 +53,8 @@ def main() -> None:
     pairs = (0, 1) if kernel.bf16_pairs and dtype == torch.bfloat16 else (0,)
     tactics = [(mr, r, s, p) for mr, r, s in [(1, 4, 1), (1, 4, 2), (4, 4, 1), (8, 2, 1)] for p in pairs]
     torch.manual_seed(0)
-    weights = [torch.randn(n, k).to(dtype) for _ in range(LAYERS) for n, k in SHAPES]
+    block = Block(hidden=1024, inter=2816, heads=8, layers=2).to(dtype)  # bench_cpu_block.py's defaults
+    weights = [m.weight.detach() for m in block.modules() if isinstance(m, torch.nn.Linear)]
     params = sum(w.numel() for w in weights)
     packed = {(r, p): [kernel.pack(w, r, bool(p)) for w in weights] for _, r, _, p in tactics}
     dnn_packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
@@ -66,7 +66,7 @@ def main() -> None:
     )
     print(f"read rate (sum over 512 MB): {read_gbs():.1f} GB/s")
     for m in ms:
-        xs = {k: torch.randn(m, k).to(dtype) for k in {k for _, k in SHAPES}}
+        xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in weights}}
 
         for t in tactics:  # the same result as oneDNN, within the dtype's rounding
             for got, want in zip(blocked(kernel, xs, weights, packed[t[1], t[3]], t), onednn(xs, weights, dnn_packed)):
