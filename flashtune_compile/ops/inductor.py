@@ -16,9 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
-from .registry import IMPLS
+from .registry import IMPLS, OPS
 
 log = logging.getLogger("flashtune")
 _installed: set[str] = set()
@@ -45,7 +43,7 @@ def install() -> None:
         return
     for name in todo:
         setattr(extern_kernels, kernel_name(name), IMPLS[name])
-        overload = getattr(torch.ops.flashtune, name).default
+        overload = OPS[name].overload
         register_lowering(overload, type_promotion_kind=None)(_lowering(overload, name, fallback_handler, ir))
         _installed.add(name)
 

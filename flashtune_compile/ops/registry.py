@@ -40,8 +40,8 @@ def op_name(node: Any) -> str | None:
     target = getattr(node, "target", None)
     if target is run:
         return SiteSpec.decode(node.args[0]).op
-    for name in OPS:
-        overload = getattr(torch.ops.flashtune, name).default
+    for name, spec in OPS.items():
+        overload = spec.overload
         if target is overload or target is DIRECT[overload] or target is NO_GRAD[overload] or target is IMPLS[name]:
             return name
     return None
@@ -74,7 +74,7 @@ def register(spec: OpSpec) -> OpSpec:
     _lib.define(spec.schema)
     _lib.impl(spec.name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"flashtune::{spec.name}", spec.fake, lib=_lib)
-    overload = getattr(torch.ops.flashtune, spec.name).default
+    overload = spec.overload
     kernel = _autograd_kernel(spec, overload, impl)
     _lib.impl(spec.name, kernel, "Autograd")
     DIRECT[overload] = kernel

@@ -94,6 +94,11 @@ class OpSpec:
         if not self.candidates or self.candidates[0].family != "aten":
             raise ValueError(f"OpSpec {self.name!r}: the first candidate is the ATen default")
 
+    @property
+    def overload(self) -> Any:
+        """``torch.ops.flashtune.<name>.default``, the op ``registry.register`` defines."""
+        return getattr(torch.ops.flashtune, self.name).default
+
     def tuning_shapes(self, shapes: Sequence[Any]) -> list:
         """The tuning inputs' shapes from the arguments' shapes (ints or SymInts; None for
         non-tensors): the first flattened to 2-D rows with ``flatten_rows``."""

@@ -215,8 +215,7 @@ def _call_on_rows(
             for d, size in enumerate(xv.shape[:-1])
         ]
         site = site_for(op, [_val(rows), *values[1:]], options)
-        target = getattr(torch.ops.flashtune, op.name).default
-        flat = made(graph.call_function(target, (rows, *args[1:], site)), out.flatten(0, -2))
+        flat = made(graph.call_function(op.overload, (rows, *args[1:], site)), out.flatten(0, -2))
         last = out.shape[-1]
         if isinstance(last, torch.SymInt):  # a dynamic output width: read it off the 2-D result
             last = made(graph.call_method("size", (flat, 1)), last)
@@ -244,8 +243,7 @@ def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> i
         if m.op.flatten_rows and values[0].dim() > 2 and isinstance(_val(node), torch.Tensor):
             _call_on_rows(graph, node, m.op, args, values, options)
         else:
-            target = getattr(torch.ops.flashtune, m.op.name).default
-            replace_with_call(graph, node, target, (*args, site_for(m.op, values, options)))
+            replace_with_call(graph, node, m.op.overload, (*args, site_for(m.op, values, options)))
         routed += 1
     gm.recompile()  # no eliminate_dead_code(): it drops in-place methods whose result is unused
     return routed
