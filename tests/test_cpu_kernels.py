@@ -98,6 +98,49 @@ def test_output_rounds_as_torch_rounds_and_keeps_nan_and_inf(kernel, dtype):
         assert (y[2] == float("inf")).all(), f"tactic {(mr, r, split, pairs)} lost an inf"
 
 
+def _mapping_of(address: int) -> dict[str, str] | None:
+    """The /proc/self/smaps entry (its fields, and "range") of the mapping holding ``address``."""
+    entry = None
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()[0] if line.split() else ""
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                entry = {"range": head} if lo <= address < hi else None
+            elif entry is not None and ":" in head:
+                entry[head.rstrip(":")] = line.split(None, 1)[1].strip()
+                if head == "VmFlags:":
+                    return entry
+    return entry
+
+
+def _thp_setting(name: str) -> str | None:
+    """The selected value of /sys/kernel/mm/transparent_hugepage/<name>; None where there is none."""
+    try:
+        with open(f"/sys/kernel/mm/transparent_hugepage/{name}", encoding="utf-8") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(_thp_setting("enabled") in (None, "never"), reason="this OS offers no transparent huge pages")
+def test_large_packs_are_correct_on_huge_pages_and_freed(kernel):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(1000, 700, generator=g)  # 1024 x 700 fp32 packed: 2.7 MB, a 2 MB page and a 4 KB tail
+    x = torch.randn(3, 700, generator=g)
+    packed = kernel.pack(w, 4)
+    _check(kernel.linear(x, packed, None, 1000, 1, 4), x, w, None)
+    address = packed.data_ptr()
+    assert address % (2 << 20) == 0, "a large pack must start on a 2 MB boundary"
+    mapping = _mapping_of(address)
+    assert mapping is not None and mapping.get("THPeligible") == "1", f"not advised onto huge pages: {mapping}"
+    if _thp_setting("defrag") in ("always", "madvise", "defer+madvise"):  # the OS compacts memory to serve it
+        assert mapping["AnonHugePages"] != "0 kB", f"on 4 KB pages: {mapping}"
+    del packed
+    gone = _mapping_of(address)
+    assert gone is None or gone["range"] != mapping["range"], "the pack's mapping outlived the tensor"
+
+
 def test_packed_weight_is_never_stale(tuner, kernel):
     runner = CpuBlockedLinearRunner()
     w = nn.Parameter(torch.randn(40, 24).to(torch.bfloat16))

@@ -13,6 +13,7 @@
 // -DFT_NS=...): the light headers below compile in seconds, torch/extension.h (pybind) in ~25 s.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -286,25 +288,41 @@ int64_t vector_width() { return VL; }
 
 bool has_bf16_pairs() { return FT_PAIRS; }
 
+namespace {
+
+// Memory for a pack of `bytes`. From 2 MB up: a fresh anonymous mapping, 2 MB aligned and advised
+// onto huge pages before its first touch, so that the OS can back it with 2 MB pages, which
+// streaming reads take 10-40% faster than 4 KB ones here (fewer TLB walks); heap memory would keep
+// the 4 KB pages it was first touched with. Its tail past the last whole 2 MB stays on 4 KB pages,
+// so nothing is wasted. Smaller packs come from torch's allocator.
+at::Tensor huge_page_tensor(int64_t bytes, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr int64_t HUGE_PAGE = int64_t(2) << 20;
+  if (bytes < HUGE_PAGE) return at::empty(sizes, options);
+  const size_t len = round_up(bytes, 4096), span = len + HUGE_PAGE;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(raw != MAP_FAILED, "pack_blocked: out of memory for ", len, " bytes");
+  char* base = static_cast<char*>(raw);
+  char* data = base + (HUGE_PAGE - reinterpret_cast<uintptr_t>(base) % HUGE_PAGE) % HUGE_PAGE;
+  if (data > base) munmap(base, data - base);  // trim to the aligned [data, data + len)
+  if (base + span > data + len) munmap(data + len, base + span - (data + len));
+#ifdef MADV_HUGEPAGE
+  madvise(data, len, MADV_HUGEPAGE);  // advice only: ignored where huge pages are off
+#endif
+  return at::from_blob(data, sizes, [len](void* p) { munmap(p, len); }, options);
+}
+
+}  // namespace
+
 // w [N, K] (any strides) as packed [ceil(N / nb), ceil(K / kps), nb * kps] in w's dtype: block j,
 // step s, column n, k of the step h hold w[j * nb + n][s * kps + h], zero past N and K (kps = 2 for
-// the bf16 pairs kernel, else 1); w [E, N, K] (experts) as [E, ...] of those. The buffer is 2 MiB
-// aligned and advised as huge pages where the OS allows: a stream over 4 KiB pages stalls the
-// hardware prefetchers at every page boundary.
+// the bf16 pairs kernel, else 1); w [E, N, K] (experts) as [E, ...] of those, on huge pages where
+// the OS allows (huge_page_tensor).
 at::Tensor pack_blocked(const at::Tensor& w, int64_t nb, int64_t kps) {
   TORCH_CHECK((w.dim() == 2 || w.dim() == 3) && nb > 0 && (kps == 1 || kps == 2),
               "pack_blocked: expected w [N, K] or [E, N, K], nb > 0, kps 1 or 2");
   const at::Tensor we = w.dim() == 3 ? w : w.unsqueeze(0);
-  const int64_t e = we.size(0), n = we.size(1), k = we.size(2), blocks = (n + nb - 1) / nb, steps = (k + kps - 1) / kps;
-  const size_t bytes = std::max<size_t>(1, e * blocks * steps * nb * kps * w.element_size());
-  constexpr size_t HUGE_PAGE = size_t(2) << 20;
-  const size_t rounded = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
-  void* data = std::aligned_alloc(HUGE_PAGE, rounded);
-  TORCH_CHECK(data != nullptr, "pack_blocked: out of memory for ", rounded, " bytes");
-#ifdef MADV_HUGEPAGE
-  madvise(data, rounded, MADV_HUGEPAGE);  // advice only: ignored where huge pages are off
-#endif
-  at::Tensor packed = at::from_blob(data, {e, blocks, steps, nb * kps}, [](void* p) { std::free(p); }, w.options());
+  const int64_t e = we.size(0), n = we.size(1), k = we.size(2), blocks = ceil_div(n, nb), steps = ceil_div(k, kps);
+  at::Tensor packed = huge_page_tensor(e * blocks * steps * nb * kps * w.element_size(), {e, blocks, steps, nb * kps}, w.options());
   at::Tensor padded = at::zeros({e, blocks * nb, steps * kps}, w.options());
   padded.narrow(1, 0, n).narrow(2, 0, k).copy_(we);
   packed.view({e, blocks, steps, nb, kps}).copy_(padded.view({e, blocks, nb, steps, kps}).permute({0, 1, 3, 2, 4}));
