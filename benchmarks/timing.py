@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import mmap
+import os
 import random
 import statistics
 import subprocess
@@ -43,10 +45,28 @@ def time_contenders(calls: dict, rounds: int, ms: float, rng: random.Random) -> 
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def read_gbs(mb: int = 512, reps: int = 7) -> float:
-    """GB/s of a sum over an fp32 buffer of ``mb`` MB, far larger than any last-level cache (a
-    STREAM-like read with torch's threads): the memory floor a weight-streaming kernel works against."""
-    buf = torch.ones(mb * 2**20 // 4)
+def read_buffer(mb: int = 512, huge_pages: bool = False) -> torch.Tensor | None:
+    """An fp32 buffer of ``mb`` MB, far larger than any last-level cache, to time a STREAM-like
+    read of (``.sum()`` with torch's threads): the memory floor a weight-streaming kernel works
+    against. ``huge_pages``: a fresh mapping advised onto 2 MB pages, as flashtune's CPU weight packs
+    are (torch's own tensors are on 4 KB pages unless THP_MEM_ALLOC_ENABLE=1); None where the OS
+    has no such advice."""
+    if not huge_pages:
+        return torch.ones(mb * 2**20 // 4)
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    mapping = mmap.mmap(-1, mb * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    buf = torch.frombuffer(mapping, dtype=torch.float32)  # keeps the mapping alive
+    buf.fill_(1.0)
+    return buf
+
+
+def read_gbs(mb: int = 512, reps: int = 7, huge_pages: bool = False) -> float:
+    """GB/s of a sum over ``read_buffer(mb, huge_pages)``, median of ``reps``; 0.0 without one."""
+    buf = read_buffer(mb, huge_pages)
+    if buf is None:
+        return 0.0
     buf.sum()
     times = []
     for _ in range(reps):
@@ -54,6 +74,11 @@ def read_gbs(mb: int = 512, reps: int = 7) -> float:
         buf.sum()
         times.append(time.perf_counter() - start)
     return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def torch_huge_pages() -> bool:
+    """Whether torch's CPU allocator puts large tensors on huge pages (THP_MEM_ALLOC_ENABLE=1)."""
+    return os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0")
 
 
 def add_process_options(ap: argparse.ArgumentParser) -> None:
