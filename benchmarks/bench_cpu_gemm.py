@@ -4,8 +4,10 @@ gate_up 5632 x 1024, down 1024 x 2816; 103 MB of fp32 weights, more than the las
 every pass reads them from memory). At each M: every tactic of a small set against oneDNN-packed
 weights (``cpu_linear[mkldnn_packed]``, what Inductor max-autotune + freezing picks at large M),
 interleaved, as ms per pass over the eight, GFLOP/s and weight GB/s; then the best tactic's ratio
-over oneDNN. The read rate (a sum over 512 MB) is measured in the same run: at M = 1 no kernel can
-stream faster than it; at M >= 64 both kernels run near this CPU's multiply rate.
+over oneDNN. The read rate (a sum over 512 MB, on 4 KB and on 2 MB pages) is measured in the same
+run: at M = 1 no kernel can stream faster than it; at M >= 64 both kernels run near this CPU's
+multiply rate. Kernel alone, back to back: the cache left to the code between linears, which the
+blocked kernel's non-temporal stream keeps (bench_cpu_block.py), does not show here.
 
 Run: python benchmarks/bench_cpu_gemm.py [--dtype bf16] [--m 1,16,64,128]
 """
@@ -64,7 +66,10 @@ def main() -> None:
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}"
     )
-    print(f"read rate (sum over 512 MB): {read_gbs():.1f} GB/s")
+    print(
+        f"read rate (sum over 512 MB): {read_gbs():.1f} GB/s on 4 KB pages (oneDNN's packed weights), "
+        f"{read_gbs(huge_pages=True):.1f} GB/s on 2 MB pages (the blocked kernel's)"
+    )
     for m in ms:
         xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in weights}}
 
