@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -167,7 +166,8 @@ std::unique_ptr<E[]> uninitialized(int64_t n) { return std::unique_ptr<E[]>(new 
 
 // One task: block j of a packed weight, steps [s0, s1), the M rows of the x panel xp (pack_rows);
 // sums into acc [M_pad][NB] (M_pad: M rounded up to MR). `after`: the weights this thread reads
-// next, prefetched during the last chunk (nullptr: none known).
+// next (nullptr: none known); prefetched during the last chunk by a tile read in several passes, and
+// for a single pass it tells whether the stream runs on (then fetched non-temporally).
 template <class Kern, int MR, int R>
 void block_task(const typename Kern::Elem* packed, const typename Kern::XElem* xp, int64_t M, int64_t steps,
                 int64_t j, int64_t s0, int64_t s1, float* acc, const typename Kern::Elem* after) {
