@@ -18,8 +18,10 @@ Contenders, each compiled from its own copy of the block:
   flashtune      torch.compile(backend="flashtune", dynamic=True), every bucket up to --warmup-max
                  tuned cold by ft.warmup (a fresh cache directory)
 Compile (+ tune) seconds are the first calls at each T (for flashtune: its warmup), with Inductor's
-caches off so that every contender starts cold. Timing: the
-contenders interleaved in a shuffled order over --rounds rounds; median ms per call.
+caches off so that every contender starts cold. Timing: the contenders interleaved in a shuffled
+order over --rounds rounds; median ms per call. At T = 1 flashtune's time is also split, after the
+timing, into its kernel calls (timed around each) and the rest of the block, which no read rate
+covers.
 
 Run: python benchmarks/bench_cpu_block.py --dtype fp32   (and again with --dtype bf16)
      [--processes N]: the whole run N times, each in a fresh process, then each process's ratio per
@@ -97,6 +99,39 @@ def first_calls(fn, inputs: dict[int, torch.Tensor]) -> float:
     for x in inputs.values():
         fn(x)
     return time.perf_counter() - start
+
+
+SPLIT_CALLS = 200
+
+
+def split_at_linears(fn, x: torch.Tensor, linears: int, calls: int = SPLIT_CALLS) -> tuple[float, float] | None:
+    """(ms per call inside flashtune's CPU kernel, ms outside it) for ``fn(x)``, the kernel timed
+    around each of its calls; None unless every one of the ``linears`` ran on that kernel. Outside:
+    Dynamo's guards, Inductor's kernels between the linears, the routing, and the cache misses they
+    take after each weight stream (time the weight stream's rate does not cover)."""
+    kernel = load_blocked_gemm()
+    real, inside, count = kernel.linear_out, [0.0], [0]
+
+    def timed(*args):
+        start = time.perf_counter()
+        error = real(*args)
+        inside[0] += time.perf_counter() - start
+        count[0] += 1
+        return error
+
+    kernel.linear_out = timed
+    try:
+        fn(x)
+        if count[0] != linears:
+            return None
+        inside[0] = 0.0
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        total = time.perf_counter() - start
+    finally:
+        kernel.linear_out = real
+    return inside[0] / calls * 1e3, (total - inside[0]) / calls * 1e3
 
 
 def main() -> None:
@@ -179,6 +214,7 @@ def main() -> None:
             results[t] = time_contenders(calls, args.rounds, args.ms, random.Random(t))
             if first:
                 read_ms = {n: results[t].pop(n) for n in reads if n in results[t]}
+        split = split_at_linears(contenders["flashtune"], inputs[1], 4 * args.layers) if 1 in inputs else None
     read_rates = {n: reads[n].numel() * 4 / ms / 1e6 for n, ms in read_ms.items()}
     bandwidth = max(read_rates.values())  # the ceiling a weight stream works against
     print(
@@ -204,6 +240,13 @@ def main() -> None:
         for n, ms in results[1].items():
             gbs = weight_bytes / ms / 1e6
             print(f"  {n:<13} {gbs:6.1f} GB/s  ({gbs / bandwidth:.0%} of the faster read)")
+        if split is not None:
+            inside, outside = split
+            print(
+                f"  flashtune at T=1, timed around each kernel call ({SPLIT_CALLS} calls after the timing): "
+                f"{inside:.2f} ms in its {4 * args.layers} linears ({weight_bytes / inside / 1e6:.1f} GB/s), "
+                f"{outside:.2f} ms ({outside / (inside + outside):.0%}) outside them"
+            )
     if args.json:
         figures = {
             "results": results,
@@ -211,6 +254,7 @@ def main() -> None:
             "bandwidth": bandwidth,
             "read_rates": read_rates,
             "weight_bytes": weight_bytes,
+            "split_t1": split,
         }
         Path(args.json).write_text(json.dumps(figures))
     print("\nflashtune linear winners (bucket, N x K: kernel[tactic], speedup over default):")
@@ -247,6 +291,9 @@ def across_processes(args) -> None:
         if "1" in run["results"]:
             rates = {n: run["weight_bytes"] / ms / 1e6 / run["bandwidth"] for n, ms in run["results"]["1"].items()}
             line += "; T=1 read " + ", ".join(f"{n} {v:.0%}" for n, v in rates.items())
+        if run.get("split_t1"):
+            inside, outside = run["split_t1"]
+            line += f"; flashtune T=1 outside its linears {outside:.2f} ms ({outside / (inside + outside):.0%})"
         print(line)
 
 
