@@ -110,28 +110,29 @@ def split_at_linears(fn, x: torch.Tensor, linears: int, calls: int = SPLIT_CALLS
     Dynamo's guards, Inductor's kernels between the linears, the routing, and the cache misses they
     take after each weight stream (time the weight stream's rate does not cover)."""
     kernel = load_blocked_gemm()
-    real, inside, count = kernel.linear_out, [0.0], [0]
+    real, inside, count = kernel.linear_out, 0.0, 0
 
     def timed(*args):
+        nonlocal inside, count
         start = time.perf_counter()
         error = real(*args)
-        inside[0] += time.perf_counter() - start
-        count[0] += 1
+        inside += time.perf_counter() - start
+        count += 1
         return error
 
     kernel.linear_out = timed
     try:
         fn(x)
-        if count[0] != linears:
+        if count != linears:
             return None
-        inside[0] = 0.0
+        inside = 0.0
         start = time.perf_counter()
         for _ in range(calls):
             fn(x)
         total = time.perf_counter() - start
     finally:
         kernel.linear_out = real
-    return inside[0] / calls * 1e3, (total - inside[0]) / calls * 1e3
+    return inside / calls * 1e3, (total - inside) / calls * 1e3
 
 
 def main() -> None:

@@ -236,8 +236,10 @@ void run(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::
   pack_rows<Kern, MR>(row_pointers(x.data_ptr<T>(), M, ldx).data(), M, K, steps, xp.get());
   const T* wp = packed.data_ptr<T>();
   std::vector<float> b32(nblk * NB, 0.f);  // the bias in fp32, zero where there is none
-  if (bias.has_value())
-    for (int64_t n = 0; n < N; ++n) b32[n] = static_cast<float>(bias->data_ptr<T>()[n]);
+  if (bias.has_value()) {
+    const T* bp = bias->data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n) b32[n] = static_cast<float>(bp[n]);
+  }
   T* yp = y.data_ptr<T>();
   const int64_t ldy = y.stride(0);
   // Block j's columns of y: bias plus the sums of its ksplit slices, stride_split apart.
