@@ -6,7 +6,7 @@ Library use without the compiler::
     runner, tactic = ft.AutoTuner.get().choose_one("my_op", runners, config, inputs)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .logs import configure_from_env as _configure_logging
 

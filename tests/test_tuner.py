@@ -259,6 +259,36 @@ def test_settling_measures_more_until_a_faster_candidate_is_clear():
     assert pick_winner(same, 0.02) == 0  # never replaced on noise: equal candidates stay undecided
 
 
+def test_cpu_timing_is_cold_by_default_one_call_per_sample_after_an_eviction():
+    """A layer's weights come from memory in a model (the other layers' weights stream through the
+    caches between its calls): by default each CPU sample is one call made after the last-level
+    cache is evicted, not a block of back-to-back calls that find the weights cached."""
+    import glob
+
+    from flashtune_compile.tuner import profiler
+    from flashtune_compile.tuner.profiler import ProfilerSettings, time_cpu
+
+    calls = [0, 0]
+
+    def counted(i):
+        def fn():
+            calls[i] += 1
+            return torch.ones(4).sum()
+
+        return fn
+
+    assert ProfilerSettings().cold_l2
+    cold = time_cpu([counted(0)], ProfilerSettings(rounds=7, min_rounds=7))
+    assert len(cold[0].samples) == 7 and calls[0] == 7  # one call per sample, nothing run untimed
+    warm = time_cpu([counted(1)], ProfilerSettings(rounds=7, min_rounds=7, cold_l2=False))
+    assert len(warm[0].samples) == 7 and calls[1] > 7 * 10  # blocks of calls, sized to dwarf the timer
+    llc = profiler.last_level_cache_bytes()
+    listed = [open(path).read().strip() for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size")]
+    if listed:  # Linux: the largest cache sysfs lists, e.g. "32768K"
+        assert llc == max(int(size[:-1]) << {"K": 10, "M": 20}[size[-1]] for size in listed)
+    assert profiler._eviction_buffer().numel() * 4 >= 1.5 * llc  # reading it pushes out the whole cache
+
+
 def test_profiling_runs_outside_the_callers_dispatch_modes(tuner):
     """A graph's first call can run under a Python dispatch mode (AOTAutograd's custom-op analysis),
     which makes every ATen call several times slower, unevenly: candidates are timed without it."""
