@@ -26,7 +26,9 @@ import torch.nn as nn  # noqa: E402
 import flashtune_compile as ft  # noqa: E402
 from flashtune_compile.tuner.profiler import ProfilerSettings  # noqa: E402
 
-FAST = ProfilerSettings(block_seconds=2e-4, rounds=3, prune_after=2, settle_seconds=0.0)
+# back-to-back timing: the tactics below differ by sleeps, not by what they find in the caches, and
+# four ranks on two cores each evicting 48 MB between calls would only add noise (sleep(0) yields)
+FAST = ProfilerSettings(block_seconds=2e-4, rounds=3, prune_after=2, settle_seconds=0.0, cold_l2=False)
 OPTIONS = {"inner": "eager", "kernels": {"aten", "cpu"}, "buckets": "pow2", "max_tokens": 64}
 TACTICS = ("a", "b", "c", "d")
 
@@ -112,6 +114,7 @@ def skewed_op(x, w):
 
 def agree():
     out = {}
+    fresh_tuner()  # every tuner of this job times alike, so they share one cache environment
     # (1) compiled tensor-parallel MLP, rank 0 warm, the others cold
     torch.manual_seed(0)
     shard = ShardMLP(16, 32)

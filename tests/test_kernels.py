@@ -267,4 +267,6 @@ def test_a_runners_unpacked_function_computes_its_forward(op):
     aten = {"linear": "aten_linear", "mm": "aten_mm", "bmm": "aten_bmm"}
     assert offered.pop(aten.get(op, ""), 0) == (1 if op in aten else 0)  # the plain ATen call
     blocked = blocked_tactics(5, 9, load_blocked_gemm().tiles)
-    assert offered == ({"cpu_blocked": len(blocked)} if op == "linear" else {})  # every blocked tactic
+    cpu = CpuLinearRunner().get_valid_tactics(inputs, profile_for(inputs, op)) if op == "linear" else []
+    # every tactic of the CPU runners
+    assert offered == ({"cpu_blocked": len(blocked), "cpu_linear": len(cpu)} if op == "linear" else {})

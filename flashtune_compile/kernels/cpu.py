@@ -9,15 +9,16 @@ weights that are ``nn.Parameter``s (a weight computed inside the graph is new ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..tuner.autotuner import AutoTuner
-from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
+from ..tuner.runner import BucketProfile, Tactic
 from ..tuner.weights import WeightCache
+from .cpp.bound import BoundRunner
 
 _packable: dict[torch.dtype, bool] = {}
 
@@ -45,8 +46,39 @@ def _as_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
-class CpuLinearRunner(TunableRunner):
-    """Linear ``(x [M, K], w [N, K], b [N] | None)`` on CPU from a re-laid-out weight."""
+TACTICS = ("wt_contig", "fp32_compute", "mkldnn_packed")
+
+
+def _bound(tactic: str) -> Callable[..., torch.Tensor]:
+    """``fn(x, w, b)`` computing the linear by ``tactic``: the weight's copy from the calling
+    tuner's cache (checked fresh on every call), then one ATen or oneDNN call."""
+    weights = AutoTuner.get().weights
+    if tactic == "wt_contig":
+
+        def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            wt = weights.get(w, "t_contiguous", _t_contiguous)
+            return torch.addmm(b, x, wt) if b is not None else torch.mm(x, wt)
+
+    elif tactic == "fp32_compute":
+
+        def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            w32 = weights.get(w, "fp32", _as_fp32)
+            b32 = weights.get(b, "fp32", _as_fp32) if b is not None else None
+            return F.linear(x.float(), w32, b32).to(x.dtype)
+
+    else:
+        linear = torch.ops.mkldnn._linear_pointwise.default  # the overload resolved once, not per call
+
+        def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            packed = weights.get(w, "mkldnn_packed", _mkldnn_pack)
+            return linear(x.contiguous(), packed, b, "none", [], "")
+
+    return fn
+
+
+class CpuLinearRunner(BoundRunner):
+    """Linear ``(x [M, K], w [N, K], b [N] | None)`` on CPU from a re-laid-out weight. Each tactic
+    runs as one bound function (``_bound``), which a warm call calls directly."""
 
     name = "cpu_linear"
 
@@ -64,17 +96,10 @@ class CpuLinearRunner(TunableRunner):
             tactics.append("mkldnn_packed")
         return tactics
 
-    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
-        x, w, b = inputs
-        copies = AutoTuner.get().weights
-        if tactic == "wt_contig":
-            wt = copies.get(w, "t_contiguous", _t_contiguous)
-            return torch.addmm(b, x, wt) if b is not None else torch.mm(x, wt)
-        if tactic == "fp32_compute":
-            w32 = copies.get(w, "fp32", _as_fp32)
-            b32 = copies.get(b, "fp32", _as_fp32) if b is not None else None
-            return F.linear(x.float(), w32, b32).to(x.dtype)
-        if tactic == "mkldnn_packed":
-            packed = copies.get(w, "mkldnn_packed", _mkldnn_pack)
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
-        raise ValueError(f"unknown cpu_linear tactic {tactic!r}")
+    def resolve(self, tactic: Tactic, inputs: Sequence[Any] | None) -> tuple:
+        if tactic not in TACTICS:
+            raise ValueError(f"unknown cpu_linear tactic {tactic!r}")
+        return (tactic,)
+
+    def bind(self, tactic: tuple) -> Callable[..., torch.Tensor]:
+        return _bound(tactic[0])
