@@ -7,9 +7,10 @@ why it is not used here. Clearly slower candidates are dropped after a few round
 With ``cold_l2`` (the default) each sample is one call made after reading a buffer larger than the
 last-level cache, so the call finds its weights in memory, as a layer of a model does when the rest
 of the model's weights have streamed through the caches since its last call. (Timed warm, back to
-back, a kernel that keeps its weights in a 32 MiB L3 looked up to 1.3x faster than one that streams
-them past it; in the model the order was the other way round, by 1.1-1.5x.) With ``cold_l2=False``
-a sample is a block of back-to-back calls, long enough to dwarf the timer.
+back, oneDNN keeping a 2-6 MB weight in a 32 MiB L3 looked up to 1.14x faster than a kernel that
+streams its weight past the L3; called in a model's order, the streaming kernel was 1.11-1.48x
+faster.) With ``cold_l2=False`` a sample is a block of back-to-back calls, long enough to dwarf
+the timer.
 
 CUDA: ``triton.testing.do_bench`` (CUDA events, warmup, repeats, median; it flushes L2 before
 every repeat, i.e. cold L2) or, with ``cold_l2=False``, the same event loop without the flush.
@@ -168,7 +169,9 @@ def _eviction_buffer() -> torch.Tensor:
 
 def evict_cpu_caches() -> None:
     """Push this process's recent data out of the CPU caches (of every core torch's threads run
-    on) by reading ``_eviction_buffer()``; about 1 ms for a 32 MiB cache."""
+    on) by reading ``_eviction_buffer()`` with torch's threads; about 1 ms for a 32 MiB cache.
+    Where those threads span several last-level caches (several CCDs or sockets), each cache sees
+    only its threads' share of the read, so it is evicted less than fully."""
     _eviction_buffer().sum()
 
 
