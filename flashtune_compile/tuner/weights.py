@@ -20,6 +20,13 @@ from collections.abc import Callable
 
 import torch
 
+_PARAMETER = torch.nn.Parameter
+
+
+def _meta(owner: torch.Tensor) -> tuple:
+    """What must not have changed since a copy of ``owner`` was made."""
+    return owner._version, owner.data_ptr(), owner.shape, owner.stride(), owner.dtype
+
 
 class WeightCache:
     """Copies of weights by (weight, kind); one per tuner (``AutoTuner.weights``)."""
@@ -57,6 +64,15 @@ class WeightCache:
         parameter: made from this same view of the parameter as it is now). ``w`` may be a tuple of
         weights (one copy made from several, e.g. gate and up packed together): the copy is then
         valid only while every one of them is."""
+        if type(w) is _PARAMETER:  # the warm path's common case, read with as few lookups as it takes
+            key = (kind, (id(w), ()))
+            entry = self._entries.get(key)
+            if entry is not None and entry[0][0]() is w and entry[1] == _meta(w):
+                try:  # a C method, atomic under the GIL; KeyError: another thread dropped it meanwhile
+                    self._entries.move_to_end(key)
+                except KeyError:
+                    pass
+                return entry[2]
         if isinstance(w, tuple):
             owners, ident, meta = zip(*map(self._identity, w))
             owner = owners[0]
@@ -92,7 +108,7 @@ class WeightCache:
             owner, view = w, ()
         else:
             view = (tuple(w.shape), w.stride(), w.storage_offset(), w.dtype)
-        return owner, (id(owner), view), (owner._version, owner.data_ptr(), owner.shape, owner.stride(), owner.dtype)
+        return owner, (id(owner), view), _meta(owner)
 
     def _drop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)
