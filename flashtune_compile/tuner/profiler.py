@@ -178,9 +178,8 @@ def evict_cpu_caches() -> None:
 def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = ProfilerSettings()) -> list[Timing]:
     """Seconds per call of each fn, interleaved; with ``settings.cold_l2``, each call after
     ``evict_cpu_caches()`` (not timed). Each fn must already have been run once."""
-    if settings.cold_l2:
-        inner = [1] * len(fns)
-    else:
+    inner = None
+    if not settings.cold_l2:
         inner = [
             max(1, math.ceil(settings.block_seconds / max(_per_call_seconds(f, settings.block_seconds / 2), 1e-9)))
             for f in fns
@@ -192,7 +191,7 @@ def time_cpu(fns: Sequence[Callable[[], Any]], settings: ProfilerSettings = Prof
     for r in range(settings.rounds):
         if r >= settings.min_rounds and time.perf_counter() - start_all > settings.max_seconds:
             break
-        _interleaved_round(fns, live, inner, samples, shuffler, settings.cold_l2)
+        _interleaved_round(fns, live, inner, samples, shuffler)
         if r + 1 == settings.prune_after and len(live) > 1:
             best = min(statistics.median(samples[i]) for i in live)
             # the default (0) stays: it is what every other candidate is compared with, round by round
@@ -214,44 +213,36 @@ def settle_cpu(
     if not todo:
         return times
     samples = {i: list(times[i].samples) for i in [0, *todo]}
-    if settings.cold_l2:
-        inner = {i: 1 for i in samples}
-    else:
+    inner = None
+    if not settings.cold_l2:
         inner = {i: max(1, math.ceil(settings.block_seconds / max(times[i].median, 1e-9))) for i in samples}
     shuffler = random.Random(len(fns) + len(todo))
     start = time.perf_counter()
     while todo and time.perf_counter() - start < settings.settle_seconds:
         for _ in range(settings.settle_rounds):
-            _interleaved_round(fns, [0, *todo], inner, samples, shuffler, settings.cold_l2)
+            _interleaved_round(fns, [0, *todo], inner, samples, shuffler)
         times = [Timing.of(samples[i]) if i in samples else t for i, t in enumerate(times)]
         todo = [i for i in undecided(times, min_gain) if i in todo]
     return times
 
 
 def _interleaved_round(
-    fns: Sequence[Callable[[], Any]],
-    which: Sequence[int],
-    inner: Any,
-    samples: Any,
-    shuffler: random.Random,
-    cold: bool,
+    fns: Sequence[Callable[[], Any]], which: Sequence[int], inner: Any, samples: Any, shuffler: random.Random
 ) -> None:
     """One round: a block of ``inner[i]`` calls of each ``fns[i]`` for i in ``which``, in a fresh
-    shuffled order; appends each block's seconds per call to ``samples[i]``. ``cold``: the caches
-    are evicted before each call, and only the calls are timed."""
+    shuffled order; appends each block's seconds per call to ``samples[i]``. ``inner`` None (cold
+    timing): one call per sample, made after ``evict_cpu_caches()``, which is not timed."""
     order = list(which)
     shuffler.shuffle(order)
     for i in order:
-        fn, n = fns[i], inner[i]
-        if cold:
-            spent = 0.0
-            for _ in range(n):
-                evict_cpu_caches()
-                start = time.perf_counter()
-                fn()
-                spent += time.perf_counter() - start
-            samples[i].append(spent / n)
+        fn = fns[i]
+        if inner is None:
+            evict_cpu_caches()
+            start = time.perf_counter()
+            fn()
+            samples[i].append(time.perf_counter() - start)
             continue
+        n = inner[i]
         start = time.perf_counter()
         for _ in range(n):
             fn()
