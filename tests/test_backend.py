@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flashtune_compile as ft
 from flashtune_compile.ops import SiteSpec
@@ -122,12 +124,40 @@ def test_mark_dynamic_range_bounds_the_ladder(tuner):
     x = r(40, 8)
     torch._dynamo.mark_dynamic(x, 0, min=4, max=300)
     compiled(x)
-    (key,) = [k for k in ft.AutoTuner.get().sites if k.startswith('["linear"')]
+    (key,) = [k for k in ft.AutoTuner.get().sites if SiteSpec.decode(k).op == "linear"]
     spec = SiteSpec.decode(key)
     ((positions, lo, hi),) = spec.axes
     assert positions == ((0, 0),) and (lo, hi) == (4, 300)
     site = ft.AutoTuner.get().sites[key]
     assert site.config.dynamic[0].ladder == (4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cache_dir=st.one_of(st.none(), st.text()), kernels=st.lists(st.text(min_size=1), max_size=3))
+def test_a_site_string_survives_any_option_text_and_is_a_safe_string_literal(cache_dir, kernels):
+    """Generated code carries each op's site as a string literal, which Inductor's C++ wrapper
+    writes between double quotes unescaped: whatever text the options hold (a cache directory with
+    quotes, backslashes or percent signs), the site string has no double quote or backslash and
+    decodes to the same site."""
+    from flashtune_compile.ops import SiteOptions
+
+    spec = SiteSpec(
+        "linear",
+        ((((0, 0),), 1, 64),),
+        ([[-1, 8], "float32"], None),
+        SiteOptions(kernels=tuple(kernels), cache_dir=cache_dir),
+    )
+    text = spec.encode()
+    assert '"' not in text and "\\" not in text
+    decoded = SiteSpec.decode(text)
+    assert decoded.options == spec.options and decoded.axes == spec.axes and decoded.op == "linear"
+
+
+def test_a_site_string_from_before_the_safe_encoding_still_decodes():
+    """Code compiled by an earlier version (cached by Inductor) names its sites in plain JSON."""
+    old = '["linear",[[[[0,0]],1,64]],[[[-1,8],"float32"],null],"hybrid",null,["aten"],"zipf","/tmp/a\'b",false,null]'
+    spec = SiteSpec.decode(old)
+    assert spec.op == "linear" and spec.options.cache_dir == "/tmp/a'b" and spec.options.kernels == ("aten",)
 
 
 def test_shared_symbol_is_one_axis_for_flattened_3d(tuner):

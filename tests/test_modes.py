@@ -83,6 +83,22 @@ def test_inductor_config_freezing_is_applied(tuner):
     assert ft.stats()["routed_ops"] == 2
 
 
+def test_inductor_cpp_wrapper_compiles_flashtune_ops_and_equals_eager(tuner, tmp_path):
+    """Inductor's C++ wrapper writes each op's arguments into C++, the site string as a literal:
+    with a cache directory whose name holds a quote, a backslash and a percent sign, the model
+    still compiles, tunes into that directory, and equals eager."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    cache = tmp_path / 'it\'s a \\ 50% "dir"'
+    options = {"cache_dir": str(cache), "inductor_config": {"cpp_wrapper": True}}
+    compiled = torch.compile(model, backend="flashtune", dynamic=True, options=options)
+    with torch.no_grad():
+        for n in (2, 5):
+            x = torch.randn(n, 16)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert ft.stats()["routed_ops"] == 2
+    assert {e["cache_dir"] for e in ft.tactics()} == {str(cache)}
+
+
 def test_cuda_graph_deployments_keep_their_own_winners(tuner, cache_dir):
     """A model whose inner Inductor replays CUDA graphs tunes into a cache whose environment says
     so (its own file): eager-timed and graph-timed winners never serve each other."""

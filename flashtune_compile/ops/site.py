@@ -1,15 +1,16 @@
 """Call sites of the tunable ops: what a graph pass bakes into each call, and how it runs.
 
-Every ``flashtune`` op takes ``site``, a JSON string naming the op, which dims of its tuning
-inputs are dynamic (with the bounds of their bucket ladder), its static signature, and the
-options it was compiled with (tuning mode, ladder, kernel families, MoE routing, tactic cache). At
-run time the op looks its site up in the process tuner (built there on first use from the op's
-spec), asks it for a (runner, tactic) and runs it.
+Every ``flashtune`` op takes ``site``, a string (JSON, made safe as a C++ literal) naming the op,
+which dims of its tuning inputs are dynamic (with the bounds of their bucket ladder), its static
+signature, and the options it was compiled with (tuning mode, ladder, kernel families, MoE
+routing, tactic cache). At run time the op looks its site up in the process tuner (built there on
+first use from the op's spec), asks it for a (runner, tactic) and runs it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,11 +60,12 @@ class SiteSpec:
         o = self.options
         fields = [self.op, self.axes, self.sig, o.ladder, o.tune, o.kernels, o.routing, o.cache_dir, o.cuda_graph]
         fields.append(o.distributed)
-        return json.dumps(fields, separators=(",", ":"))  # tuples become lists
+        return _literal_safe(json.dumps(fields, separators=(",", ":")))  # tuples become lists
 
     @classmethod
     def decode(cls, text: str) -> SiteSpec:
-        fields = json.loads(text)
+        # plain JSON (with double quotes): a site that code compiled by an earlier version names
+        fields = json.loads(text if '"' in text else _from_literal_safe(text))
         op, axes, sig, ladder, tune, kernels, routing, cache_dir, cuda_graph = fields[:9]
         distributed = fields[9] if len(fields) > 9 else None  # sites written before the option existed
         axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
@@ -104,6 +106,23 @@ class SiteSpec:
         runners = runners_for(self.op, o.kernels, tuner)
         config = TuningConfig(dynamic=dyn, initializers=inits)
         return TunedSite(tuner, self.op, runners, config, tune, on_new, cache, o.distributed)
+
+
+# A site string reaches generated code as a string literal, which Inductor's C++ wrapper
+# (``cpp_wrapper``) writes between double quotes without escaping anything: so the JSON's double
+# quotes become single quotes, and the characters that would then be ambiguous or break a C++
+# literal (a single quote, a backslash, and % itself) are written as %27, %5C and %25.
+_SAFE = {"%": "%25", "\\": "%5C", "'": "%27", '"': "'"}
+_UNSAFE = {v: k for k, v in _SAFE.items()}
+
+
+def _literal_safe(text: str) -> str:
+    """``text`` with no double quote or backslash; ``_from_literal_safe`` gives it back."""
+    return re.sub(r"[%\\'\"]", lambda m: _SAFE[m.group()], text)
+
+
+def _from_literal_safe(text: str) -> str:
+    return re.sub(r"%25|%5C|%27|'", lambda m: _UNSAFE[m.group()], text)
 
 
 def site_string(spec: OpSpec, axes: Axes, shapes: Sequence[Any], dtypes: Sequence[Any], options: SiteOptions) -> str:
