@@ -38,9 +38,13 @@ class BlockedGemm:
     """The built library (``torch.ops.<build name>``): ``linear`` allocates the output and raises the
     library's messages."""
 
-    def __init__(self, extension: Any) -> None:
+    def __init__(self, extension: Any, module: Any) -> None:
         self.extension = extension  # torch.ops.<build name>
-        self.linear_out = extension.blocked_linear_out.default  # the warm call: no overload lookup
+        # linear(x, packed, b, n, mr, r, ksplit=1, pairs=False): ``x @ w.T + b`` from ``packed =
+        # pack(w, r, pairs)``, with tiles of ``mr`` rows and ``ksplit`` tasks per block along K;
+        # RuntimeError naming the bad argument. The warm path's call: a pybind11 function of the
+        # build (the output allocated in C++, no dispatcher), not a method.
+        self.linear = module.blocked_linear
         self.moe_out = extension.blocked_moe_out.default
         self.vector_width = int(extension.vector_width())  # fp32 lanes per vector register
         self.tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.tiles().split())
@@ -67,25 +71,6 @@ class BlockedGemm:
         with torch.no_grad():
             padded = [F.pad(w.detach(), (0, 0, 0, ipad - inter)).view(e, -1, half, hidden) for w in (gate, up)]
             return self.pack(torch.stack(padded, dim=2).view(e, 2 * ipad, hidden), r, pairs)
-
-    def linear(
-        self,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        b: torch.Tensor | None,
-        n: int,
-        mr: int,
-        r: int,
-        ksplit: int = 1,
-        pairs: bool = False,
-    ) -> torch.Tensor:
-        """``x @ w.T + b`` from ``packed = pack(w, r, pairs)``, with tiles of ``mr`` rows and
-        ``ksplit`` tasks per block along K; RuntimeError naming the bad argument."""
-        y = x.new_empty(x.shape[0], n)
-        error = self.linear_out(x, packed, b, y, mr, r, ksplit, pairs)
-        if error:
-            raise RuntimeError(error)
-        return y
 
     def moe(
         self,
@@ -116,16 +101,16 @@ def _build() -> BlockedGemm:
     with open(SOURCE_PATH, encoding="utf-8") as f:
         source = f.read()
     name = build_name("flashtune_blocked_gemm", source, *EXTRA_CFLAGS, cpu_fingerprint())
-    log.info("compiling the CPU blocked GEMM kernel for this CPU (once per machine, about 10 s): %s", name)
-    load(
+    log.info("compiling the CPU blocked GEMM kernel for this CPU (once per machine, about 35 s): %s", name)
+    module = load(
         name=name,
         sources=[SOURCE_PATH],
         extra_cflags=[*EXTRA_CFLAGS, f"-DFT_NS={name}"],
         extra_ldflags=["-fopenmp"],
-        is_python_module=False,  # loaded into torch.ops.<name>
+        is_python_module=True,  # the module's blocked_linear; loading it also fills torch.ops.<name>
         verbose=False,
     )
-    return BlockedGemm(getattr(torch.ops, name))
+    return BlockedGemm(getattr(torch.ops, name), module)
 
 
 _built = BuiltOnce("CPU blocked GEMM kernel", _build)

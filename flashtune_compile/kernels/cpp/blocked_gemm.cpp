@@ -19,6 +19,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+#include <torch/python.h>  // pybind11 and its tensor casters: blocked_linear is called from Python directly
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -386,6 +387,18 @@ std::string blocked_linear_out(const at::Tensor& x, const at::Tensor& packed, co
   return "";
 }
 
+// y = x @ W^T + b, with y allocated here: the warm path's one call from Python, a pybind11 function
+// (no dispatcher, no argument parsing by schema), run without the GIL. Throws std::runtime_error,
+// which Python sees as RuntimeError, with blocked_linear_out's message.
+at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                          int64_t n, int64_t mr, int64_t r, int64_t ksplit, bool pairs) {
+  if (n < 0) throw std::runtime_error("blocked_linear: n must be >= 0");
+  at::Tensor y = x.dim() == 2 ? at::empty({x.size(0), n}, x.options()) : at::empty({0, 0}, x.options());
+  const std::string error = blocked_linear_out(x, packed, bias, y, mr, r, ksplit, pairs);
+  if (!error.empty()) throw std::runtime_error(error);
+  return y;
+}
+
 // -- one MoE layer ------------------------------------------------------------------------------
 namespace {
 
@@ -592,4 +605,10 @@ TORCH_LIBRARY(FT_NS, m) {
   m.def("vector_width", &vector_width);
   m.def("tiles", &tiles);
   m.def("has_bf16_pairs", &has_bf16_pairs);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("blocked_linear", &blocked_linear, py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"),
+        py::arg("mr"), py::arg("r"), py::arg("ksplit") = 1, py::arg("pairs") = false,
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -56,13 +56,13 @@ def blocked_tactics(
 def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
     """``fn(x, w, b)`` computing the linear by ``tactic``: the packed weight from the tuner's cache,
     then the kernel (the warm path, so nothing else)."""
-    mr, r, ksplit, pairs = tactic
+    mr, r, ksplit, pairs = tactic[0], tactic[1], tactic[2], bool(tactic[3])
     kernel = load_blocked_gemm()
     weights = AutoTuner.get().weights  # the tuner of the calling site
     kind = f"blocked{r}{'p' if pairs else ''}"
 
     def make(w: torch.Tensor) -> torch.Tensor:
-        return kernel.pack(w, r, bool(pairs))
+        return kernel.pack(w, r, pairs)
 
     def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         packed = weights.get(w, kind, make)
@@ -70,7 +70,7 @@ def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
             x = x.contiguous()
         if b is not None and not b.is_contiguous():
             b = b.contiguous()
-        return kernel.linear(x, packed, b, w.shape[0], mr, r, ksplit, bool(pairs))
+        return kernel.linear(x, packed, b, w.shape[0], mr, r, ksplit, pairs)
 
     return fn
 
