@@ -29,7 +29,9 @@ def _meta(owner: torch.Tensor) -> tuple:
 
 
 class WeightCache:
-    """Copies of weights by (weight, kind); one per tuner (``AutoTuner.weights``)."""
+    """Copies of weights by (weight, kind); one per tuner (``AutoTuner.weights``). A hit reads the
+    entries without the lock (a dict read and ``move_to_end`` are each atomic under the GIL);
+    adding and dropping entries take it."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -64,27 +66,22 @@ class WeightCache:
         parameter: made from this same view of the parameter as it is now). ``w`` may be a tuple of
         weights (one copy made from several, e.g. gate and up packed together): the copy is then
         valid only while every one of them is."""
-        if type(w) is _PARAMETER:  # the warm path's common case, read with as few lookups as it takes
-            key = (kind, (id(w), ()))
-            entry = self._entries.get(key)
-            if entry is not None and entry[0][0]() is w and entry[1] == _meta(w):
-                try:  # a C method, atomic under the GIL; KeyError: another thread dropped it meanwhile
-                    self._entries.move_to_end(key)
-                except KeyError:
-                    pass
-                return entry[2]
-        if isinstance(w, tuple):
+        if type(w) is _PARAMETER:  # the warm path's common case, its identity read directly
+            owner, key, meta = w, (kind, (id(w), ())), _meta(w)
+        elif isinstance(w, tuple):
             owners, ident, meta = zip(*map(self._identity, w))
-            owner = owners[0]
+            owner, key = owners[0], (kind, ident)
         else:
             owner, ident, meta = self._identity(w)
-        key = (kind, ident)
-        with self._lock:
-            entry = self._entries.get(key)
-            # every owner's death drops the entry (weakref callbacks), so checking the first one suffices
-            if entry is not None and entry[0][0]() is owner and entry[1] == meta:
+            key = (kind, ident)
+        entry = self._entries.get(key)
+        # every owner's death drops the entry (weakref callbacks), so checking the first one suffices
+        if entry is not None and entry[0][0]() is owner and entry[1] == meta:
+            try:  # a C method, atomic under the GIL; KeyError: another thread dropped it meanwhile
                 self._entries.move_to_end(key)
-                return entry[2]
+            except KeyError:
+                pass
+            return entry[2]
         value = make(w)
         size = value.numel() * value.element_size()
         with self._lock:

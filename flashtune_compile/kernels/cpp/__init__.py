@@ -40,10 +40,10 @@ class BlockedGemm:
 
     def __init__(self, extension: Any, module: Any) -> None:
         self.extension = extension  # torch.ops.<build name>
-        # linear(x, packed, b, n, mr, r, ksplit=1, pairs=False): ``x @ w.T + b`` from ``packed =
-        # pack(w, r, pairs)``, with tiles of ``mr`` rows and ``ksplit`` tasks per block along K;
-        # RuntimeError naming the bad argument. The warm path's call: a pybind11 function of the
-        # build (the output allocated in C++, no dispatcher), not a method.
+        # linear(x, packed, b, n, mr, r, ksplit=1, pairs=False): ``x @ w.T + b`` (x and b of any
+        # strides) from ``packed = pack(w, r, pairs)``, with tiles of ``mr`` rows and ``ksplit``
+        # tasks per block along K; RuntimeError naming the bad argument. The warm path's call: a
+        # pybind11 function of the build (the output allocated in C++, no dispatcher), not a method.
         self.linear = module.blocked_linear
         self.moe_out = extension.blocked_moe_out.default
         self.vector_width = int(extension.vector_width())  # fp32 lanes per vector register

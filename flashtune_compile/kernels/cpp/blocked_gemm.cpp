@@ -387,12 +387,15 @@ std::string blocked_linear_out(const at::Tensor& x, const at::Tensor& packed, co
   return "";
 }
 
-// y = x @ W^T + b, with y allocated here: the warm path's one call from Python, a pybind11 function
-// (no dispatcher, no argument parsing by schema), run without the GIL. Throws std::runtime_error,
-// which Python sees as RuntimeError, with blocked_linear_out's message.
-at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+// y = x @ W^T + b for x and bias of any strides, with y allocated here: the warm path's one call
+// from Python, a pybind11 function (no dispatcher, no argument parsing by schema), run without the
+// GIL. Throws std::runtime_error, which Python sees as RuntimeError, with blocked_linear_out's message.
+at::Tensor blocked_linear(const at::Tensor& x_in, const at::Tensor& packed, const std::optional<at::Tensor>& bias_in,
                           int64_t n, int64_t mr, int64_t r, int64_t ksplit, bool pairs) {
   if (n < 0) throw std::runtime_error("blocked_linear: n must be >= 0");
+  const at::Tensor x = x_in.dim() == 2 && x_in.stride(1) != 1 ? x_in.contiguous() : x_in;
+  std::optional<at::Tensor> bias = bias_in;
+  if (bias.has_value() && !bias->is_contiguous()) bias = bias->contiguous();
   at::Tensor y = x.dim() == 2 ? at::empty({x.size(0), n}, x.options()) : at::empty({0, 0}, x.options());
   const std::string error = blocked_linear_out(x, packed, bias, y, mr, r, ksplit, pairs);
   if (!error.empty()) throw std::runtime_error(error);

@@ -65,12 +65,7 @@ def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
         return kernel.pack(w, r, pairs)
 
     def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        packed = weights.get(w, kind, make)
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        if b is not None and not b.is_contiguous():
-            b = b.contiguous()
-        return kernel.linear(x, packed, b, w.shape[0], mr, r, ksplit, pairs)
+        return kernel.linear(x, weights.get(w, kind, make), b, w.shape[0], mr, r, ksplit, pairs)
 
     return fn
 
