@@ -471,7 +471,9 @@ class InPlaceUnusedResult(torch.nn.Module):
 def test_in_place_methods_with_unused_results_survive_routing(tuner):
     mod, x = InPlaceUnusedResult(), torch.randn(3, 8)
     out = torch.compile(mod, backend="flashtune", options={"inner": "eager"})(x)
-    assert torch.equal(out, mod(x)) and ft.stats()["routed_ops"] == 1
+    # close, not equal: the linear is tuned, and a CPU kernel that wins sums in another order
+    torch.testing.assert_close(out, mod(x))
+    assert ft.stats()["routed_ops"] == 1
 
 
 def test_inductor_code_calls_the_ops_implementation_not_the_dispatcher(tuner):
