@@ -1,8 +1,9 @@
 """Hand-written CPU kernels (``blocked_gemm.cpp``), built on first use for this machine's CPU.
 
 ``load_blocked_gemm()`` compiles the library the first time it is called, with ``-march=native``
-(the vector width and ISA are this CPU's) and OpenMP (torch's intra-op threads), and loads its
-functions as torch ops in a namespace named after the build (no pybind: ~12 s to build, not ~33 s).
+(the vector width and ISA are this CPU's) and OpenMP (torch's intra-op threads), about 35 s. The
+linear's warm call is a pybind11 function of the build (no dispatcher); its other functions are
+torch ops in a namespace named after the build.
 The build name hashes the sources, flags, torch version and the CPU's feature flags, so a cache
 directory shared by different machines never hands one a binary built for another. A machine without a C++
 compiler lacks the family: the failure is logged once and the runner offers no tactics.
@@ -35,8 +36,8 @@ def cpu_fingerprint() -> str:
 
 
 class BlockedGemm:
-    """The built library (``torch.ops.<build name>``): ``linear`` allocates the output and raises the
-    library's messages."""
+    """The built library: ``linear`` (pybind11) allocates the output and raises the library's
+    messages; packing and the MoE layer are ops of ``torch.ops.<build name>``."""
 
     def __init__(self, extension: Any, module: Any) -> None:
         self.extension = extension  # torch.ops.<build name>

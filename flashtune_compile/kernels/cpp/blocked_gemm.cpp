@@ -353,7 +353,7 @@ std::string tiles() {
 
 // y = x @ W^T + b into y [M, N] (row stride free, unit column stride); x [M, K] with unit column
 // stride; packed = pack_blocked(w, r * vector_width(), pairs ? 2 : 1) from the same dtype.
-// Returns "" or a message naming the bad argument.
+// Returns "" or a message naming the bad argument. Called by blocked_linear (below), Python's entry.
 std::string blocked_linear_out(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                                const at::Tensor& y_out, int64_t mr, int64_t r, int64_t ksplit, bool pairs) {
   at::Tensor y = y_out;  // written in place: the caller allocated it
@@ -602,7 +602,6 @@ std::string blocked_moe_out(const at::Tensor& x, const at::Tensor& weights, cons
 }
 
 TORCH_LIBRARY(FT_NS, m) {
-  m.def("blocked_linear_out", &blocked_linear_out);
   m.def("blocked_moe_out", &blocked_moe_out);
   m.def("pack_blocked", &pack_blocked);
   m.def("vector_width", &vector_width);
