@@ -75,6 +75,49 @@ def test_strided_inputs_and_edge_sizes(kernel, dtype):
             _check(runner.forward((x1, w1, None), tactic), x1, w1.detach(), None)
 
 
+def _rows_tactics(kernel, dtype):
+    pairs = (0, 1) if kernel.bf16_pairs and dtype == torch.bfloat16 else (0,)
+    return [(mb, u, p) for mb, u in kernel.rows_tiles for p in pairs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 5, 9])
+def test_rows_kernel_every_tactic_matches_float64(kernel, dtype, m):
+    """The kernel that reads w as it is: every (rows per pass, unroll, pairs) for odd N and K, with
+    and without bias, x and bias of any strides, and a w whose columns are not adjacent."""
+    g = torch.Generator().manual_seed(10 + m)
+    for n, k in [(77, 129), (3, 31), (40, 64), (5, 1)]:
+        w = torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(2 * n, generator=g).to(dtype)[::2]  # a non-contiguous bias
+        x = torch.randn(m, k + 3, generator=g).to(dtype)[:, 2 : k + 2]  # row stride k + 3
+        wt = w.t().contiguous().t()  # the same values, column stride n
+        for mb, u, pairs in _rows_tactics(kernel, dtype):
+            for bias in (None, b):
+                _check(kernel.rows_linear(x, w, bias, mb, u, pairs), x, w, bias)
+            _check(kernel.rows_linear(x, wt, b, mb, u, pairs), x, w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_kernel_edge_sizes_and_errors(kernel, dtype):
+    g = torch.Generator().manual_seed(4)
+    for m, n, k in [(0, 5, 8), (3, 0, 8), (2, 7, 0), (1, 1, 1000)]:
+        w, x, b = torch.randn(n, k, generator=g).to(dtype), torch.randn(m, k, generator=g).to(dtype), None
+        if n:
+            b = torch.randn(n, generator=g).to(dtype)
+        for mb, u, pairs in _rows_tactics(kernel, dtype):
+            _check(kernel.rows_linear(x, w, b, mb, u, pairs), x, w, b)
+    x, w = torch.randn(2, 8).to(dtype), torch.randn(4, 8).to(dtype)
+    with pytest.raises(RuntimeError, match="no tile 3x3"):
+        kernel.rows_linear(x, w, None, 3, 3)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        kernel.rows_linear(x, torch.randn(4, 9).to(dtype), None, 1, 2)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        kernel.rows_linear(x, w.double(), None, 1, 2)
+    if dtype != torch.bfloat16 or not kernel.bf16_pairs:
+        with pytest.raises(RuntimeError, match="pairs kernel needs bf16"):
+            kernel.rows_linear(x, w, None, 1, 2, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_output_rounds_as_torch_rounds_and_keeps_nan_and_inf(kernel, dtype):
     """y = a + b, exact in fp32, must round to the output dtype exactly as torch's ``.to`` does
@@ -91,11 +134,12 @@ def test_output_rounds_as_torch_rounds_and_keeps_nan_and_inf(kernel, dtype):
     x[1, 0] = float("nan")
     x[2, 0] = float("inf")
     want = (a.float() + b.float()).to(dtype)
-    for mr, r, split, pairs in _all_tactics(kernel, dtype):
-        y = kernel.linear(x, kernel.pack(w, r, pairs), None, n, mr, r, split, pairs)
-        assert torch.equal(y[0], want), f"tactic {(mr, r, split, pairs)} rounds differently from torch"
-        assert y[1].isnan().all(), f"tactic {(mr, r, split, pairs)} lost a NaN"
-        assert (y[2] == float("inf")).all(), f"tactic {(mr, r, split, pairs)} lost an inf"
+    outputs = {t: kernel.linear(x, kernel.pack(w, t[1], t[3]), None, n, *t) for t in _all_tactics(kernel, dtype)}
+    outputs.update({("rows", *t): kernel.rows_linear(x, w, None, *t) for t in _rows_tactics(kernel, dtype)})
+    for tactic, y in outputs.items():
+        assert torch.equal(y[0], want), f"tactic {tactic} rounds differently from torch"
+        assert y[1].isnan().all(), f"tactic {tactic} lost a NaN"
+        assert (y[2] == float("inf")).all(), f"tactic {tactic} lost an inf"
 
 
 def _mapping_of(address: int) -> dict[str, str] | None:

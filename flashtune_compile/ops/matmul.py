@@ -1,8 +1,11 @@
-"""The tunable matmul family: ``torch.ops.flashtune.{linear, mm, addmm, bmm, baddbmm}``.
+"""The tunable matmul family: ``torch.ops.flashtune.{linear, mm, addmm, bmm, baddbmm}``, and
+``packed_linear``, a linear whose weight exists only as the CPU kernel's pack (``ft.freeze``).
 
 Each op takes the usual tensors (and ``beta``, ``alpha``) plus ``site`` (``ops/site.py``) and
 computes what its ATen namesake does; ``linear`` and ``mm`` accept N-D activations (``[..., K]``)
 and flatten them to 2-D rows the way ``F.linear`` does. Gradients are plain ATen.
+``packed_linear(x, packed, bias, n, pairs, site)`` is ``F.linear(x, w, bias)`` for the ``w [n, K]``
+that ``packed`` holds in the blocked layout (``kernels/cpp``; ``pairs``: k interleaved in pairs).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from typing import Any
 import torch
 
 from ..kernels.aten import AtenAddmmRunner, AtenBaddbmmRunner, AtenBmmRunner, AtenLinearRunner, AtenMMRunner
+from ..kernels.cpp import unpack
+from ..kernels.cpp.packed_runner import AtenPackedLinearRunner, CpuPackedLinearRunner
+from ..kernels.cpp.rows_runner import CpuRowsLinearRunner
 from ..kernels.cpp.runner import CpuBlockedLinearRunner
 from ..kernels.cpu import CpuLinearRunner
 from ..kernels.cuda.runner import CudaSkinnyLinearRunner
@@ -96,6 +102,7 @@ LINEAR = register(
             Candidate("cuda", CudaSkinnyLinearRunner),
             Candidate("cpu", CpuLinearRunner),
             Candidate("cpu", CpuBlockedLinearRunner),
+            Candidate("cpu", CpuRowsLinearRunner),
         ),
     )
 )
@@ -146,4 +153,26 @@ BMM = register(
     )
 )
 BADDBMM = register(_scaled("baddbmm", "bmm", BATCH, AtenBaddbmmRunner))
+
+
+def _packed_linear_fake(x, packed, bias, n, pairs, site):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _packed_linear_reference(x, packed, bias, n, pairs):
+    return torch.nn.functional.linear(x, unpack(packed, n, x.shape[-1], pairs), bias)
+
+
+PACKED_LINEAR = register(
+    OpSpec(
+        name="packed_linear",
+        schema="packed_linear(Tensor x, Tensor packed, Tensor? bias, int n, int pairs, str site) -> Tensor",
+        family="linear",
+        fake=_packed_linear_fake,
+        reference=_packed_linear_reference,  # a frozen weight needs no gradient; x may
+        flatten_rows=True,
+        operands=(ROWS, BATCH, ("op", 1, 1)),
+        candidates=(Candidate("aten", AtenPackedLinearRunner), Candidate("cpu", CpuPackedLinearRunner)),
+    )
+)
 MATMUL_OPS = tuple(spec.name for spec in (LINEAR, MM, ADDMM, BMM, BADDBMM))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.cpp.moe_runner import CpuBlockedMoeRunner
+from ..kernels.cpp.rows_runner import CpuRowsMoeRunner
 from ..kernels.grouped_mm import AtenGroupedMMRunner, CpuGroupedMMRunner, grouped_loop
 from ..kernels.moe import ACTIVATIONS, AtenMoeRunner, CpuMoeRunner, moe_loop
 from ..kernels.triton_moe_runner import TritonGroupedMMRunner, TritonMoeRunner
@@ -98,6 +99,7 @@ MOE = register(
             Candidate("triton", TritonMoeRunner),
             Candidate("cpu", CpuMoeRunner),
             Candidate("cpu", CpuBlockedMoeRunner),
+            Candidate("cpu", CpuRowsMoeRunner),
         ),
     )
 )

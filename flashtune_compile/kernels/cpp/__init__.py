@@ -1,8 +1,9 @@
-"""Hand-written CPU kernels (``blocked_gemm.cpp``), built on first use for this machine's CPU.
+"""Hand-written CPU kernels, built on first use for this machine's CPU: ``blocked_gemm.cpp`` (GEMM and
+MoE layer on prepacked weights) and ``rows_gemm.cpp`` (GEMM reading the weight as it is).
 
 ``load_blocked_gemm()`` compiles the library the first time it is called, with ``-march=native``
 (the vector width and ISA are this CPU's) and OpenMP (torch's intra-op threads), about 35 s. The
-linear's warm call is a pybind11 function of the build (no dispatcher); its other functions are
+linears' warm calls are pybind11 functions of the build (no dispatcher); its other functions are
 torch ops in a namespace named after the build.
 The build name hashes the sources, flags, torch version and the CPU's feature flags, so a cache
 directory shared by different machines never hands one a binary built for another. A machine without a C++
@@ -20,7 +21,10 @@ import torch.nn.functional as F
 
 from ..extension import BuiltOnce, build_name, log
 
-SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "blocked_gemm.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE_PATH = os.path.join(_HERE, "blocked_gemm.cpp")  # binds the Python module
+SOURCES = (SOURCE_PATH, os.path.join(_HERE, "rows_gemm.cpp"))
+HEADERS = (os.path.join(_HERE, "common.h"),)
 EXTRA_CFLAGS = ("-O3", "-march=native", "-fopenmp")  # IEEE arithmetic: no -ffast-math
 
 
@@ -46,6 +50,12 @@ class BlockedGemm:
         # tasks per block along K; RuntimeError naming the bad argument. The warm path's call: a
         # pybind11 function of the build (the output allocated in C++, no dispatcher), not a method.
         self.linear = module.blocked_linear
+        # rows_linear(x, w, b, mb, u, pairs=False): ``x @ w.T + b`` reading w [N, K] as it is (unit
+        # column stride, any row stride; x and b of any strides), ``mb`` rows of x per pass over a row
+        # of w, ``u`` accumulators per row; ``pairs``: bf16 by vdpbf16ps. RuntimeError naming the bad
+        # argument. No copy of w is made or needed.
+        self.rows_linear = module.rows_linear
+        self.rows_tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.rows_tiles().split())
         self.moe_out = extension.blocked_moe_out.default
         self.vector_width = int(extension.vector_width())  # fp32 lanes per vector register
         self.tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.tiles().split())
@@ -96,16 +106,27 @@ class BlockedGemm:
         return out
 
 
+def unpack(packed: torch.Tensor, n: int, k: int, pairs: bool | int) -> torch.Tensor:
+    """The weight ``w [n, k]`` that ``BlockedGemm.pack(w, r, pairs)`` packed into ``packed`` (a new
+    tensor; pure torch, the library need not be built)."""
+    blocks, steps, width = packed.shape
+    kps = 2 if pairs else 1
+    w = packed.view(blocks, steps, width // kps, kps).permute(0, 2, 1, 3).reshape(blocks * width // kps, steps * kps)
+    return w[:n, :k].contiguous()
+
+
 def _build() -> BlockedGemm:
     from torch.utils.cpp_extension import load
 
-    with open(SOURCE_PATH, encoding="utf-8") as f:
-        source = f.read()
-    name = build_name("flashtune_blocked_gemm", source, *EXTRA_CFLAGS, cpu_fingerprint())
+    texts = []
+    for path in (*SOURCES, *HEADERS):
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    name = build_name("flashtune_blocked_gemm", *texts, *EXTRA_CFLAGS, cpu_fingerprint())
     log.info("compiling the CPU blocked GEMM kernel for this CPU (once per machine, about 35 s): %s", name)
     module = load(
         name=name,
-        sources=[SOURCE_PATH],
+        sources=list(SOURCES),
         extra_cflags=[*EXTRA_CFLAGS, f"-DFT_NS={name}"],
         extra_ldflags=["-fopenmp"],
         is_python_module=True,  # the module's blocked_linear; loading it also fills torch.ops.<name>

@@ -10,18 +10,17 @@
 // all sums are fp32. x is packed once per call into an x panel (pack_rows). A tile is MR rows of x
 // times one block (NB = R vector widths): MR * R vector accumulators. Threads split the N blocks
 // (and, with ksplit > 1, the K range of each block).
-// Vectors are GCC vector extensions, so -march=native picks AVX-512, AVX2 or SSE by itself.
-// The functions are registered as torch ops in the namespace FT_NS (the build's own name, given as
+// Vectors are GCC vector extensions (common.h). This file also binds the library's Python module,
+// rows_gemm.cpp's kernel (W read as it is) included. The functions are registered as torch ops in the namespace FT_NS (the build's own name, given as
 // -DFT_NS=...): the light headers below compile in seconds, torch/extension.h (pybind) in ~25 s.
+#include "common.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
-#include <torch/python.h>  // pybind11 and its tensor casters: blocked_linear is called from Python directly
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/python.h>  // pybind11 and its tensor casters: the linears are called from Python directly
 
 #include <sys/mman.h>
 
@@ -34,42 +33,12 @@
 #include <type_traits>
 #include <vector>
 
+using namespace ft;
+
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VL = 16;
-#elif defined(__AVX__)
-constexpr int VL = 8;
-#else
-constexpr int VL = 4;
-#endif
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
 constexpr int64_t CHUNK_BYTES = 32 * 1024;  // a K chunk of one block: fetched once, then read by every row tile
-// Prefetch localities (__builtin_prefetch): L2 (prefetcht1) for the next chunk of a tile read in
-// several passes, which must not evict the chunk being summed; non-temporal (prefetchnta), just
-// ahead of a stream read once. On the AMD EPYC (Zen 4) this was measured on, lines fetched so do
-// not enter the last-level cache, which then keeps what the code between the linears uses:
-// bench_cpu_block's fp32 block at T = 1 spent 0.23 ms outside its linears, against 0.45 ms.
-constexpr int TO_L2 = 2, NON_TEMPORAL = 0;
 constexpr int64_t NT_AHEAD = 256;  // bytes ahead of a once-read stream (512 and more: slower)
-
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4)));
-typedef uint16_t vu16_u __attribute__((vector_size(VL * 2), aligned(2)));
-typedef uint32_t vu32 __attribute__((vector_size(VL * 4)));
-typedef uint16_t vu16 __attribute__((vector_size(VL * 2)));
-typedef _Float16 vh_u __attribute__((vector_size(VL * 2), aligned(2)));
-typedef _Float16 vh __attribute__((vector_size(VL * 2)));
-
-inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
-inline vf load(const c10::BFloat16* p) {
-  vu32 bits = __builtin_convertvector(*reinterpret_cast<const vu16_u*>(p), vu32) << 16;
-  return reinterpret_cast<vf&>(bits);
-}
-inline vf load(const c10::Half* p) { return __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vf); }
 
 // A step kernel sums steps of one block into a tile of MR rows, each row's steps read from an x
 // panel (pack_rows): MR values per step, one after another, so every broadcast has a fixed offset
@@ -105,8 +74,7 @@ struct Fma {
   }
 };
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#define FT_PAIRS 1
+#if FT_PAIRS
 struct PairsBf16 {
   using Elem = c10::BFloat16;
   using XElem = uint32_t;  // (x[k], x[k + 1]) as bf16 bits, low half first
@@ -137,8 +105,6 @@ struct PairsBf16 {
       for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + m * NB + r * 16, c[m][r]);
   }
 };
-#else
-#define FT_PAIRS 0
 #endif
 
 // The x panel of M rows (rows[0..M), K elements each) for tiles of MR rows: [ceil(M / MR)][steps][MR]
@@ -327,20 +293,67 @@ at::Tensor huge_page_tensor(int64_t bytes, at::IntArrayRef sizes, const at::Tens
 
 }  // namespace
 
+namespace {
+
+// One block of the pack: rows j*nb .. j*nb+nb-1 of w [n, k] (row stride ld, unit column stride) as
+// [steps][nb][kps], zero past n and k. E is the element's bits (2 or 4 bytes): a copy, no arithmetic.
+template <typename E, int KPS>
+void pack_block(const E* w, int64_t ld, int64_t n, int64_t k, int64_t nb, int64_t steps, int64_t j, E* out) {
+  constexpr int64_t TILE = 64;  // steps per tile: a tile of the block (nb * TILE * KPS elements) stays in L1
+  for (int64_t s0 = 0; s0 < steps; s0 += TILE) {
+    const int64_t s1 = std::min(steps, s0 + TILE);
+    for (int64_t r = 0; r < nb; ++r) {  // rows of w read front to back within the tile
+      const int64_t row = j * nb + r;
+      const E* src = w + row * ld;
+      E* dst = out + r * KPS;
+      for (int64_t s = s0; s < s1; ++s)
+        for (int h = 0; h < KPS; ++h) {
+          const int64_t col = s * KPS + h;
+          dst[s * nb * KPS + h] = row < n && col < k ? src[col] : E(0);
+        }
+    }
+  }
+}
+
+template <typename E>
+void pack_all(const at::Tensor& we, int64_t nb, int64_t kps, int64_t blocks, int64_t steps, at::Tensor& packed) {
+  const int64_t n = we.size(1), k = we.size(2), ld = we.stride(1), le = we.stride(0);
+  const E* w = reinterpret_cast<const E*>(we.data_ptr());
+  E* out = reinterpret_cast<E*>(packed.data_ptr());
+  const int64_t block = steps * nb * kps;
+  at::parallel_for(0, we.size(0) * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const E* src = w + (t / blocks) * le;
+      if (kps == 2)
+        pack_block<E, 2>(src, ld, n, k, nb, steps, t % blocks, out + t * block);
+      else
+        pack_block<E, 1>(src, ld, n, k, nb, steps, t % blocks, out + t * block);
+    }
+  });
+}
+
+}  // namespace
+
 // w [N, K] (any strides) as packed [ceil(N / nb), ceil(K / kps), nb * kps] in w's dtype: block j,
 // step s, column n, k of the step h hold w[j * nb + n][s * kps + h], zero past N and K (kps = 2 for
 // the bf16 pairs kernel, else 1); w [E, N, K] (experts) as [E, ...] of those, on huge pages where
-// the OS allows (huge_page_tensor).
-at::Tensor pack_blocked(const at::Tensor& w, int64_t nb, int64_t kps) {
-  TORCH_CHECK((w.dim() == 2 || w.dim() == 3) && nb > 0 && (kps == 1 || kps == 2),
+// the OS allows (huge_page_tensor). One pass, blocks split across threads, no temporary.
+at::Tensor pack_blocked(const at::Tensor& w_in, int64_t nb, int64_t kps) {
+  TORCH_CHECK((w_in.dim() == 2 || w_in.dim() == 3) && nb > 0 && (kps == 1 || kps == 2),
               "pack_blocked: expected w [N, K] or [E, N, K], nb > 0, kps 1 or 2");
-  const at::Tensor we = w.dim() == 3 ? w : w.unsqueeze(0);
+  TORCH_CHECK(w_in.element_size() == 2 || w_in.element_size() == 4, "pack_blocked: 2- or 4-byte elements only");
+  const at::Tensor w3 = w_in.dim() == 3 ? w_in : w_in.unsqueeze(0);
+  const at::Tensor we = w3.size(2) > 1 && w3.stride(2) != 1 ? w3.contiguous() : w3;
   const int64_t e = we.size(0), n = we.size(1), k = we.size(2), blocks = ceil_div(n, nb), steps = ceil_div(k, kps);
-  at::Tensor packed = huge_page_tensor(e * blocks * steps * nb * kps * w.element_size(), {e, blocks, steps, nb * kps}, w.options());
-  at::Tensor padded = at::zeros({e, blocks * nb, steps * kps}, w.options());
-  padded.narrow(1, 0, n).narrow(2, 0, k).copy_(we);
-  packed.view({e, blocks, steps, nb, kps}).copy_(padded.view({e, blocks, nb, steps, kps}).permute({0, 1, 3, 2, 4}));
-  return w.dim() == 3 ? packed : packed.squeeze(0);
+  at::Tensor packed =
+      huge_page_tensor(e * blocks * steps * nb * kps * we.element_size(), {e, blocks, steps, nb * kps}, we.options());
+  if (packed.numel() > 0) {
+    if (we.element_size() == 2)
+      pack_all<uint16_t>(we, nb, kps, blocks, steps, packed);
+    else
+      pack_all<uint32_t>(we, nb, kps, blocks, steps, packed);
+  }
+  return w_in.dim() == 3 ? packed : packed.squeeze(0);
 }
 
 std::string tiles() {
@@ -607,9 +620,25 @@ TORCH_LIBRARY(FT_NS, m) {
   m.def("vector_width", &vector_width);
   m.def("tiles", &tiles);
   m.def("has_bf16_pairs", &has_bf16_pairs);
+  m.def("rows_tiles", &rows_tiles);
+}
+
+// y = x @ w.T + b reading w [N, K] as it is (rows_gemm.cpp), with x and bias of any strides and y
+// allocated here; like blocked_linear, the warm path's one call, run without the GIL. A w whose
+// columns are not adjacent (a transposed view) is made contiguous first: correct, not fast.
+at::Tensor rows_linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias,
+                       int64_t mb, int64_t u, bool pairs) {
+  const at::Tensor x = x_in.dim() == 2 && x_in.stride(1) != 1 ? x_in.contiguous() : x_in;
+  const at::Tensor w = w_in.dim() == 2 && w_in.size(1) > 1 && w_in.stride(1) != 1 ? w_in.contiguous() : w_in;
+  at::Tensor y = x.dim() == 2 && w.dim() == 2 ? at::empty({x.size(0), w.size(0)}, x.options()) : at::empty({0, 0}, x.options());
+  const std::string error = rows_linear_out(x, w, bias, y, mb, u, pairs);
+  if (!error.empty()) throw std::runtime_error(error);
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rows_linear", &rows_linear, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("mb"), py::arg("u"),
+        py::arg("pairs") = false, py::call_guard<py::gil_scoped_release>());
   m.def("blocked_linear", &blocked_linear, py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"),
         py::arg("mr"), py::arg("r"), py::arg("ksplit") = 1, py::arg("pairs") = false,
         py::call_guard<py::gil_scoped_release>());
