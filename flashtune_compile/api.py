@@ -14,10 +14,21 @@ from .tuner.autotuner import AutoTuner
 
 
 def stats() -> dict[str, Any]:
-    """Counters since the last reset: hits, misses, profiles, synthesized, tuning_seconds, ...,
-    and ``weight_cache_bytes``: bytes held now by re-laid-out weight copies (tuner/weights.py)."""
+    """Counters since the last reset: hits, misses, profiles, synthesized, tuning_seconds, ...; and
+    of the re-laid-out weight copies (tuner/weights.py), as they stand now: ``weight_cache_bytes``
+    held, ``weight_cache_budget`` (bytes they may hold), ``weight_copies_made``,
+    ``weight_copies_denied`` (requests refused: those calls ran a tactic needing no copy) and
+    ``weight_copies_displaced`` (dropped to make way for copies worth more time per byte)."""
     tuner = AutoTuner.get()
-    return {**tuner.stats_dict(), "weight_cache_bytes": tuner.weights.nbytes}
+    w = tuner.weights
+    return {
+        **tuner.stats_dict(),
+        "weight_cache_bytes": w.nbytes,
+        "weight_cache_budget": w.budget(),
+        "weight_copies_made": w.made,
+        "weight_copies_denied": w.denied,
+        "weight_copies_displaced": w.displaced,
+    }
 
 
 def reset_stats() -> None:

@@ -1,7 +1,5 @@
 """Every matmul candidate against ATen: Triton (interpreted on CPU), CPU layouts, the weight cache."""
 
-import gc
-
 import pytest
 import torch
 import torch.nn as nn
@@ -9,6 +7,7 @@ import torch.nn.functional as F
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpp import load_blocked_gemm
+from flashtune_compile.kernels.cpp.rows_runner import rows_tactics
 from flashtune_compile.kernels.cpp.runner import blocked_tactics
 from flashtune_compile.kernels.cpu import CpuLinearRunner
 from flashtune_compile.kernels.triton_runner import TritonGemmRunner
@@ -16,7 +15,6 @@ from flashtune_compile.ops import OPS, runners_for
 from flashtune_compile.ops.matmul import MATMUL_OPS
 from flashtune_compile.tuner.check import mismatch
 from flashtune_compile.tuner.runner import BucketProfile
-from flashtune_compile.tuner.weights import WeightCache
 
 needs_interpreter = pytest.mark.skipif(
     not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -145,32 +143,6 @@ def test_weight_copies_are_reused_and_never_stale():
     torch.testing.assert_close(runner.forward((x, w, None), "wt_contig"), F.linear(x, w))
 
 
-def test_weight_cache_is_bounded_and_forgets_dead_weights():
-    cache = WeightCache(max_bytes=3 * 64 * 4)  # room for three 64-float copies
-    ws = [torch.randn(8, 8) for _ in range(4)]
-    for w in ws:
-        cache.get(w, "t", lambda t: t.t().contiguous())
-    assert cache.nbytes == 3 * 64 * 4 and len(cache._entries) == 3  # the oldest was evicted
-    del ws[3], w
-    gc.collect()
-    assert cache.nbytes == 2 * 64 * 4
-    pair = (ws[0], torch.randn(8, 8))  # one copy made from two weights: it dies with either
-    cache.get(pair, "sum", lambda p: p[0] + p[1])
-    assert len(cache._entries) == 3
-    del pair
-    gc.collect()
-    assert len(cache._entries) == 2 and cache.nbytes == 2 * 64 * 4
-    with torch.inference_mode():
-        frozen = torch.randn(8, 8)
-    assert not cache.cacheable(frozen)
-    assert (
-        CpuLinearRunner().get_valid_tactics(
-            (torch.randn(2, 8), frozen, None), BucketProfile((2,), ((2, 8), (8, 8), None))
-        )
-        == []
-    )
-
-
 @pytest.mark.parametrize("op", MATMUL_OPS)
 def test_every_cpu_candidate_of_every_op_matches_aten(op):
     inputs = make_inputs(op, 6, 10, 12, torch.float32)
@@ -190,10 +162,13 @@ def test_backend_tunes_cpu_candidates_end_to_end(tuner):
     x = torch.randn(5, 32)
     torch.testing.assert_close(compiled(x), model(x))
     (rec,) = ft.tactics()
-    assert rec["candidates"] == ["aten_linear", "cpu_linear", "cpu_blocked"]
-    blocked = blocked_tactics(5, 32, load_blocked_gemm().tiles)  # a static shape: its bucket is M = 5
-    assert len(blocked) >= 4
-    assert rec["timed"] == 5 + len(blocked)  # F.linear, addmm, mm_add, wt_contig, mkldnn_packed + the blocked tiles
+    assert rec["candidates"] == ["aten_linear", "cpu_linear", "cpu_blocked", "cpu_rows"]
+    kernel = load_blocked_gemm()
+    blocked = blocked_tactics(5, 32, kernel.tiles)  # a static shape: its bucket is M = 5
+    rows = rows_tactics(5, kernel.rows_tiles)  # fp32: no vdpbf16ps tactics
+    assert len(blocked) >= 4 and len(rows) >= 1
+    # F.linear, addmm, mm_add, wt_contig, mkldnn_packed + the blocked tiles + the rows passes
+    assert rec["timed"] == 5 + len(blocked) + len(rows)
 
 
 @needs_interpreter
@@ -255,7 +230,8 @@ def test_tuning_precompiles_each_runners_tactics_before_running_any(tuner, caplo
 
 @pytest.mark.parametrize("op", MATMUL_OPS)
 def test_a_runners_unpacked_function_computes_its_forward(op):
-    """What a warm call runs directly (``unpacked``) is the same function as ``forward``."""
+    """What a warm call runs directly (``unpacked``) is the same function as ``forward`` (once
+    ``forward`` made the weight copy the tactic reads, if any: the warm path never makes one)."""
     inputs = make_inputs(op, 5, 7, 9, torch.float32)
     offered: dict[str, int] = {}
     for runner in runners_for(op, ["aten", "cpu", "cuda", "triton"]):
@@ -263,10 +239,13 @@ def test_a_runners_unpacked_function_computes_its_forward(op):
             fn = runner.unpacked(tactic)
             if fn is not None:
                 offered[runner.name] = offered.get(runner.name, 0) + 1
-                torch.testing.assert_close(fn(*inputs), runner.forward(inputs, tactic))
+                want = runner.forward(inputs, tactic)
+                torch.testing.assert_close(fn(*inputs), want)
     aten = {"linear": "aten_linear", "mm": "aten_mm", "bmm": "aten_bmm"}
     assert offered.pop(aten.get(op, ""), 0) == (1 if op in aten else 0)  # the plain ATen call
-    blocked = blocked_tactics(5, 9, load_blocked_gemm().tiles)
+    kernel = load_blocked_gemm()
+    blocked, rows = blocked_tactics(5, 9, kernel.tiles), rows_tactics(5, kernel.rows_tiles)
     cpu = CpuLinearRunner().get_valid_tactics(inputs, profile_for(inputs, op)) if op == "linear" else []
     # every tactic of the CPU runners
-    assert offered == ({"cpu_blocked": len(blocked), "cpu_linear": len(cpu)} if op == "linear" else {})
+    want = {"cpu_blocked": len(blocked), "cpu_linear": len(cpu), "cpu_rows": len(rows)}
+    assert offered == (want if op == "linear" else {})

@@ -3,8 +3,9 @@
 Measured on a 2-core AVX2 machine (no bf16 FMA): oneDNN-packed fp32 weights ran 1.3-1.8x faster
 than ``F.linear``; for bf16, computing in fp32 from a cached fp32 copy of the weight ran 1.8-2.6x
 faster, while ``mm`` against a transposed bf16 copy ran 60x slower (so it is never offered for
-bf16). Copies live in the tuner's bounded, never-stale weight cache (``tuner/weights.py``), and are offered only for
-weights that are ``nn.Parameter``s (a weight computed inside the graph is new every call).
+bf16). Copies live in the tuner's weight cache (``tuner/weights.py``: one per weight, within a
+budget, never stale), and are offered only for weights that are ``nn.Parameter``s (a weight
+computed inside the graph is new every call).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _as_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 TACTICS = ("wt_contig", "fp32_compute", "mkldnn_packed")
+COPY_KINDS = {"wt_contig": "t_contiguous", "fp32_compute": "fp32", "mkldnn_packed": "mkldnn_packed"}
+
+
+def _bytes(t: torch.Tensor, elem: int | None = None) -> int:
+    return t.numel() * (elem or t.element_size())
 
 
 def _bound(tactic: str) -> Callable[..., torch.Tensor]:
@@ -56,21 +62,21 @@ def _bound(tactic: str) -> Callable[..., torch.Tensor]:
     if tactic == "wt_contig":
 
         def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            wt = weights.get(w, "t_contiguous", _t_contiguous)
+            wt = weights.get(w, "t_contiguous", _t_contiguous, _bytes(w))
             return torch.addmm(b, x, wt) if b is not None else torch.mm(x, wt)
 
     elif tactic == "fp32_compute":
 
         def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            w32 = weights.get(w, "fp32", _as_fp32)
-            b32 = weights.get(b, "fp32", _as_fp32) if b is not None else None
+            w32 = weights.get(w, "fp32", _as_fp32, _bytes(w, 4))
+            b32 = weights.get(b, "fp32", _as_fp32, _bytes(b, 4)) if b is not None else None
             return F.linear(x.float(), w32, b32).to(x.dtype)
 
     else:
         linear = torch.ops.mkldnn._linear_pointwise.default  # the overload resolved once, not per call
 
         def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            packed = weights.get(w, "mkldnn_packed", _mkldnn_pack)
+            packed = weights.get(w, "mkldnn_packed", _mkldnn_pack, _bytes(w))
             return linear(x.contiguous(), packed, b, "none", [], "")
 
     return fn
@@ -100,6 +106,9 @@ class CpuLinearRunner(BoundRunner):
         if tactic not in TACTICS:
             raise ValueError(f"unknown cpu_linear tactic {tactic!r}")
         return (tactic,)
+
+    def copy_kind(self, tactic: Tactic) -> str | None:
+        return COPY_KINDS.get(tactic)  # type: ignore[arg-type]
 
     def bind(self, tactic: tuple) -> Callable[..., torch.Tensor]:
         return _bound(tactic[0])

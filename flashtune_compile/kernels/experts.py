@@ -11,7 +11,6 @@ from collections.abc import Callable
 import torch
 
 from ..tuner.autotuner import AutoTuner
-from ..tuner.weights import WeightCache
 from .cpu import _as_fp32, _mkldnn_pack
 
 
@@ -46,28 +45,29 @@ def expert_loop(
     return out
 
 
-def fp32_copy(w: torch.Tensor) -> torch.Tensor | None:
-    """A cached fp32 copy of a parameter or of a view of one (same layout as ``w``); None otherwise."""
-    if not WeightCache.cacheable(w):
-        return None
-    return AutoTuner.get().weights.get(w, "fp32", _as_fp32)
+def fp32_copy(w: torch.Tensor) -> torch.Tensor:
+    """The cached fp32 copy of a parameter or of a view of one (same layout as ``w``), made on first
+    use; CopyMissing / CopyDenied as ``WeightCache.get`` raises them."""
+    return AutoTuner.get().weights.get(w, "fp32", _as_fp32, w.numel() * 4)
 
 
 def packed(w: torch.Tensor, fp32: bool) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """``mm(e, x) = x @ w[e].T`` from oneDNN-packed per-expert weights (fp32 copies if ``fp32``),
-    packed on first use of each expert and cached against the parameter ``w`` is or views."""
-    copies = AutoTuner.get().weights
-    kind = f"mkldnn_packed{'_fp32' if fp32 else ''}"
+    """``mm(e, x) = x @ w[e].T`` from oneDNN-packed per-expert weights (of fp32 copies if ``fp32``):
+    every expert packed on first use, as one copy cached against the parameter ``w`` is or views.
+    CopyMissing / CopyDenied as ``WeightCache.get`` raises them, on that first use."""
+    kind = packed_kind(fp32)
 
-    def make(e: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def pack(v: torch.Tensor) -> torch.Tensor:
-            return _mkldnn_pack(v[e].float() if fp32 else v[e])
+    def make(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_mkldnn_pack(v[e].float() if fp32 else v[e]) for e in range(v.shape[0]))
 
-        return pack
+    experts = AutoTuner.get().weights.get(w, kind, make, w.numel() * (4 if fp32 else w.element_size()))
 
     def mm(e: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), copies.get(w, f"{kind}[{e}]", make(e)), None, "none", [], ""
-        )
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), experts[e], None, "none", [], "")
 
     return mm
+
+
+def packed_kind(fp32: bool) -> str:
+    """The weight cache's kind for ``packed``'s copies."""
+    return "mkldnn_packed_fp32" if fp32 else "mkldnn_packed"

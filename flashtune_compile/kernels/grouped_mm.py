@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from ..tuner.autotuner import AutoTuner
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
+from ..tuner.weights import WeightCache, admitting
 from .experts import expert_loop, fp32_copy, grouped_mm_available
 
 # -- runners: flashtune.grouped_mm ------------------------------------------------------------
@@ -57,12 +59,21 @@ class CpuGroupedMMRunner(TunableRunner):
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         x, w, _ = inputs
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or fp32_copy(w) is None:
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or not WeightCache.cacheable(w):
             return []
         return ["fp32_loop"]
+
+    def copy_kind(self, tactic: Tactic) -> str | None:
+        return "fp32"
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         if tactic != "fp32_loop":
             raise ValueError(f"unknown cpu_grouped_mm tactic {tactic!r}")
-        x, w, offs = inputs
-        return grouped_loop(x, fp32_copy(w), offs, compute_dtype=torch.float32)
+        return admitting(AutoTuner.get().weights, lambda: _fp32_loop(*inputs))
+
+    def unpacked(self, tactic: Tactic) -> Any:
+        return _fp32_loop if tactic == "fp32_loop" else None
+
+
+def _fp32_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return grouped_loop(x, fp32_copy(w), offs, compute_dtype=torch.float32)

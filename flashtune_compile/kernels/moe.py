@@ -36,10 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..tuner.autotuner import AutoTuner
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
-from ..tuner.weights import WeightCache
+from ..tuner.weights import WeightCache, admitting
 from .cpu import _mkldnn_packs
-from .experts import expert_loop, fp32_copy, grouped_mm_available, packed
+from .experts import expert_loop, fp32_copy, grouped_mm_available, packed, packed_kind
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -242,7 +243,20 @@ class CpuMoeRunner(TunableRunner):
                 tactics.append("packed_pairs")
         return tactics
 
+    def copy_kind(self, tactic: Tactic) -> str | None:
+        if tactic == "fp32_loop":
+            return "fp32"
+        return (
+            packed_kind(tactic == "fp32_packed") if tactic in ("mkldnn_packed", "fp32_packed", "packed_pairs") else None
+        )
+
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
+        return admitting(AutoTuner.get().weights, lambda: self._run(tactic, *inputs))
+
+    def unpacked(self, tactic: Tactic) -> Callable[..., Any] | None:
+        return partial(self._run, tactic)
+
+    def _run(self, tactic: Tactic, *inputs: Any) -> torch.Tensor:
         hidden, weights, ids, w1, w2, activation, w3 = inputs
         if tactic == "fp32_loop":
             w3_32 = fp32_copy(w3) if w3 is not None else None

@@ -398,8 +398,13 @@ class AutoTuner:
         # Outside the caller's dispatch modes: profiling is not part of their computation, and a
         # Python mode (AOTAutograd runs a compiled graph's first call under one) slows every ATen
         # call several-fold, unevenly across candidates, which would decide the pick.
+        # every bucket of a weight reads one kind of copy; across a lockstep team what each rank holds
+        # may differ, and its candidate list must not, so there the weight cache alone enforces it
+        layout = None if team is not None else self._layout(ctx, cache, key) or self.weights.held_kind(inputs)
         with _disable_current_modes():
-            tuned = tune_bucket(ctx, runners, inputs, bucket, settings, self.min_gain, self.generator, team)
+            tuned = tune_bucket(
+                ctx, runners, inputs, bucket, settings, self.min_gain, self.generator, team, self.weights, layout
+            )
         self.stats.synthesized += tuned.synthesized
         self.stats.profiles += tuned.timed
         self.stats.rejected += len(tuned.entry.rejected)
@@ -424,6 +429,34 @@ class AutoTuner:
             listener(ctx.op, bucket, e)
         return tuned.runner, tuned.tactic
 
+    def _layout(self, ctx: OpContext, cache: TacticCache, key: Key) -> str | None:
+        """The kind of weight copy this key's shape uses in its other buckets (the first cached
+        winner that reads one), so that every bucket of a weight reads one copy of it."""
+        for other, e in cache.snapshot().items():
+            if other[:4] == key[:4] and other != key and e.runner in ctx.names:
+                kind = ctx.runners[ctx.names.index(e.runner)].copy_kind(e.tactic)
+                if kind is not None:
+                    return kind
+        return None
+
+    def fallback_of(
+        self, op: str, runners: Runners, config: TuningConfig, inputs: Inputs, cache: TacticCache | None = None
+    ) -> tuple[TunableRunner, Tactic, float]:
+        """For a call whose cached choice reads a weight copy: the bucket's fastest tactic that
+        needs none (the default where the cache names none, or names one no longer offered), and
+        the seconds per call the chosen tactic saves over it."""
+        cache = self.cache if cache is None else cache
+        ctx = self._alias(op, runners, config, cache).ctx
+        bucket = ctx.config.bucket_of(inputs)
+        entry = cache.get(ctx.cache_key(inputs, bucket))
+        if entry is None:
+            return runners[0], DEFAULT_TACTIC, 0.0
+        if entry.fallback_runner in ctx.names:
+            idx = ctx.names.index(entry.fallback_runner)
+            if self._offers(ctx, inputs, bucket, idx, entry.fallback_tactic)[0]:
+                return runners[idx], entry.fallback_tactic, max(0.0, entry.fallback_s - entry.time_s)
+        return runners[0], DEFAULT_TACTIC, max(0.0, entry.default_s - entry.time_s)
+
     def _forget_memos(self) -> None:
         """Called on any change to one of this tuner's caches: every memoized answer is dropped."""
         for alias in list(self._fast.values()):
@@ -437,7 +470,9 @@ class AutoTuner:
 
     def tactics(self) -> list[dict[str, Any]]:
         """One record per cached winner (on disk too), of every cache this tuner uses: op, shape
-        key, bucket, kernel, tactic, times, speedup, and the cache's directory (None: in memory)."""
+        key, bucket, kernel, tactic, times, speedup, and the cache's directory (None: in memory);
+        for a winner that reads a weight copy, the ``fallback`` kernel and tactic that run where
+        the copy is refused (``tuner/weights.py``)."""
         out = []
         for cache in list(self.caches.values()):
             directory = str(cache.directory) if cache.directory is not None else None
@@ -445,6 +480,10 @@ class AutoTuner:
                 record = dict(op=op, shape_key=static, extras=extras, bucket=bucket, kernel=e.runner, tactic=e.tactic)
                 record.update(time_s=e.time_s, default_s=e.default_s, speedup=e.speedup, candidates=list(runners))
                 record.update(timed=e.timed, rejected=list(e.rejected), tune_s=e.tune_s, cache_dir=directory)
+                if e.fallback_runner:  # the winner reads a weight copy: what runs where it is refused
+                    record.update(
+                        fallback=e.fallback_runner, fallback_tactic=e.fallback_tactic, fallback_s=e.fallback_s
+                    )
                 record.update(timing=cache.env.get("timing"))
                 out.append(record)
         return out

@@ -109,6 +109,11 @@ class Entry:
     timed: int = 0
     rejected: list[str] = field(default_factory=list)
     tune_s: float = 0.0  # wall seconds this bucket took to tune (synthesis, compiles, checks, timings)
+    # Where the winner reads a weight copy: the fastest candidate that needs none ("": the default),
+    # run for a weight whose copy the weight cache refuses (tuner/weights.py), and its time.
+    fallback_runner: str = ""
+    fallback_tactic: Tactic = -1
+    fallback_s: float = 0.0
 
     @property
     def speedup(self) -> float:
@@ -148,7 +153,7 @@ def _entry_from_json(obj: Any) -> tuple[Key, Entry]:
         raise TypeError("rejected is not a list of strings")
     timed, tune_s = obj.get("timed", 0), obj.get("tune_s", 0.0)
     key = (op, tuple(runners), freeze(obj.get("static")), freeze(obj.get("extras")), tuple(bucket))
-    return key, Entry(
+    entry = Entry(
         runner,
         tactic,
         float(times[0]),
@@ -158,6 +163,14 @@ def _entry_from_json(obj: Any) -> tuple[Key, Entry]:
         rejected,
         float(tune_s) if isinstance(tune_s, (int, float)) and not isinstance(tune_s, bool) else 0.0,
     )
+    fallback, fb_s = obj.get("fallback_runner", ""), obj.get("fallback_s", 0.0)
+    if fallback in runners and isinstance(fb_s, (int, float)) and not isinstance(fb_s, bool):  # else: the default
+        try:
+            entry.fallback_tactic = canonical_tactic(obj.get("fallback_tactic", -1))
+            entry.fallback_runner, entry.fallback_s = fallback, float(fb_s)
+        except TypeError:
+            pass
+    return key, entry
 
 
 class CacheFileError(ValueError):

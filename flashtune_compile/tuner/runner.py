@@ -59,6 +59,14 @@ class TunableRunner:
         """Extra JSON-able values that select a different cache entry (default: none)."""
         return ()
 
+    def copy_kind(self, tactic: Tactic) -> str | None:
+        """The kind of weight copy ``tactic`` reads from the tuner's weight cache (``tuner/weights.py``),
+        None if it needs none (the default). Such a tactic's ``forward`` admits the copies it needs
+        (``weights.admitting``) and raises ``CopyDenied`` when one is refused; its ``unpacked``
+        function, the warm path, raises ``CopyMissing`` / ``CopyDenied`` as ``WeightCache.get`` does,
+        and the site admits the copy at the bucket's gain or runs a tactic that needs none."""
+        return None
+
     @classmethod
     def for_op(cls, op: Any) -> TunableRunner:
         """This runner as a candidate of ``op`` (an ``ops.spec.OpSpec``); the default takes no
@@ -101,3 +109,6 @@ class DefaultOnly(TunableRunner):
 
     def unpacked(self, tactic: Tactic) -> Callable[..., Any] | None:
         return self.runner.unpacked(DEFAULT_TACTIC)
+
+    def copy_kind(self, tactic: Tactic) -> str | None:
+        return self.runner.copy_kind(DEFAULT_TACTIC)

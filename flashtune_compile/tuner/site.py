@@ -3,8 +3,10 @@
 Its hits (``run``) cost reading the dynamic sizes, one dict lookup keyed by them and the call: Dynamo's guards already
 fix every static shape, dtype and device of a compiled graph's nodes, so nothing else can change
 between calls. The first call of each new size goes through ``AutoTuner.choose_cached``
-(cache-first, tuning a never-seen bucket), and a cached answer is remembered per size. A site
-belongs to one tuner (``AutoTuner.sites``), which drops its memo whenever a cache changes.
+(cache-first, tuning a never-seen bucket), and a cached answer is remembered per size. A choice
+that reads a weight copy runs behind ``WithFallback``: for a weight whose copy the weight cache
+refuses, the bucket's fastest tactic that needs none runs instead. A site belongs to one tuner
+(``AutoTuner.sites``), which drops its memo whenever a cache changes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .buckets import TuningConfig
 from .keys import bounded_put
 from .runner import Tactic, TunableRunner
+from .weights import CopyDenied, CopyMissing, WeightCache
 
 if TYPE_CHECKING:
     from .autotuner import AutoTuner
@@ -81,7 +84,11 @@ class TunedSite:
             _, tactic, fn, unpacked = hit
             return fn(*inputs) if unpacked else fn(inputs, tactic)
         runner, tactic = self._choose_new(inputs, sizes)
-        return runner.forward(inputs, tactic)
+        hit = self.memo.get(sizes)
+        if hit is not None and hit[0] is runner and hit[1] == tactic:
+            _, tactic, fn, unpacked = hit
+            return fn(*inputs) if unpacked else fn(inputs, tactic)
+        return runner(inputs, tactic)
 
     def choose(self, inputs: Sequence[Any]) -> tuple[TunableRunner, Tactic]:
         """The (runner, tactic) for ``inputs``: from the memo, else the tuner (cache first)."""
@@ -112,5 +119,46 @@ class TunedSite:
             runner, tactic = result
             direct = runner.unpacked(tactic)
             call = (direct, True) if direct is not None else (runner.forward, False)
+            if runner.copy_kind(tactic) is not None:
+                primary = direct if direct is not None else _forward_of(runner, tactic)
+                other, other_tactic, gain = self.tuner.fallback_of(
+                    self.op, self.runners, self.config, inputs, self.cache
+                )
+                fallback = other.unpacked(other_tactic) or _forward_of(other, other_tactic)
+                call = (WithFallback(self.tuner.weights, primary, fallback, gain), True)
             bounded_put(self.memo, sizes, (runner, tactic, *call))
         return result
+
+
+def _forward_of(runner: TunableRunner, tactic: Tactic) -> Callable[..., Any]:
+    return lambda *inputs: runner.forward(inputs, tactic)
+
+
+class WithFallback:
+    """A warm call of a tactic that reads a weight copy: ``primary(*inputs)`` where the copy is
+    held; else the copy is asked for (priced at ``gain`` seconds per call: ``WeightCache.admit``)
+    and, until it is made (it waits for a few calls) or when it is refused, ``fallback(*inputs)``,
+    a tactic that needs none."""
+
+    __slots__ = ("store", "primary", "fallback", "gain")
+
+    def __init__(
+        self, store: WeightCache, primary: Callable[..., Any], fallback: Callable[..., Any], gain: float
+    ) -> None:
+        self.store, self.primary, self.fallback, self.gain = store, primary, fallback, gain
+
+    def __call__(self, *inputs: Any) -> Any:
+        try:
+            return self.primary(*inputs)
+        except CopyDenied:
+            return self.fallback(*inputs)
+        except CopyMissing as miss:
+            request = miss.request
+        while self.store.admit(request, self.gain):
+            try:
+                return self.primary(*inputs)
+            except CopyDenied:
+                break
+            except CopyMissing as again:  # a second copy (a bias, an MoE layer's down weights)
+                request = again.request
+        return self.fallback(*inputs)

@@ -4,8 +4,12 @@
 result is the reference; each runner builds all its tactics at once first (``TunableRunner.precompile``); a
 candidate that raises, or whose output is not the same function as the reference's
 (``check.mismatch``), or that cannot run the way it is timed (captured in a CUDA graph, when the
-deployment replays graphs), is never chosen, and its reason is kept; the default is replaced only
-by a candidate that is *clearly* faster (``profiler.pick_winner``). With a lockstep team of ranks
+deployment replays graphs), or whose weight copy does not fit the weight cache's budget, or reads a
+copy of another kind than the one this shape's weights already hold (``layout``), is never chosen,
+and its reason is kept; the default is replaced only by a candidate that is *clearly* faster
+(``profiler.pick_winner``). The entry also names the fastest candidate that needs no weight copy
+(the fallback where a copy is refused later), and when tuning ends only the winner's kind of copy
+is still held (``WeightCache.settle``). With a lockstep team of ranks
 (``tuner/distributed.py``), the listed candidates are dealt out round-robin: each rank checks and
 times only its share (rank 0's includes the default), and every rank picks from everyone's timings
 with the same rule, so all get the same winner.
@@ -13,6 +17,7 @@ with the same rule, so all get the same winner.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from .keys import OpContext
 from .profiler import ProfilerSettings, Timing, pick_winner, settle_cpu, time_candidates
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner, canonical_tactic
 from .synth import synthesize
+from .weights import WeightCache
 
 if TYPE_CHECKING:
     from .distributed import Team
@@ -45,11 +51,12 @@ class Tuned:
 
 
 def _listed_candidates(
-    runners: Sequence[TunableRunner], synth: list, profile: BucketProfile
+    runners: Sequence[TunableRunner], synth: list, profile: BucketProfile, layout: str | None = None
 ) -> tuple[list[tuple[int, Tactic]], list[str]]:
-    """Every (runner index, tactic) offered for this bucket, the default first and each once, and a
-    reason for each runner that could not even list its tactics. The same on every rank of a job
-    (it depends on the bucket's shapes only)."""
+    """Every (runner index, tactic) offered for this bucket, the default first and each once, less
+    those reading a weight copy of another kind than ``layout`` (when given); and a reason for each
+    runner that could not even list its tactics or was left out so. The same on every rank of a
+    job (it depends on the bucket's shapes only)."""
     listed: list[tuple[int, Tactic]] = [(0, DEFAULT_TACTIC)]
     rejected: list[str] = []
     for i, runner in enumerate(runners):
@@ -58,12 +65,21 @@ def _listed_candidates(
         except Exception as e:
             rejected.append(f"{runner.name}: get_valid_tactics raised {type(e).__name__}: {e}")
             continue
+        if layout is not None:
+            other = [t for t in tactics if runner.copy_kind(t) not in (None, layout)]
+            if other:
+                rejected.append(f"{runner.name}: {len(other)} tactic(s) read another copy than this shape's {layout}")
+            tactics = [t for t in tactics if t not in other]
         listed += [(i, t) for t in dict.fromkeys(tactics) if (i, t) not in listed]
     return listed, rejected
 
 
 def _checked(
-    ctx: OpContext, runners: Sequence[TunableRunner], synth: list, ref: Any, candidates: list[tuple[int, Tactic]]
+    ctx: OpContext,
+    runners: Sequence[TunableRunner],
+    synth: list,
+    ref: Any,
+    candidates: list[tuple[int, Tactic]],
 ) -> tuple[list[tuple[int, Tactic]], list[str]]:
     """Those of ``candidates`` whose output matches the default's ``ref`` (each runner builds its
     tactics all at once first), and a reason for each one rejected."""
@@ -112,11 +128,13 @@ def _tune_share(
     min_gain: float,
     generator: Callable[[torch.device], torch.Generator],
     team: Team | None,
+    copies: WeightCache | None = None,
+    layout: str | None = None,
 ) -> _Share:
     """Check and time this rank's share of the bucket's listed candidates (``team.share``; without
     a team, all of them), on inputs synthesized here."""
     synth, shapes, made = synthesize(inputs, ctx.config, bucket, generator)
-    listed, rejected = _listed_candidates(runners, synth, BucketProfile(bucket, shapes))
+    listed, rejected = _listed_candidates(runners, synth, BucketProfile(bucket, shapes), layout)
     ref = runners[0].forward(synth, DEFAULT_TACTIC)  # the default must work: its error is the op's
     mine = listed if team is None else [listed[n] for n in team.share(len(listed))]
     candidates, wrong = _checked(ctx, runners, synth, ref, mine)
@@ -149,30 +167,49 @@ def tune_bucket(
     min_gain: float,
     generator: Callable[[torch.device], torch.Generator],
     team: Team | None = None,
+    copies: WeightCache | None = None,
+    layout: str | None = None,
 ) -> Tuned:
     """Profile every valid (runner, tactic) of ``bucket`` on inputs synthesized from ``inputs``
     (random values from ``generator(device)``) and return the winner. With a lockstep ``team``,
     each rank checks and times its share of the candidates and every rank picks the same winner
-    from everyone's timings (``Tuned.timed`` counts this rank's timings only)."""
-    if team is None:
-        shares = [_tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, None)]
-    else:
-        what = f"tuning {ctx.op} bucket {bucket}"
-        shares = team.run_shared(
-            what, lambda: _tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, team)
-        )
-    results = sorted((r for s in shares for r in s.timed), key=lambda r: r[0])
-    rejected = [why for s in shares for why in s.rejected]
-    if rejected:
-        log.info("flashtune: %s bucket %s: never choosing %s", ctx.op, bucket, "; ".join(dict.fromkeys(rejected)))
-    if log.isEnabledFor(logging.DEBUG):
-        medians = (f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for _, i, t, tm in results)
-        log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(medians))
-    times = [tm for _, _, _, tm in results]  # the default (listed first, always correct) is times[0]
-    best = pick_winner(times, min_gain)
-    _, idx, tactic, _ = results[best]
+    from everyone's timings (``Tuned.timed`` counts this rank's timings only). ``copies``: the
+    weight cache the candidates' ``forward`` calls admit their copies into, as one trial
+    (``WeightCache.trial``), settled for the winner here; ``layout``: the kind of copy this
+    shape's weights hold already, if any (see the module doc)."""
+    with copies.trial() if copies is not None else contextlib.nullcontext([]) as trial:
+        if team is None:
+            shares = [_tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, None, copies, layout)]
+        else:
+            what = f"tuning {ctx.op} bucket {bucket}"
+            shares = team.run_shared(
+                what,
+                lambda: _tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, team, copies, layout),
+            )
+        results = sorted((r for s in shares for r in s.timed), key=lambda r: r[0])
+        rejected = [why for s in shares for why in s.rejected]
+        if rejected:
+            log.info("flashtune: %s bucket %s: never choosing %s", ctx.op, bucket, "; ".join(dict.fromkeys(rejected)))
+        if log.isEnabledFor(logging.DEBUG):
+            medians = (f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for _, i, t, tm in results)
+            log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(medians))
+        times = [tm for _, _, _, tm in results]  # the default (listed first, always correct) is times[0]
+        best = pick_winner(times, min_gain)
+        _, idx, tactic, _ = results[best]
+        # the fastest that needs no weight copy: the default at worst
+        no_copy = [n for n, (_, i, t, _) in enumerate(results) if runners[i].copy_kind(t) is None]
+        fb = min(no_copy, key=lambda n: times[n].median)
+        kind = runners[idx].copy_kind(tactic)
+        if copies is not None:
+            copies.settle(trial, kind, max(0.0, times[fb].median - times[best].median) if kind else None)
     here = shares[0 if team is None else team.rank]
     timed_here = len(here.timed) if len(results) > 1 else 0
     entry = Entry(runners[idx].name, tactic, times[best].median, times[0].median, rejected=rejected)
     entry.timed = len(results) if len(results) > 1 else 0
+    if kind is not None:
+        entry.fallback_runner, entry.fallback_tactic, entry.fallback_s = (
+            runners[results[fb][1]].name,
+            results[fb][2],
+            times[fb].median,
+        )
     return Tuned(idx, tactic, entry, here.synthesized, timed_here)

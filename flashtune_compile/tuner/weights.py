@@ -1,26 +1,56 @@
-"""Re-laid-out copies of weights (transposed, packed, upcast), bounded in bytes, never stale.
+"""Re-laid-out copies of weights (packed, transposed, upcast): at most one per weight, inside a
+memory budget, never stale, and never made over and over.
 
-An entry is keyed by the weight's identity and the kind of copy; for a view of a parameter
-computed in the graph (``w.t()``, ``w.transpose(1, 2)``, ``w[e]``, ``w.expand(...)``: a new object
-every call), by the parameter and the view's shape, strides and offset. It is served only while the
-weight (the parameter, for a view) is the same live object with the same version counter, data
-pointer, shape, stride and dtype: an in-place update (``w.add_``, ``optimizer.step()``, ``load_state_dict``) bumps the
-version and the copy is made again. Least recently used entries are dropped past ``max_bytes``
-(default 2 GiB, ``$FLASHTUNE_WEIGHT_CACHE_MB``); entries of weights that die go with them. The
-tuner owns one (``AutoTuner.weights``), so a new tuner starts with none.
+A tactic asks for a copy with ``get(w, kind, make, nbytes)``, which returns the copy when it is
+held and valid. Otherwise it raises: ``CopyMissing`` when nothing is decided yet, and the caller
+asks ``admit`` (then calls again); ``CopyDenied`` when the copy will not be made, and the caller
+runs a tactic that needs none (a site runs its bucket's best such tactic, ``tuner/site.py``).
+A site's request (priced: ``gain``, seconds per call saved over the bucket's best tactic without a
+copy, as the tuner measured it) waits until its weight has made ``promote_after`` calls (8) that
+wanted it, running the fallback meanwhile, so a bucket used once (a prompt's prefill) holds no
+memory. ``admit`` makes a copy only while the budget holds it, so every copy made stays resident.
+When it does not fit, copies worth less time per byte make way for it, else it is refused. A
+refused or displaced copy leaves a mark, so its weight's calls fall back at once for as long as
+the weight is unchanged: nothing is re-packed per call. A weight holds copies of one kind only,
+the first made (a view of a parameter counts as the parameter).
+
+Validity: a copy is served only while its weight (the parameter, for a view computed in the
+graph) is the same live object with the same version counter, data pointer, shape, stride and
+dtype; after an in-place update (``w.add_``, ``optimizer.step()``, ``load_state_dict``) the copy
+is made again if it is admitted again. A weight's death drops its copies and marks.
+
+Budget (``budget()``): ``$FLASHTUNE_WEIGHT_CACHE_MB`` when set; else a tenth of the bytes of the
+weights the compiled graphs read (``register``), so copies beside them add at most 10% to a model's
+memory (and at least 256 MiB, so small models get every copy). Either way, never more than the
+memory the machine has available less a reserve, so copies never push a process into swap or the
+OOM killer.
+
+Tuning (``trial``): while one bucket is profiled, each candidate's copy is admitted if it fits
+without displacing anything; once the bucket is decided (``settle``), the copies of the kinds that
+lost are dropped, so tuning leaves at most one copy per weight. The tuner owns one store
+(``AutoTuner.weights``), so a new tuner starts with none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+log = logging.getLogger("flashtune")
+
 _PARAMETER = torch.nn.Parameter
+DEFAULT_SHARE = 0.10  # without $FLASHTUNE_WEIGHT_CACHE_MB: copies may add this share of the weights' bytes
+MIN_DEFAULT_BUDGET = 256 * 2**20  # ... or this much, whichever is more
+MIN_RESERVE = 512 * 2**20  # memory never taken by copies: this, or 5% of the machine's, whichever is more
+PROMOTE_AFTER = 8  # a site's copy is made on its weight's 8th call that wants it
 
 
 def _meta(owner: torch.Tensor) -> tuple:
@@ -28,17 +58,78 @@ def _meta(owner: torch.Tensor) -> tuple:
     return owner._version, owner.data_ptr(), owner.shape, owner.stride(), owner.dtype
 
 
-class WeightCache:
-    """Copies of weights by (weight, kind); one per tuner (``AutoTuner.weights``). A hit reads the
-    entries without the lock (a dict read and ``move_to_end`` are each atomic under the GIL);
-    adding and dropping entries take it."""
+class CopyDenied(RuntimeError):
+    """The weight copy a tactic needs is not held and will not be made (the budget is full, or the
+    weight holds another kind of copy): run a tactic that needs none."""
 
-    def __init__(self, max_bytes: int) -> None:
+
+@dataclass
+class CopyRequest:
+    """A copy ``get`` found no decision for: what ``admit`` needs to decide and make it."""
+
+    key: tuple
+    owners: tuple[torch.Tensor, ...]  # whose life and version the copy follows
+    meta: tuple  # what must not change while the copy is held (_meta, of every owner for several)
+    kind: str
+    make: Callable[[], Any]
+    nbytes: int
+
+
+class CopyMissing(Exception):
+    """``get`` has no decision for ``request``: call ``admit(request, gain)``, then call again."""
+
+    def __init__(self, request: CopyRequest) -> None:
+        super().__init__(f"no decision yet for a {request.kind} copy of {request.nbytes} bytes")
+        self.request = request
+
+
+@dataclass(eq=False)
+class _Held:
+    """A copy held (``value``), or a refusal mark (``value`` None) with the reason."""
+
+    refs: tuple  # weakrefs to the owners
+    meta: tuple
+    value: Any
+    nbytes: int
+    kind: str
+    gain: float | None = None  # seconds per call saved; None: not known (library use, a trial)
+    trial: bool = False
+    why: str = ""
+    owner_ids: tuple = field(default=())
+
+
+class WeightCache:
+    """Copies of weights by (weight, kind), at most one kind per weight, within ``budget()``; one
+    per tuner (``AutoTuner.weights``). A hit reads the entries without the lock (a dict read is
+    atomic under the GIL); deciding, making and dropping take it."""
+
+    def __init__(
+        self,
+        max_bytes: int | None = None,
+        share: float = DEFAULT_SHARE,
+        floor: int = MIN_DEFAULT_BUDGET,
+        promote_after: int = PROMOTE_AFTER,
+    ) -> None:
+        """``max_bytes``: the budget in bytes (None: ``share`` of the registered weights' bytes, at
+        least ``floor``); either way capped by the memory available (``available_bytes``).
+        ``promote_after``: the calls a priced request waits (see the module docstring)."""
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, tuple] = OrderedDict()
+        self.share, self.floor, self.promote_after = share, floor, promote_after
+        self._waiting: dict[tuple, tuple[weakref.ref, int]] = {}  # key -> (first owner, calls so far)
+        self._entries: dict[tuple, _Held] = {}
+        self._kinds: dict[int, str] = {}  # id(owner) -> the kind of copy it holds
         self._lock = threading.RLock()  # re-entrant: a weakref callback may fire inside it (GC)
-        self.nbytes = 0
-        self.made = 0  # copies made (a stale or evicted entry is made again)
+        self._weights: dict[int, tuple[weakref.ref, int]] = {}  # registered weights: id -> (ref, bytes)
+        self._weight_bytes = 0
+        self._trial: list[tuple] | None = None  # keys admitted while tuning one bucket
+        self._trial_thread: int | None = None
+        self._said: set[tuple] = set()
+        self.nbytes = 0  # bytes held by copies
+        self.made = 0  # copies made (a stale copy is made again)
+        self.denied = 0  # requests refused
+        self.displaced = 0  # copies dropped to make way for ones worth more per byte
+
+    # -- what a weight is ---------------------------------------------------------------------
 
     @staticmethod
     def parameter_of(w: torch.Tensor) -> torch.Tensor | None:
@@ -56,46 +147,6 @@ class WeightCache:
         """Whether copies of ``w`` are worth keeping: ``w`` is a parameter or a view of one."""
         return WeightCache.parameter_of(w) is not None
 
-    def get(
-        self,
-        w: torch.Tensor | tuple[torch.Tensor, ...],
-        kind: str,
-        make: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """``make(w)``, from the cache when a valid copy of this kind exists (for a view of a
-        parameter: made from this same view of the parameter as it is now). ``w`` may be a tuple of
-        weights (one copy made from several, e.g. gate and up packed together): the copy is then
-        valid only while every one of them is."""
-        if type(w) is _PARAMETER:  # the warm path's common case, its identity read directly
-            owner, key, meta = w, (kind, (id(w), ())), _meta(w)
-        elif isinstance(w, tuple):
-            owners, ident, meta = zip(*map(self._identity, w))
-            owner, key = owners[0], (kind, ident)
-        else:
-            owner, ident, meta = self._identity(w)
-            key = (kind, ident)
-        entry = self._entries.get(key)
-        # every owner's death drops the entry (weakref callbacks), so checking the first one suffices
-        if entry is not None and entry[0][0]() is owner and entry[1] == meta:
-            try:  # a C method, atomic under the GIL; KeyError: another thread dropped it meanwhile
-                self._entries.move_to_end(key)
-            except KeyError:
-                pass
-            return entry[2]
-        value = make(w)
-        size = value.numel() * value.element_size()
-        with self._lock:
-            self._drop(key)
-            self.made += 1
-            if size <= self.max_bytes:
-                alive = owners if isinstance(w, tuple) else (owner,)
-                refs = tuple(weakref.ref(o, lambda _, key=key: self._forget(key)) for o in alive)
-                self._entries[key] = (refs, meta, value, size)
-                self.nbytes += size
-                while self.nbytes > self.max_bytes:
-                    self._drop(next(iter(self._entries)))
-        return value
-
     @staticmethod
     def _identity(w: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
         """``(owner, key, meta)``: the tensor whose life and version a copy of ``w`` follows (the
@@ -107,28 +158,336 @@ class WeightCache:
             view = (tuple(w.shape), w.stride(), w.storage_offset(), w.dtype)
         return owner, (id(owner), view), _meta(owner)
 
+    # -- the warm path ---------------------------------------------------------------------------
+
+    def get(
+        self,
+        w: torch.Tensor | tuple[torch.Tensor, ...],
+        kind: str,
+        make: Callable[[Any], Any],
+        nbytes: int,
+    ) -> Any:
+        """``make(w)`` as held: the copy of this kind when it is held and valid (for a view of a
+        parameter: made from this same view of the parameter as it is now). ``w`` may be a tuple
+        of weights (one copy made from several, e.g. gate and up packed together), valid only
+        while every one of them is. ``nbytes``: what the copy will take. Raises ``CopyDenied``
+        when the copy will not be made, ``CopyMissing`` when it is not decided yet."""
+        if type(w) is _PARAMETER:  # the warm path's common case, its identity read directly
+            owner, key, meta = w, (kind, (id(w), ())), _meta(w)
+        elif isinstance(w, tuple):
+            owners, ident, meta = zip(*map(self._identity, w))  # meta: every owner's
+            owner, key = owners[0], (kind, ident)
+        else:
+            owner, ident, meta = self._identity(w)
+            key = (kind, ident)
+        held = self._entries.get(key)
+        # every owner's death drops the entry (weakref callbacks), so checking the first one suffices
+        if held is not None and held.refs[0]() is owner and held.meta == meta:
+            if held.value is not None:
+                return held.value
+            raise CopyDenied(f"flashtune: no {kind} copy of this weight: {held.why}")
+        request = CopyRequest(
+            key, owners if isinstance(w, tuple) else (owner,), meta, kind, lambda: make(w), int(nbytes)
+        )
+        raise CopyMissing(request)
+
+    # -- deciding ------------------------------------------------------------------------------
+
+    def admit(self, request: CopyRequest, gain: float | None = None) -> bool:
+        """``decide``: True if the copy is now held."""
+        return self.decide(request, gain) is None
+
+    def decide(self, request: CopyRequest, gain: float | None = None) -> str | None:
+        """Decide ``request`` and, if admitted, make the copy now; None if it is now held, else why not.
+        ``gain``: seconds per call the copy saves, as a site prices it; a priced request never
+        replaces a weight's copy of another kind, and may displace copies worth less per byte.
+        Unpriced (None: a direct ``forward`` call), it replaces the weight's copy of another kind
+        (the caller asked for this tactic) but displaces nothing else. Inside ``trial`` (on the
+        thread that opened it), copies of several kinds may coexist until ``settle``, nothing is
+        displaced, and a refusal leaves no mark."""
+        with self._lock:
+            trial = self._trial if self._trial_thread == threading.get_ident() else None
+            held = self._entries.get(request.key)
+            if held is not None and self._valid(held, request):  # another thread decided it meanwhile
+                return None if held.value is not None else held.why
+            self._drop(request.key)  # stale: its weight changed since
+            self.register(request.owners)
+            if trial is None and gain is None:
+                self._drop_other_kinds(request)
+            if trial is None and gain is not None and self._waits(request):
+                return f"waiting for {self.promote_after} calls"
+            why = self._refusal(request, None if trial is not None else gain)
+            if why is not None:
+                if trial is None:  # in a trial this is only a candidate the tuner rejects, with this reason
+                    self.denied += 1
+                    self._say_left_out(request, why)
+                    self._put(request, None, 0, gain, why=why)
+                return why
+            value = request.make()
+            self.made += 1
+            self._put(request, value, request.nbytes, gain, trial=trial is not None)
+            log.debug(
+                "flashtune: made a %s copy of a %s weight (%s; %s held)",
+                request.kind,
+                list(request.owners[0].shape),
+                _mb(request.nbytes),
+                _mb(self.nbytes),
+            )
+            if trial is not None:
+                trial.append(request.key)
+            return None
+
+    def _waits(self, request: CopyRequest) -> bool:
+        """Count one more call of a priced request; whether it must still wait (no mark is left)."""
+        ref, calls = self._waiting.get(request.key, (None, 0))
+        if ref is None or ref() is not request.owners[0]:
+            ref, calls = weakref.ref(request.owners[0]), 0
+        calls += 1
+        if calls < self.promote_after:
+            self._waiting[request.key] = (ref, calls)
+            return True
+        self._waiting.pop(request.key, None)
+        return False
+
+    def _drop_other_kinds(self, request: CopyRequest) -> None:
+        ids = {id(o) for o in request.owners}
+        for key, held in list(self._entries.items()):
+            if held.kind != request.kind and not held.trial and ids & set(held.owner_ids):
+                self._drop(key)
+
+    def _refusal(self, request: CopyRequest, gain: float | None) -> str | None:
+        """Why ``request`` cannot be held (None: it can, after displacing what ``_victims`` names,
+        which this drops). Call under the lock."""
+        for o in request.owners:
+            kind = self._kinds.get(id(o))
+            if kind is not None and kind != request.kind:
+                return f"the weight holds a {kind} copy already (one copy per weight)"
+        budget, source = self.budget_and_source()
+        if request.nbytes > budget:
+            return f"{_mb(request.nbytes)} is more than the whole budget ({_mb(budget)}: {source})"
+        need = self.nbytes + request.nbytes - budget
+        if need <= 0:
+            return None
+        victims = self._victims(need, gain / request.nbytes) if gain is not None and request.nbytes > 0 else None
+        if victims is None:
+            return f"the budget ({_mb(budget)}: {source}) is full and nothing held is worth less per byte"
+        for key in victims:
+            victim = self._entries[key]
+            self.displaced += 1
+            self._drop(key)
+            victim.value, victim.nbytes, victim.why = None, 0, "displaced by a copy worth more time per byte"
+            self._entries[key] = victim  # the mark: its calls fall back from now on
+        return None
+
+    def _victims(self, need: int, per_byte: float) -> list[tuple] | None:
+        """Held copies worth less time per byte than ``per_byte``, cheapest first, freeing at least
+        ``need`` bytes; None if they do not add up to it."""
+        cheaper = [
+            (h.gain / h.nbytes, key)
+            for key, h in self._entries.items()
+            if h.value is not None
+            and not h.trial
+            and h.gain is not None
+            and h.nbytes > 0
+            and h.gain / h.nbytes < per_byte
+        ]
+        chosen, freed = [], 0
+        for _, key in sorted(cheaper):
+            if freed >= need:
+                break
+            chosen.append(key)
+            freed += self._entries[key].nbytes
+        return chosen if freed >= need else None
+
+    def _valid(self, held: _Held, request: CopyRequest) -> bool:
+        return held.refs[0]() is request.owners[0] and held.meta == request.meta
+
+    def _put(
+        self, request: CopyRequest, value: Any, nbytes: int, gain: float | None, why: str = "", trial: bool = False
+    ) -> None:
+        key = request.key
+        refs = tuple(weakref.ref(o, lambda _, key=key: self._forget(key)) for o in request.owners)
+        ids = tuple(id(o) for o in request.owners)
+        self._entries[key] = _Held(refs, request.meta, value, nbytes, request.kind, gain, trial, why, ids)
+        self.nbytes += nbytes
+        if value is not None and not trial:
+            for i in ids:
+                self._kinds[i] = request.kind
+
     def _drop(self, key: tuple) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.nbytes -= entry[3]
+        held = self._entries.pop(key, None)
+        if held is None:
+            return
+        self.nbytes -= held.nbytes
+        if held.value is not None and not any(
+            h.value is not None and not h.trial and h.kind == held.kind and set(h.owner_ids) & set(held.owner_ids)
+            for h in self._entries.values()
+        ):
+            for i in held.owner_ids:
+                if self._kinds.get(i) == held.kind:
+                    del self._kinds[i]
 
     def _forget(self, key: tuple) -> None:
         with self._lock:
             self._drop(key)
 
+    # -- tuning ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[list[tuple]]:
+        """Copies admitted inside (on this thread) are the candidates' of one bucket: admitted only
+        if they fit as they are, and dropped by ``settle`` unless their kind won."""
+        with self._lock:
+            outer = (self._trial, self._trial_thread)
+            self._trial, self._trial_thread = [], threading.get_ident()
+        try:
+            yield self._trial
+        finally:
+            with self._lock:
+                self._trial, self._trial_thread = outer
+
+    def settle(self, keys: Iterable[tuple], keep: str | None, gain: float | None) -> None:
+        """After a bucket is decided: of the copies its trial made (``keys``), those of kind ``keep``
+        stay, priced at ``gain`` seconds per call; the others are dropped now."""
+        with self._lock:
+            for key in keys:
+                held = self._entries.get(key)
+                if held is None or not held.trial:
+                    continue
+                if held.kind == keep and held.value is not None and not self._holds_other(held):
+                    held.trial, held.gain = False, gain
+                    for i in held.owner_ids:
+                        self._kinds[i] = held.kind
+                else:
+                    self._drop(key)
+
+    def held_kind(self, tensors: Iterable[Any]) -> str | None:
+        """The kind of copy the first of ``tensors`` that holds one holds (parameters, or views of
+        them; anything else is skipped), or None."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                owner = self.parameter_of(t)
+                kind = self._kinds.get(id(owner)) if owner is not None else None
+                if kind is not None:
+                    return kind
+        return None
+
+    def _holds_other(self, held: _Held) -> bool:
+        """Whether an owner of ``held`` holds a copy of another kind already (outside the trial)."""
+        return any(self._kinds.get(i, held.kind) != held.kind for i in held.owner_ids)
+
+    # -- the budget ----------------------------------------------------------------------------
+
+    def register(self, weights: Iterable[torch.Tensor]) -> None:
+        """Count these weights (parameters, or what they view) among the model's: the default
+        budget is a share of their bytes. Each is counted once, for as long as it lives."""
+        with self._lock:
+            for w in weights:
+                param = self.parameter_of(w)
+                owner = param if param is not None else w
+                ident = id(owner)
+                if ident in self._weights:
+                    continue
+                size = owner.untyped_storage().nbytes() if owner.device.type != "meta" else 0
+                ref = weakref.ref(owner, lambda _, i=ident: self._unregister(i))
+                self._weights[ident] = (ref, size)
+                self._weight_bytes += size
+
+    def _unregister(self, ident: int) -> None:
+        with self._lock:
+            found = self._weights.pop(ident, None)
+            if found is not None:
+                self._weight_bytes -= found[1]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the registered weights that are alive."""
+        return self._weight_bytes
+
+    def budget_and_source(self) -> tuple[int, str]:
+        """The bytes copies may hold now, and what set that (see the module docstring)."""
+        if self.max_bytes is not None:
+            limit, source = self.max_bytes, "FLASHTUNE_WEIGHT_CACHE_MB"
+        else:
+            limit = max(self.floor, int(self.share * self._weight_bytes))
+            source = f"{self.share:.0%} of the weights' {_mb(self._weight_bytes)}, at least {_mb(self.floor)}"
+        free = available_bytes()
+        if free is not None and self.nbytes + free < limit:
+            return max(0, self.nbytes + free), f"{source}, cut to the memory available"
+        return limit, source
+
+    def budget(self) -> int:
+        return self.budget_and_source()[0]
+
+    def _say_left_out(self, request: CopyRequest, why: str) -> None:
+        """Log once per kind, weight shape and reason that copies were left out."""
+        owner = request.owners[0]
+        what = (request.kind, tuple(owner.shape), why.split(" (")[0])
+        if what in self._said:
+            return
+        self._said.add(what)
+        log.info(
+            "flashtune: leaving out %s copies of %s %s weights (%s each): %s; their calls run a tactic "
+            "that needs no copy",
+            request.kind,
+            list(owner.shape),
+            str(owner.dtype).removeprefix("torch."),
+            _mb(request.nbytes),
+            why,
+        )
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._kinds.clear()
+            self._waiting.clear()
             self.nbytes = 0
 
 
-def max_bytes_from_env() -> int:
-    """``$FLASHTUNE_WEIGHT_CACHE_MB`` in bytes (default 2048 MiB); ValueError naming it if malformed."""
-    text = os.environ.get("FLASHTUNE_WEIGHT_CACHE_MB", "2048")
+def admitting(store: WeightCache, call: Callable[[], Any], gain: float | None = None) -> Any:
+    """``call()``, admitting into ``store`` each weight copy it asks for (priced at ``gain``);
+    ``CopyDenied`` when one is refused."""
+    while True:
+        try:
+            return call()
+        except CopyMissing as miss:
+            request = miss.request
+        why = store.decide(request, gain)
+        if why is not None:
+            raise CopyDenied(f"flashtune: no {request.kind} weight copy ({_mb(request.nbytes)}): {why}")
+
+
+def _mb(n: int) -> str:
+    if n < 2**10:
+        return f"{n} bytes"
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def available_bytes() -> int | None:
+    """Memory the machine can still give (Linux's MemAvailable) less a reserve of 5% of its memory
+    (at least 512 MiB); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        avail = int(fields["MemAvailable"].split()[0]) * 1024
+        total = int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    return avail - max(MIN_RESERVE, total // 20)
+
+
+def max_bytes_from_env() -> int | None:
+    """``$FLASHTUNE_WEIGHT_CACHE_MB`` in bytes; None when unset or ``auto`` (the default budget);
+    ValueError naming it if malformed."""
+    text = os.environ.get("FLASHTUNE_WEIGHT_CACHE_MB", "").strip()
+    if text in ("", "auto"):
+        return None
     try:
         mb = int(text)
     except ValueError:
         mb = -1
     if mb < 0:
-        raise ValueError(f"FLASHTUNE_WEIGHT_CACHE_MB={text!r} is not a non-negative whole number of MiB")
+        raise ValueError(f"FLASHTUNE_WEIGHT_CACHE_MB={text!r} is not a non-negative whole number of MiB (or 'auto')")
     return mb * 2**20

@@ -9,12 +9,14 @@ import torch
 
 from ...tuner.autotuner import AutoTuner
 from ...tuner.runner import DEFAULT_TACTIC, Tactic, TunableRunner
+from ...tuner.weights import admitting
 
 
 class BoundRunner(TunableRunner):
     """Each tactic runs as ``fn(*inputs)`` from ``bind(tactic)``, made once per tactic and per tuner
-    (the packed weights it reads live in that tuner's weight cache); a warm call calls it directly.
-    Subclasses implement ``resolve`` (a tactic in its canonical form) and ``bind``."""
+    (the packed weights it reads live in that tuner's weight cache); a warm call calls it directly
+    (``unpacked``), ``forward`` admits the copies it needs first. Subclasses implement ``resolve``
+    (a tactic in its canonical form) and ``bind``, and ``copy_kind`` if a tactic reads a copy."""
 
     def __init__(self) -> None:
         self._fns: dict[tuple, tuple[Any, Callable[..., torch.Tensor]]] = {}
@@ -28,7 +30,10 @@ class BoundRunner(TunableRunner):
         raise NotImplementedError
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
-        return self._fn(self.resolve(tactic, inputs))(*inputs)
+        fn = self._fn(self.resolve(tactic, inputs))
+        if self.copy_kind(tactic) is None:
+            return fn(*inputs)
+        return admitting(AutoTuner.get().weights, lambda: fn(*inputs))
 
     def unpacked(self, tactic: Tactic) -> Callable[..., Any] | None:
         return None if tactic == DEFAULT_TACTIC else self._fn(self.resolve(tactic, None))

@@ -45,7 +45,8 @@ def _bound(tactic: tuple[int, int]) -> Callable[..., torch.Tensor]:
     r, pairs = tactic
     kernel = load_blocked_gemm()
     weights_cache = AutoTuner.get().weights  # the tuner of the calling site
-    suffix = f"{r}{'p' if pairs else ''}"
+    kind = copy_kind(r, pairs)
+    nb, kps = kernel.block_width(r), 2 if pairs else 1
 
     def make_gate_up(ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if len(ws) == 2:
@@ -57,16 +58,27 @@ def _bound(tactic: tuple[int, int]) -> Callable[..., torch.Tensor]:
         return kernel.pack(w2, r, bool(pairs))
 
     def fn(hidden, weights, ids, w1, w2, activation, w3):
-        gate_up = weights_cache.get((w1,) if w3 is None else (w1, w3), f"moe_gate_up{suffix}", make_gate_up)
-        down = weights_cache.get(w2, f"blocked{suffix}", make_down)
+        e, h, inter = w2.shape
+        elem = w2.element_size()
+        ipad = -(-inter // (nb // 2)) * (nb // 2)
+        up_bytes = e * 2 * ipad * -(-h // kps) * kps * elem
+        down_bytes = e * -(-h // nb) * nb * -(-inter // kps) * kps * elem
+        gate_up = weights_cache.get((w1,) if w3 is None else (w1, w3), kind, make_gate_up, up_bytes)
+        down = weights_cache.get(w2, kind, make_down, down_bytes)
         if hidden.stride(-1) != 1:
             hidden = hidden.contiguous()
         weights = weights.to(torch.float32).contiguous()
         ids = ids.to(torch.int64).contiguous()
         act = ACTIVATION_CODES[activation]
-        return kernel.moe(hidden, weights, ids, gate_up, down, w2.shape[2], act, r, bool(pairs))
+        return kernel.moe(hidden, weights, ids, gate_up, down, inter, act, r, bool(pairs))
 
     return fn
+
+
+def copy_kind(r: int, pairs: bool | int) -> str:
+    """The weight cache's kind for this kernel's packs (gate/up together, and down) in blocks of
+    ``r`` vectors (``pairs``: k in pairs)."""
+    return f"moe_blocked{r}{'p' if pairs else ''}"
 
 
 class CpuBlockedMoeRunner(BoundRunner):
@@ -94,3 +106,6 @@ class CpuBlockedMoeRunner(BoundRunner):
 
     def bind(self, tactic: tuple) -> Callable[..., torch.Tensor]:
         return _bound(tactic)
+
+    def copy_kind(self, tactic: Tactic) -> str | None:
+        return copy_kind(*self.resolve(tactic, None))

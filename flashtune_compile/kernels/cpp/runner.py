@@ -53,19 +53,27 @@ def blocked_tactics(
     return [(mr, r, s, p) for mr, r in tiles if mr in heights for s in splits for p in kinds]
 
 
+def copy_kind(r: int, pairs: bool | int) -> str:
+    """The weight cache's kind for a pack in blocks of ``r`` vectors (``pairs``: k in pairs)."""
+    return f"blocked{r}{'p' if pairs else ''}"
+
+
 def _bound(tactic: tuple[int, int, int, int]) -> Callable[..., torch.Tensor]:
     """``fn(x, w, b)`` computing the linear by ``tactic``: the packed weight from the tuner's cache,
     then the kernel (the warm path, so nothing else)."""
     mr, r, ksplit, pairs = tactic[0], tactic[1], tactic[2], bool(tactic[3])
     kernel = load_blocked_gemm()
     weights = AutoTuner.get().weights  # the tuner of the calling site
-    kind = f"blocked{r}{'p' if pairs else ''}"
+    kind = copy_kind(r, pairs)
+    nb, kps = kernel.block_width(r), 2 if pairs else 1
 
     def make(w: torch.Tensor) -> torch.Tensor:
         return kernel.pack(w, r, pairs)
 
     def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return kernel.linear(x, weights.get(w, kind, make), b, w.shape[0], mr, r, ksplit, pairs)
+        n, k = w.shape
+        size = -(-n // nb) * nb * -(-k // kps) * kps * w.element_size()
+        return kernel.linear(x, weights.get(w, kind, make, size), b, n, mr, r, ksplit, pairs)
 
     return fn
 
@@ -95,3 +103,7 @@ class CpuBlockedLinearRunner(BoundRunner):
 
     def bind(self, tactic: tuple) -> Callable[..., torch.Tensor]:
         return _bound(tactic)
+
+    def copy_kind(self, tactic: Tactic) -> str | None:
+        r, pairs = self.resolve(tactic, None)[1::2] if tactic != DEFAULT_TACTIC else (4, 0)
+        return copy_kind(r, pairs)

@@ -1,0 +1,211 @@
+"""Weight copies (tuner/weights.py): at most one per weight, inside the budget, chosen by time saved
+per byte, never made again and again; and an op whose copy is refused running a tactic without one."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn as nn
+
+import flashtune_compile as ft
+from flashtune_compile.kernels.cpp import load_blocked_gemm
+from flashtune_compile.tuner import weights as weights_module
+from flashtune_compile.tuner.cache import Entry
+from flashtune_compile.tuner.weights import CopyDenied, WeightCache, admitting
+
+COPY = 8 * 8 * 4  # bytes of one copy of an 8 x 8 fp32 weight
+
+
+def _param() -> nn.Parameter:
+    return nn.Parameter(torch.randn(8, 8), requires_grad=False)
+
+
+def _get(store: WeightCache, w: torch.Tensor, kind: str = "t", gain: float | None = None) -> torch.Tensor:
+    return admitting(store, lambda: store.get(w, kind, lambda t: t.t().contiguous(), w.numel() * 4), gain)
+
+
+def test_copies_stay_inside_the_budget_and_a_refusal_sticks_until_the_weight_changes():
+    store = WeightCache(max_bytes=3 * COPY)
+    ws = [_param() for _ in range(4)]
+    for w in ws[:3]:
+        torch.testing.assert_close(_get(store, w), w.t())
+    with pytest.raises(CopyDenied, match="is full"):
+        _get(store, ws[3])
+    assert store.nbytes == 3 * COPY and store.made == 3 and store.denied == 1
+    for _ in range(5):  # the refusal is remembered: asked again, nothing is decided or made again
+        with pytest.raises(CopyDenied, match="budget"):
+            store.get(ws[3], "t", lambda t: t.t().contiguous(), COPY)
+    assert store.made == 3 and store.denied == 1
+    for _ in range(5):  # held copies are served as they are
+        _get(store, ws[0])
+    assert store.made == 3
+    with torch.no_grad():
+        ws[3].mul_(2)  # a changed weight is decided again (and refused again: still no room)
+    with pytest.raises(CopyDenied):
+        _get(store, ws[3])
+    assert store.denied == 2
+    del ws[0], w
+    gc.collect()  # a weight's death frees its copy; then there is room
+    assert store.nbytes == 2 * COPY
+    with torch.no_grad():
+        ws[2].add_(1)
+    torch.testing.assert_close(_get(store, ws[2]), ws[2].t())  # remade from the new values
+    torch.testing.assert_close(_get(store, ws[-1]), ws[-1].t())
+    assert store.nbytes == 3 * COPY
+
+
+def test_a_copy_worth_more_per_byte_displaces_cheaper_ones_which_then_stay_out():
+    store = WeightCache(max_bytes=2 * COPY, promote_after=1)
+    a, b, c, d = (_param() for _ in range(4))
+    _get(store, a, gain=1e-6)
+    _get(store, b, gain=2e-6)
+    _get(store, c, gain=5e-6)  # worth more per byte than a: a makes way
+    assert store.displaced == 1 and store.nbytes == 2 * COPY
+    with pytest.raises(CopyDenied, match="displaced"):
+        store.get(a, "t", lambda t: t.t().contiguous(), COPY)
+    with pytest.raises(CopyDenied, match="nothing held is worth less"):
+        _get(store, d, gain=1e-7)  # worth less than everything held: refused
+    made = store.made
+    for _ in range(10):  # no thrash: a displaced or refused weight is not made again
+        for w in (a, d):
+            with pytest.raises(CopyDenied):
+                _get(store, w, gain=9e-6)
+        _get(store, b, gain=2e-6)
+        _get(store, c, gain=5e-6)
+    assert store.made == made and store.displaced == 1
+
+
+def test_a_weight_holds_one_kind_of_copy():
+    store = WeightCache(max_bytes=10 * COPY, promote_after=1)
+    w, v = _param(), _param()
+    _get(store, w, "t", gain=1e-6)
+    with pytest.raises(CopyDenied, match="one copy per weight"):
+        _get(store, w, "other", gain=1e-3)  # a site's priced request never replaces it
+    assert store.nbytes == COPY
+    _get(store, v, "t", gain=1e-6)
+    _get(store, v, "other")  # a direct forward call asked for that tactic: its copy replaces the other
+    held = {kind: ident[0] for (kind, ident), h in store._entries.items() if h.value is not None}
+    assert store.nbytes == 2 * COPY and held == {"t": id(w), "other": id(v)}
+
+
+def test_a_trial_keeps_only_the_winners_kind_and_leaves_no_marks():
+    store = WeightCache(max_bytes=3 * COPY, promote_after=1)
+    w, big = _param(), nn.Parameter(torch.randn(64, 8), requires_grad=False)
+    with store.trial() as made:
+        _get(store, w, "a")
+        _get(store, w, "b")  # several kinds of one weight coexist while a bucket is tuned
+        with pytest.raises(CopyDenied):
+            _get(store, big, "a")  # 2 KiB: does not fit, and displaces nothing
+        assert store.nbytes == 2 * COPY
+    store.settle(made, "b", 1e-6)
+    assert store.nbytes == COPY and {k for k, _ in store._entries} == {"b"}
+    with pytest.raises(CopyDenied, match="one copy per weight"):
+        _get(store, w, "a", gain=1.0)
+    store.max_bytes = 20 * COPY
+    _get(store, big, "a", gain=1e-6)  # refused in the trial, but no mark was left: decided afresh
+    assert store.nbytes == COPY + 2048
+
+
+def test_a_sites_copy_is_made_only_once_its_weight_is_called_often():
+    store = WeightCache(max_bytes=10 * COPY, promote_after=3)
+    w = _param()
+    for _ in range(2):  # a bucket used once or twice (a prompt's prefill) holds no memory
+        with pytest.raises(CopyDenied, match="waiting for 3 calls"):
+            _get(store, w, gain=1e-6)
+    assert store.made == 0 and store.nbytes == 0 and store.denied == 0
+    torch.testing.assert_close(_get(store, w, gain=1e-6), w.t())  # the third call makes it
+    assert store.made == 1
+    v = _param()
+    torch.testing.assert_close(_get(store, v), v.t())  # a direct forward call does not wait
+
+
+def test_the_default_budget_is_a_share_of_the_weights_and_never_past_free_memory(monkeypatch):
+    store = WeightCache(share=0.5, floor=0)
+    ws = [nn.Parameter(torch.randn(256, 256), requires_grad=False) for _ in range(4)]  # 256 KiB each
+    store.register(ws)
+    store.register(ws[:2])  # counted once
+    assert store.weight_bytes == 4 * 256 * 1024 and store.budget() == 2 * 256 * 1024
+    monkeypatch.setattr(weights_module, "available_bytes", lambda: 100 * 1024)
+    budget, source = store.budget_and_source()
+    assert budget == 100 * 1024 and "memory available" in source
+    del ws
+    gc.collect()
+    assert store.weight_bytes == 0
+    monkeypatch.setenv("FLASHTUNE_WEIGHT_CACHE_MB", "12")
+    assert weights_module.max_bytes_from_env() == 12 * 2**20
+    monkeypatch.setenv("FLASHTUNE_WEIGHT_CACHE_MB", "auto")
+    assert weights_module.max_bytes_from_env() is None
+    monkeypatch.setenv("FLASHTUNE_WEIGHT_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="FLASHTUNE_WEIGHT_CACHE_MB='lots'"):
+        weights_module.max_bytes_from_env()
+
+
+class Stack(nn.Module):
+    """Six 64 x 64 linears: one call site (one shape), six weights of 16 KiB."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64, bias=False, dtype=dtype) for _ in range(6))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def _force_blocked_winner(tuner):
+    """Rewrite every cached linear winner to the blocked kernel (a copy tactic) with the rows kernel
+    (no copy) as its fallback: what a tuning run on a machine where the packed copy wins leaves."""
+    for key, entry in tuner.cache.snapshot().items():
+        forced = Entry("cpu_blocked", (1, 2, 1, 0), 1e-6, entry.default_s)
+        forced.fallback_runner, forced.fallback_tactic, forced.fallback_s = "cpu_rows", (1, 2, 0), 2e-6
+        tuner.cache.put(key, forced)
+
+
+def test_where_the_budget_is_full_the_op_runs_its_fallback_and_never_repacks(tuner):
+    load_blocked_gemm()
+    torch._dynamo.reset()
+    model = Stack().requires_grad_(False)
+    compiled = torch.compile(model, backend="flashtune", options={"inner": "eager", "kernels": {"aten", "cpu"}})
+    x = torch.randn(1, 64)
+    store = tuner.weights
+    with torch.no_grad():
+        want = model(x)
+        compiled(x)  # tunes the one bucket
+        _force_blocked_winner(tuner)
+        store.clear()
+        store.max_bytes = 2 * 16 * 1024  # room for two of the six packed copies
+        ft.reset_stats()
+        made, denied = store.made, store.denied
+        for _ in range(store.promote_after - 1):  # the copies wait for their weights' first calls
+            torch.testing.assert_close(compiled(x), want)
+        assert store.made == made and store.nbytes == 0
+        for _ in range(5):
+            torch.testing.assert_close(compiled(x), want)
+    stats = ft.stats()
+    assert store.made - made == 2 and store.denied - denied == 4  # decided once per weight
+    assert stats["weight_cache_bytes"] == 2 * 16 * 1024 and stats["weight_copies_denied"] == store.denied
+    assert stats["misses"] == 0  # the forced winner came from the cache: nothing was tuned again
+
+
+def test_tuning_leaves_at_most_one_copy_per_weight(tuner):
+    torch._dynamo.reset()
+    model = Stack(torch.bfloat16).requires_grad_(False)
+    compiled = torch.compile(
+        model, backend="flashtune", dynamic=True, options={"inner": "eager", "kernels": {"aten", "cpu"}}
+    )
+    with torch.no_grad():
+        for n in (1, 3, 16):  # three buckets of one site, each tuned with every kind of copy
+            x = torch.randn(n, 64, dtype=torch.bfloat16)
+            torch.testing.assert_close(compiled(x), model(x), atol=2e-2, rtol=2e-2)
+    store = tuner.weights
+    for layer in model.layers:
+        kinds = {
+            k for (k, ident), held in store._entries.items() if ident[0] == id(layer.weight) and held.value is not None
+        }
+        assert len(kinds) <= 1, kinds
+    winners = {r["kernel"] for r in ft.tactics()}
+    held_kinds = {kind for (kind, _), held in store._entries.items() if held.value is not None}
+    assert held_kinds <= {"blocked2", "blocked4", "blocked2p", "blocked4p", "fp32", "mkldnn_packed", "t_contiguous"}
+    if not winners & {"cpu_blocked", "cpu_linear"}:
+        assert not held_kinds  # no winner reads a copy: tuning left none
