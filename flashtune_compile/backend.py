@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from .kernels import FAMILIES as KERNEL_FAMILIES
+from .kernels import hugepages
 from .ops import DIRECT, op_families
-from .ops.registry import IMPLS, NO_GRAD, OPS
+from .ops.registry import IMPLS, NO_GRAD, OPS, op_name
 from .ops.routing import ROUTINGS
 from .ops.site import DEFAULT_CACHE, SiteOptions, run
 from .passes import REWRITES  # first: importing the passes registers their ops
@@ -221,6 +222,34 @@ def _direct_calls(gm: torch.fx.GraphModule, grad: bool) -> torch.fx.GraphModule:
     return gm
 
 
+def routed_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[torch.Tensor]:
+    """The parameters the graph's flashtune ops read (as graph inputs or attributes), each once."""
+    values: dict[torch.fx.Node, Any] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        values[node] = value
+    found: dict[int, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if op_name(node) is None:
+            continue
+        for arg in (*node.args, *node.kwargs.values()):
+            if not isinstance(arg, torch.fx.Node):
+                continue
+            value = values.get(arg)
+            if value is None and arg.op == "get_attr":
+                value = _attr(gm, arg.target)
+            if isinstance(value, torch.nn.Parameter):
+                found[id(value)] = value
+    return list(found.values())
+
+
+def _attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 def _rank(node: Any) -> int | None:
     value = _val(node)
     return value.dim() if isinstance(value, torch.Tensor) else None
@@ -257,6 +286,9 @@ def backend(
     tuner = AutoTuner.get()
     tuner.stats.routed_ops += routed
     tuner.stats.compiles += 1
+    weights = routed_weights(gm, example_inputs)
+    tuner.weights.register(weights)  # the weight-copy budget is a share of these (tuner/weights.py)
+    hugepages.advise(weights)
     patches = opts.inductor_patches(mode) if opts.inner == "inductor" else {}
     log.info(
         "flashtune: routed %d op(s) of a %d-node graph; inner compiler %s%s%s",
