@@ -16,6 +16,7 @@ from . import passes as _passes  # noqa: E402,F401  (its passes register torch.o
 from .api import clear_cache, load_cache, reset_stats, save_cache, stats, tactics  # noqa: E402
 from .artifacts import ArtifactError, load_artifacts, save_artifacts  # noqa: E402
 from .backend import backend  # noqa: E402
+from .freeze import FreezeReport, freeze, unfreeze  # noqa: E402
 from .tuner import (  # noqa: E402
     DEFAULT_TACTIC,
     AutoTuner,
@@ -42,12 +43,14 @@ __all__ = [
     "DEFAULT_TACTIC",
     "DistributedTuningError",
     "DynamicDim",
+    "FreezeReport",
     "ProfilerSettings",
     "TunableRunner",
     "TuningConfig",
     "WarmupReport",
     "autotune",
     "clear_cache",
+    "freeze",
     "load_artifacts",
     "load_cache",
     "reset_stats",
@@ -56,5 +59,6 @@ __all__ = [
     "set_process_group",
     "stats",
     "tactics",
+    "unfreeze",
     "warmup",
 ]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..ops.matmul import ADDMM, BADDBMM, BMM, LINEAR, MM
+from ..ops.matmul import ADDMM, BADDBMM, BMM, LINEAR, MM, PACKED_LINEAR
 from ..ops.site import SiteOptions
 from ..ops.spec import OpSpec
 from .fx_nodes import _arg, _call, _fn, _same_size, _val, replace_with_call, routable
@@ -225,12 +225,27 @@ def _call_on_rows(
     graph.erase_node(node)
 
 
+def _resite_packed(node: torch.fx.Node, options: SiteOptions) -> bool:
+    """Give a ``packed_linear`` call (a frozen linear's, ``freeze.py``) the site this compile's
+    options and the graph's symbolic sizes make, in place of its eager-mode one. True if it was one."""
+    packet = torch.ops.flashtune.packed_linear
+    if node.op != "call_function" or node.target not in (packet, PACKED_LINEAR.overload) or node.kwargs:
+        return False
+    x, packed, bias, n, pairs, _ = node.args
+    node.target = PACKED_LINEAR.overload
+    node.args = (x, packed, bias, n, pairs, site_for(PACKED_LINEAR, [_val(x), _val(packed), _val(bias)], options))
+    return True
+
+
 def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> int:
-    """Replace every eligible matmul-family node whose family is in ``ops`` by its flashtune op;
-    returns how many."""
+    """Replace every eligible matmul-family node whose family is in ``ops`` by its flashtune op, and
+    give frozen linears' calls this compile's site; returns how many."""
     routed = 0
     graph = gm.graph
     for node in list(graph.nodes):
+        if _resite_packed(node, options):
+            routed += 1
+            continue
         m = _match(gm, node)
         if m is None or m.op.family not in ops:
             continue
