@@ -2,10 +2,12 @@
 per byte, never made again and again; and an op whose copy is refused running a tactic without one."""
 
 import gc
+import time
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import MMSlow
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpp import load_blocked_gemm
@@ -209,3 +211,31 @@ def test_tuning_leaves_at_most_one_copy_per_weight(tuner):
     assert held_kinds <= {"blocked2", "blocked4", "blocked2p", "blocked4p", "fp32", "mkldnn_packed", "t_contiguous"}
     if not winners & {"cpu_blocked", "cpu_linear"}:
         assert not held_kinds  # no winner reads a copy: tuning left none
+
+
+class SleepsWithCopy(ft.TunableRunner):
+    """A candidate that would read a weight copy (it claims one) and takes ``seconds`` per call."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        self.name, self.seconds = name, seconds
+
+    def copy_kind(self, tactic):
+        return "packed"
+
+    def forward(self, inputs, tactic=-1):
+        time.sleep(self.seconds)
+        return torch.mm(inputs[0], inputs[1])
+
+
+def test_a_copy_must_save_enough_to_be_worth_its_memory(tuner):
+    """Against a default of 3 ms, a copy tactic 10% faster loses (it would hold the weight twice for
+    little), while one 3x faster wins and names the default as the fallback for refused copies."""
+    cfg = ft.TuningConfig(dynamic=(ft.DynamicDim(input_idx=0, dim_idx=0),))
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    slow_default = MMSlow(seconds=3e-3)
+    runner, _ = tuner.choose_one("a", (slow_default, SleepsWithCopy("copy_small_gain", 2.7e-3)), cfg, (x, w))
+    assert runner is slow_default
+    runner, _ = tuner.choose_one("b", (slow_default, SleepsWithCopy("copy_big_gain", 1e-3)), cfg, (x, w))
+    assert runner.name == "copy_big_gain"
+    (big,) = [r for r in ft.tactics() if r["op"] == "b"]
+    assert big["fallback"] == "mm_slow" and big["fallback_s"] >= 2e-3

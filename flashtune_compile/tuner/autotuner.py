@@ -88,10 +88,13 @@ class AutoTuner:
         tune: str | None = None,
         settings: ProfilerSettings | None = None,
         min_gain: float = 0.02,
+        copy_min_gain: float = 0.2,
     ) -> None:
         """``cache_dir``: default $FLASHTUNE_CACHE_DIR, else the user cache dir; None keeps the
         cache in memory. ``tune``: "auto" or "off", default $FLASHTUNE_TUNE, else "auto".
-        ``min_gain``: a candidate replaces the default only if faster by this fraction."""
+        ``min_gain``: a candidate replaces the default only if faster by this fraction.
+        ``copy_min_gain``: a candidate reading a weight copy wins only if faster than the best
+        without one by this fraction (a copy costs the weight's memory again)."""
         if cache_dir is _unset:
             cache_dir = os.environ.get("FLASHTUNE_CACHE_DIR") or default_cache_dir()
         tune = tune or os.environ.get("FLASHTUNE_TUNE") or "auto"
@@ -100,6 +103,7 @@ class AutoTuner:
         self.tune_mode = tune
         self.settings = settings or ProfilerSettings()
         self.min_gain = min_gain
+        self.copy_min_gain = copy_min_gain
         self.stats = Stats()
         self.cache = TacticCache(cache_dir, environment(self.settings.mode), on_change=self._forget_memos)
         self.caches: dict[tuple[Path | None, bool], TacticCache] = {(resolve_dir(cache_dir), False): self.cache}
@@ -403,7 +407,17 @@ class AutoTuner:
         layout = None if team is not None else self._layout(ctx, cache, key) or self.weights.held_kind(inputs)
         with _disable_current_modes():
             tuned = tune_bucket(
-                ctx, runners, inputs, bucket, settings, self.min_gain, self.generator, team, self.weights, layout
+                ctx,
+                runners,
+                inputs,
+                bucket,
+                settings,
+                self.min_gain,
+                self.generator,
+                team,
+                self.weights,
+                layout,
+                self.copy_min_gain,
             )
         self.stats.synthesized += tuned.synthesized
         self.stats.profiles += tuned.timed

@@ -7,9 +7,11 @@ candidate that raises, or whose output is not the same function as the reference
 deployment replays graphs), or whose weight copy does not fit the weight cache's budget, or reads a
 copy of another kind than the one this shape's weights already hold (``layout``), is never chosen,
 and its reason is kept; the default is replaced only by a candidate that is *clearly* faster
-(``profiler.pick_winner``). The entry also names the fastest candidate that needs no weight copy
-(the fallback where a copy is refused later), and when tuning ends only the winner's kind of copy
-is still held (``WeightCache.settle``). With a lockstep team of ranks
+(``profiler.pick_winner``). A candidate that reads a weight copy wins only if it is also faster than
+the best candidate without one by ``copy_min_gain`` (20%): a copy costs the weight's memory again,
+so a few percent do not pay for it. The entry also names the fastest candidate that needs no weight
+copy (the fallback where a copy is refused later), and when tuning ends only the winner's kind of
+copy is still held (``WeightCache.settle``). With a lockstep team of ranks
 (``tuner/distributed.py``), the listed candidates are dealt out round-robin: each rank checks and
 times only its share (rank 0's includes the default), and every rank picks from everyone's timings
 with the same rule, so all get the same winner.
@@ -169,6 +171,7 @@ def tune_bucket(
     team: Team | None = None,
     copies: WeightCache | None = None,
     layout: str | None = None,
+    copy_min_gain: float = 0.2,
 ) -> Tuned:
     """Profile every valid (runner, tactic) of ``bucket`` on inputs synthesized from ``inputs``
     (random values from ``generator(device)``) and return the winner. With a lockstep ``team``,
@@ -195,10 +198,13 @@ def tune_bucket(
             log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(medians))
         times = [tm for _, _, _, tm in results]  # the default (listed first, always correct) is times[0]
         best = pick_winner(times, min_gain)
+        no_copy = [n for n, (_, i, t, _) in enumerate(results) if runners[i].copy_kind(t) is None]  # [0, ...]
+        if runners[results[best][1]].copy_kind(results[best][2]) is not None:
+            plain = no_copy[pick_winner([times[n] for n in no_copy], min_gain)]
+            if not times[best].ahead_of(times[plain], copy_min_gain):
+                best = plain  # not worth the memory of a copy
+        fb = min(no_copy, key=lambda n: times[n].median)  # run where the winner's copy is refused
         _, idx, tactic, _ = results[best]
-        # the fastest that needs no weight copy: the default at worst
-        no_copy = [n for n, (_, i, t, _) in enumerate(results) if runners[i].copy_kind(t) is None]
-        fb = min(no_copy, key=lambda n: times[n].median)
         kind = runners[idx].copy_kind(tactic)
         if copies is not None:
             copies.settle(trial, kind, max(0.0, times[fb].median - times[best].median) if kind else None)
