@@ -175,8 +175,10 @@ def run_frozen(args: argparse.Namespace, model: Decoder, prompt: torch.Tensor, o
                 for _ in range(args.tokens):
                     eager.step()
                 anchor.append((time.perf_counter() - start) / args.tokens * 1e3)
-        for c in others:
-            c.caches = []  # free their KV caches' memory; their rounds are done
+        for c in others:  # their rounds are done: free their KV caches and weight copies
+            c.caches = []
+            if c.tuner is not None:
+                c.tuner.weights.clear()
         reset_peak()
         before, _ = rss_gb()
         os.environ["FLASHTUNE_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="flashtune-bench-")
