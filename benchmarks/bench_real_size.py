@@ -186,7 +186,7 @@ def run_frozen(args: argparse.Namespace, model: Decoder, prompt: torch.Tensor, o
         start = time.perf_counter()
         report = ft.freeze(model)
         print(f"  flashtune-frozen: {report}", flush=True)
-        c = make("flashtune", model)
+        c = make("flashtune", model, json.loads(args.flashtune_options))
         c.name = "flashtune-frozen"
         c.start(model, prompt)
         for _ in range(2):

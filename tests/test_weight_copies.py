@@ -90,22 +90,23 @@ def test_a_weight_holds_one_kind_of_copy():
     assert store.nbytes == 2 * COPY and held == {"t": id(w), "other": id(v)}
 
 
-def test_a_trial_keeps_only_the_winners_kind_and_leaves_no_marks():
+def test_a_trial_drops_every_copy_it_made_and_leaves_no_marks():
     store = WeightCache(max_bytes=3 * COPY, promote_after=1)
-    w, big = _param(), nn.Parameter(torch.randn(64, 8), requires_grad=False)
-    with store.trial() as made:
+    w, big, held = _param(), nn.Parameter(torch.randn(64, 8), requires_grad=False), _param()
+    _get(store, held, "a", gain=1e-6)
+    with store.trial():
         _get(store, w, "a")
         _get(store, w, "b")  # several kinds of one weight coexist while a bucket is tuned
         with pytest.raises(CopyDenied):
             _get(store, big, "a")  # 2 KiB: does not fit, and displaces nothing
-        assert store.nbytes == 2 * COPY
-    store.settle(made, "b", 1e-6)
-    assert store.nbytes == COPY and {k for k, _ in store._entries} == {"b"}
-    with pytest.raises(CopyDenied, match="one copy per weight"):
-        _get(store, w, "a", gain=1.0)
+        with pytest.raises(CopyDenied, match="one copy per weight"):
+            _get(store, held, "b")  # a weight holding a copy keeps its kind
+        assert store.nbytes == 3 * COPY
+    assert store.nbytes == COPY and [k for k, _ in store._entries] == ["a"]  # what was held before stays
+    _get(store, w, "b", gain=1e-6)  # a site asks again: made (one kind, no leftovers)
     store.max_bytes = 20 * COPY
     _get(store, big, "a", gain=1e-6)  # refused in the trial, but no mark was left: decided afresh
-    assert store.nbytes == COPY + 2048
+    assert store.nbytes == 2 * COPY + 2048
 
 
 def test_a_sites_copy_is_made_only_once_its_weight_is_called_often():

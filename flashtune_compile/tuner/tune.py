@@ -10,8 +10,8 @@ and its reason is kept; the default is replaced only by a candidate that is *cle
 (``profiler.pick_winner``). A candidate that reads a weight copy wins only if it is also faster than
 the best candidate without one by ``copy_min_gain`` (20%): a copy costs the weight's memory again,
 so a few percent do not pay for it. The entry also names the fastest candidate that needs no weight
-copy (the fallback where a copy is refused later), and when tuning ends only the winner's kind of
-copy is still held (``WeightCache.settle``). With a lockstep team of ranks
+copy (the fallback where a copy is refused later); the copies the candidates made are dropped
+when tuning ends (``WeightCache.trial``). With a lockstep team of ranks
 (``tuner/distributed.py``), the listed candidates are dealt out round-robin: each rank checks and
 times only its share (rank 0's includes the default), and every rank picks from everyone's timings
 with the same rule, so all get the same winner.
@@ -178,9 +178,9 @@ def tune_bucket(
     each rank checks and times its share of the candidates and every rank picks the same winner
     from everyone's timings (``Tuned.timed`` counts this rank's timings only). ``copies``: the
     weight cache the candidates' ``forward`` calls admit their copies into, as one trial
-    (``WeightCache.trial``), settled for the winner here; ``layout``: the kind of copy this
+    (``WeightCache.trial``: all dropped when the bucket is decided); ``layout``: the kind of copy this
     shape's weights hold already, if any (see the module doc)."""
-    with copies.trial() if copies is not None else contextlib.nullcontext([]) as trial:
+    with copies.trial() if copies is not None else contextlib.nullcontext():
         if team is None:
             shares = [_tune_share(ctx, runners, inputs, bucket, settings, min_gain, generator, None, copies, layout)]
         else:
@@ -206,8 +206,6 @@ def tune_bucket(
         fb = min(no_copy, key=lambda n: times[n].median)  # run where the winner's copy is refused
         _, idx, tactic, _ = results[best]
         kind = runners[idx].copy_kind(tactic)
-        if copies is not None:
-            copies.settle(trial, kind, max(0.0, times[fb].median - times[best].median) if kind else None)
     here = shares[0 if team is None else team.rank]
     timed_here = len(here.timed) if len(results) > 1 else 0
     entry = Entry(runners[idx].name, tactic, times[best].median, times[0].median, rejected=rejected)

@@ -26,9 +26,9 @@ memory the machine has available less a reserve, so copies never push a process 
 OOM killer.
 
 Tuning (``trial``): while one bucket is profiled, each candidate's copy is admitted if it fits
-without displacing anything; once the bucket is decided (``settle``), the copies of the kinds that
-lost are dropped, so tuning leaves at most one copy per weight. The tuner owns one store
-(``AutoTuner.weights``), so a new tuner starts with none.
+without displacing anything; when the bucket is decided, every copy its candidates made is dropped,
+the winner's too (its weights' sites ask for it again, as above), so tuning leaves no copy behind.
+The tuner owns one store (``AutoTuner.weights``), so a new tuner starts with none.
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ class WeightCache:
         replaces a weight's copy of another kind, and may displace copies worth less per byte.
         Unpriced (None: a direct ``forward`` call), it replaces the weight's copy of another kind
         (the caller asked for this tactic) but displaces nothing else. Inside ``trial`` (on the
-        thread that opened it), copies of several kinds may coexist until ``settle``, nothing is
-        displaced, and a refusal leaves no mark."""
+        thread that opened it), copies of several kinds may coexist until the trial ends, nothing
+        is displaced, and a refusal leaves no mark."""
         with self._lock:
             trial = self._trial if self._trial_thread == threading.get_ident() else None
             held = self._entries.get(request.key)
@@ -334,32 +334,21 @@ class WeightCache:
     # -- tuning ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def trial(self) -> Iterator[list[tuple]]:
+    def trial(self) -> Iterator[None]:
         """Copies admitted inside (on this thread) are the candidates' of one bucket: admitted only
-        if they fit as they are, and dropped by ``settle`` unless their kind won."""
+        if they fit as they are, and all dropped when it ends."""
         with self._lock:
             outer = (self._trial, self._trial_thread)
             self._trial, self._trial_thread = [], threading.get_ident()
         try:
-            yield self._trial
+            yield
         finally:
             with self._lock:
+                for key in self._trial or ():
+                    held = self._entries.get(key)
+                    if held is not None and held.trial:
+                        self._drop(key)
                 self._trial, self._trial_thread = outer
-
-    def settle(self, keys: Iterable[tuple], keep: str | None, gain: float | None) -> None:
-        """After a bucket is decided: of the copies its trial made (``keys``), those of kind ``keep``
-        stay, priced at ``gain`` seconds per call; the others are dropped now."""
-        with self._lock:
-            for key in keys:
-                held = self._entries.get(key)
-                if held is None or not held.trial:
-                    continue
-                if held.kind == keep and held.value is not None and not self._holds_other(held):
-                    held.trial, held.gain = False, gain
-                    for i in held.owner_ids:
-                        self._kinds[i] = held.kind
-                else:
-                    self._drop(key)
 
     def held_kind(self, tensors: Iterable[Any]) -> str | None:
         """The kind of copy the first of ``tensors`` that holds one holds (parameters, or views of
@@ -371,10 +360,6 @@ class WeightCache:
                 if kind is not None:
                     return kind
         return None
-
-    def _holds_other(self, held: _Held) -> bool:
-        """Whether an owner of ``held`` holds a copy of another kind already (outside the trial)."""
-        return any(self._kinds.get(i, held.kind) != held.kind for i in held.owner_ids)
 
     # -- the budget ----------------------------------------------------------------------------
 
