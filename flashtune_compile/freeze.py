@@ -159,9 +159,14 @@ def _why_kept(name: str, module: nn.Linear, owners: dict[int, list[str]]) -> str
     return None
 
 
+LAYOUT_ROWS = 4096  # rows of a weight the layouts are timed on: enough to stream past the caches
+
+
 def _layout(kernel: Any, w: torch.Tensor) -> tuple[int, int]:
     """The (vectors per block, pairs) the blocked kernel streams ``w`` fastest with, at 1 and 16
-    tokens (geometric mean of cold medians)."""
+    tokens (geometric mean of cold medians), timed on its first ``LAYOUT_ROWS`` rows so that the
+    trial packs of a large weight (an output projection of 1 GB) cost little memory."""
+    w = w[:LAYOUT_ROWS]
     widths = sorted({r for _, r in kernel.tiles})
     kinds = (0, 1) if kernel.bf16_pairs and w.dtype == torch.bfloat16 else (0,)
     layouts = [(r, p) for r in widths for p in kinds]
