@@ -13,7 +13,7 @@ from .logs import configure_from_env as _configure_logging
 _configure_logging()
 
 from . import passes as _passes  # noqa: E402,F401  (its passes register torch.ops.flashtune.*)
-from .api import clear_cache, load_cache, reset_stats, save_cache, stats, tactics  # noqa: E402
+from .api import clear_cache, load_cache, prepare, reset_stats, save_cache, stats, tactics  # noqa: E402
 from .artifacts import ArtifactError, load_artifacts, save_artifacts  # noqa: E402
 from .backend import backend  # noqa: E402
 from .freeze import FreezeReport, freeze, unfreeze  # noqa: E402
@@ -53,6 +53,7 @@ __all__ = [
     "freeze",
     "load_artifacts",
     "load_cache",
+    "prepare",
     "reset_stats",
     "save_artifacts",
     "save_cache",

@@ -3,6 +3,7 @@
     flashtune [--cache-dir DIR] cache show [--file FILE] [--op OP]
     flashtune [--cache-dir DIR] cache export FILE | import FILE | merge OUT IN [IN ...] | clear [--all]
     flashtune [--cache-dir DIR] report --png FILE [--file DOC]
+    flashtune build [--kernels cpu,cuda]
 
 Every command returns 0 on success. A user error (a missing or foreign file, an unwritable path)
 prints ``flashtune: error: <message>`` to stderr and returns 1, never a traceback; a malformed
@@ -263,8 +264,27 @@ def cmd_report(args: argparse.Namespace, out: Console) -> int:
 # -- entry point ---------------------------------------------------------------------------------
 
 
+def cmd_build(args: argparse.Namespace, out: Console) -> int:
+    """Build every compiled kernel family this machine can use (``ft.prepare``); 1 if one failed."""
+    from .api import prepare
+
+    try:
+        rows = prepare(args.kernels.split(",") if args.kernels else None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    table = Table(title="flashtune kernel builds")
+    for column in ("family", "kernels", "status", "seconds", "detail"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for row in rows:
+        table.add_row(row.family, row.what, row.status, f"{row.seconds:.1f}", row.detail)
+    out.print(table)
+    return 1 if any(row.status == "unavailable" for row in rows) else 0
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flashtune", description="Inspect and move flashtune's tactic cache.")
+    p = argparse.ArgumentParser(
+        prog="flashtune", description="Inspect and move flashtune's tactic cache; build its kernels ahead of time."
+    )
     p.add_argument("--version", action="version", version=f"flashtune {__version__}")
     p.add_argument(
         "--cache-dir",
@@ -295,6 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--png", required=True, metavar="FILE")
     report.add_argument("--file", metavar="DOC", help="plot this document (default: this environment's)")
     report.set_defaults(run=cmd_report)
+    build = sub.add_parser("build", help="build the compiled kernel families now (once per machine)")
+    build.add_argument("--kernels", metavar="FAMILIES", help="comma-separated families (default: all)")
+    build.set_defaults(run=cmd_build)
     return p
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backend import Options, parse_options
+from .kernels import builds
 from .tuner import distributed as teams
 from .tuner.autotuner import AutoTuner, autotune
 from .tuner.buckets import DynamicDim
@@ -175,6 +176,7 @@ def warmup(
     grad: bool = False,
     progress: bool = True,
     distributed: bool | None = None,
+    prepare: bool = True,
 ) -> WarmupReport:
     """Call ``compiled(*make_inputs(n))`` once per token count ``n``, tuning every unseen bucket.
 
@@ -184,7 +186,8 @@ def warmup(
     tune mode is "off"; calls run under ``torch.no_grad()`` unless ``grad``. Each bucket is tuned at
     most once, so a second warmup profiles nothing; winners are written to the tactic cache as
     they are found, so an interrupted warmup keeps what it tuned. ``progress``: show the bar and
-    the closing table (on stderr).
+    the closing table (on stderr). ``prepare``: first build the compiled kernel families the model
+    may use (``ft.prepare``), so the first call's time is tuning, not a compiler's.
 
     ``distributed`` (with ``torch.distributed`` initialized over several ranks): True splits the
     token counts across the ranks (rank r of n runs every n-th count, tuning alone), then gives
@@ -195,10 +198,20 @@ def warmup(
     """
     axis = token_axis(compiled, max_tokens, buckets)
     sizes = _check_sizes(num_tokens) if num_tokens is not None else list(axis.ladder)
+    if prepare:
+        options = backend_options(compiled)
+        builds.prepare(options.kernels if options is not None else None)
     if distributed is False:
         with teams.strategy("off"):
             return warmup(
-                compiled, make_inputs, sizes, max_tokens=max_tokens, buckets=buckets, grad=grad, progress=progress
+                compiled,
+                make_inputs,
+                sizes,
+                max_tokens=max_tokens,
+                buckets=buckets,
+                grad=grad,
+                progress=progress,
+                prepare=False,
             )
     team = teams.team()
     if team is not None and (distributed or teams.resolve() == "replicas"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashtune_compile.kernels.cuda import SOURCE_PATH, load_skinny_gemm, skinny_gemm_sources
+from flashtune_compile.kernels.cuda import EXTRA_CUDA_CFLAGS, SOURCE_PATH, load_skinny_gemm, skinny_gemm_sources
 from flashtune_compile.kernels.cuda.runner import (
     N_PER_BLOCK,
     SPLIT_K,
@@ -36,7 +36,7 @@ def _torch_nvcc_flags():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernel_source_compiles_with_nvcc(tmp_path, arch):
     out = tmp_path / "x.o"
-    cmd = [NVCC, "-std=c++17", "-O3", f"-arch={arch}", *_torch_nvcc_flags(), "-c", SOURCE_PATH, "-o", str(out)]
+    cmd = [NVCC, *EXTRA_CUDA_CFLAGS, f"-arch={arch}", *_torch_nvcc_flags(), "-c", SOURCE_PATH, "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr.lower(), proc.stderr
@@ -96,8 +96,7 @@ def test_binding_and_kernel_compile_as_load_inline_would(tmp_path):
     src = tmp_path / "cuda.cu"
     src.write_text("\n".join(["#include <torch/types.h>", "#include <cuda.h>", "#include <cuda_runtime.h>", cu]))
     extra = [
-        "-std=c++17",
-        "-O3",
+        *EXTRA_CUDA_CFLAGS,  # the build's own flags, its C++ standard the one this torch needs
         "-arch=sm_80",
         "--compiler-options",
         "-fPIC",

@@ -8,7 +8,8 @@ has taken care of gradients) and runs on real tensors, so none of that is needed
 ``install()`` registers, for each op, a lowering that builds that same fallback node and names the
 op's implementation (``registry.IMPLS``), published on Inductor's ``extern_kernels`` namespace as
 ``flashtune_<name>``, as the Python function the generated code calls. A warm call is then one
-Python call, one size read, one dict lookup and the kernel.
+Python call, one size read, one dict lookup and the kernel. A graph with Inductor's C++ wrapper
+(``cpp_wrapper``) keeps the default: it calls the op through ``torch.ops``.
 """
 
 from __future__ import annotations
@@ -55,11 +56,19 @@ def _lowering(overload: Any, name: str, fallback_handler: Any, ir: Any) -> Any:
     def lower(*args: Any, **kwargs: Any) -> Any:
         out = handler(*args, **kwargs)
         node = _fallback_of(out, ir)
-        if node is not None:
-            node.python_kernel_name = target  # the Python wrapper calls this; C++ wrappers keep theirs
+        if node is not None and not _cpp_wrapper():
+            node.python_kernel_name = target  # the Python wrapper calls this
         return out
 
     return lower
+
+
+def _cpp_wrapper() -> bool:
+    """Whether the graph being lowered gets a C++ wrapper: it calls the op by its own name (through
+    ``torch.ops``, which some torch versions require of every op they call back into Python)."""
+    from torch._inductor.virtualized import V
+
+    return bool(getattr(V.graph, "cpp_wrapper", False))
 
 
 def _fallback_of(out: Any, ir: Any) -> Any:

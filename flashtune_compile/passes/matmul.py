@@ -86,6 +86,11 @@ def _linear(node: torch.fx.Node) -> Match | None:
     return Match(LINEAR, [_arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")], [])
 
 
+# ``w.T`` as Dynamo 2.14 records it (earlier versions: ``getattr(w, "T")``)
+_NUMPY_T = tuple(op for op in (getattr(torch.ops.aten, "numpy_T", None),) if op is not None)
+_NUMPY_T += tuple(op.default for op in _NUMPY_T)
+
+
 def _swapped_2d(node: Any) -> Any:
     """``w`` when ``node`` is a 2-D ``w`` with its two dims swapped (``w.t()``, ``w.T``,
     ``w.transpose(0, 1)``, ``w.permute(1, 0)``, any dim spelling), else None."""
@@ -97,7 +102,7 @@ def _swapped_2d(node: Any) -> Any:
     rest = [*node.args[1:], *node.kwargs.values()]
     if _call(node, "t", torch.t):
         return src if not rest else None
-    if _fn(node, getattr) and rest == ["T"]:
+    if _fn(node, getattr) and rest == ["T"] or _fn(node, *_NUMPY_T) and not rest:
         return src
     if _call(node, "transpose", torch.transpose):
         return src if len(rest) == 2 and {d % 2 for d in rest if isinstance(d, int)} == {0, 1} else None

@@ -1,8 +1,9 @@
 """Hand-written CPU kernels, built on first use for this machine's CPU: ``blocked_gemm.cpp`` (GEMM and
 MoE layer on prepacked weights) and ``rows_gemm.cpp`` (GEMM reading the weight as it is).
 
-``load_blocked_gemm()`` compiles the library the first time it is called, with ``-march=native``
-(the vector width and ISA are this CPU's) and OpenMP (torch's intra-op threads), about 35 s. The
+``load_blocked_gemm()`` compiles the library the first time it is called on a machine, with
+``-march=native`` (the vector width and ISA are this CPU's) and OpenMP (torch's intra-op threads),
+about 35 s (``extension.built_module``: logged, never hanging on a build another process left). The
 linears' warm calls are pybind11 functions of the build (no dispatcher); its other functions are
 torch ops in a namespace named after the build.
 The build name hashes the sources, flags, torch version and the CPU's feature flags, so a cache
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..extension import BuiltOnce, build_name, log
+from ..extension import BuiltOnce, build_name, built_module, log
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE_PATH = os.path.join(_HERE, "blocked_gemm.cpp")  # binds the Python module
@@ -115,23 +116,32 @@ def unpack(packed: torch.Tensor, n: int, k: int, pairs: bool | int) -> torch.Ten
     return w[:n, :k].contiguous()
 
 
-def _build() -> BlockedGemm:
-    from torch.utils.cpp_extension import load
-
+def library_name() -> str:
+    """The build's name: a hash of the sources, flags, torch version and this CPU's features."""
     texts = []
     for path in (*SOURCES, *HEADERS):
         with open(path, encoding="utf-8") as f:
             texts.append(f.read())
-    name = build_name("flashtune_blocked_gemm", *texts, *EXTRA_CFLAGS, cpu_fingerprint())
-    log.info("compiling the CPU blocked GEMM kernel for this CPU (once per machine, about 35 s): %s", name)
-    module = load(
-        name=name,
-        sources=list(SOURCES),
-        extra_cflags=[*EXTRA_CFLAGS, f"-DFT_NS={name}"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=True,  # the module's blocked_linear; loading it also fills torch.ops.<name>
-        verbose=False,
-    )
+    return build_name("flashtune_blocked_gemm", *texts, *EXTRA_CFLAGS, cpu_fingerprint())
+
+
+def _build() -> BlockedGemm:
+    from torch.utils.cpp_extension import load
+
+    name = library_name()
+
+    def compile_into(directory: str) -> Any:
+        return load(
+            name=name,
+            sources=list(SOURCES),
+            extra_cflags=[*EXTRA_CFLAGS, f"-DFT_NS={name}"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=directory,
+            is_python_module=True,  # the module's blocked_linear; loading it also fills torch.ops.<name>
+            verbose=False,
+        )
+
+    module = built_module("CPU kernel library", name, compile_into, about_s=35)
     return BlockedGemm(getattr(torch.ops, name), module)
 
 

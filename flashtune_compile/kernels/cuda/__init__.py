@@ -1,9 +1,9 @@
 """Hand-written CUDA kernels, built on first use with ``torch.utils.cpp_extension.load_inline``.
 
 Nothing is compiled or imported at package import: ``load_skinny_gemm()`` builds the extension the
-first time it is called (thread-safe, memoized for the process). torch caches the build on disk
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that hashes the
-sources and flags, so each machine compiles a given version once.
+first time it is called (thread-safe, memoized for the process), about 90 s, once per machine:
+``extension.built_module`` keeps the build under a name that hashes the sources, flags and torch
+version, and never hangs on a build another process left unfinished.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from ..extension import BuiltOnce, build_name, log
+from ..extension import BuiltOnce, build_name, built_module, cxx_standard
 
 SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cu")
 BINDING_PATH = os.path.join(os.path.dirname(SOURCE_PATH), "skinny_binding.cu")  # the torch side
 
-# IEEE arithmetic on purpose: no --use_fast_math.
-EXTRA_CUDA_CFLAGS = ("-O3", "-std=c++17")
+# IEEE arithmetic on purpose: no --use_fast_math. The C++ standard is the one this torch's headers need.
+EXTRA_CUDA_CFLAGS = ("-O3", f"-std={cxx_standard()}")
 
 CPP_SOURCE = (
     "std::string skinny_linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,"
@@ -35,8 +35,10 @@ def skinny_gemm_sources() -> tuple[str, str]:
 
 
 def extension_name(cpp_source: str, cuda_source: str) -> str:
-    """``flashtune_skinny_gemm_<hash>``: a new name (a new build) whenever the sources or flags change."""
-    return build_name("flashtune_skinny_gemm", cpp_source, cuda_source, *EXTRA_CUDA_CFLAGS)
+    """``flashtune_skinny_gemm_<hash>``: a new name (a new build) whenever the sources, the flags or
+    the torch and CUDA versions (whose headers and ABI the binary follows) change."""
+    versions = f"torch {torch.__version__} cuda {torch.version.cuda}"
+    return build_name("flashtune_skinny_gemm", cpp_source, cuda_source, *EXTRA_CUDA_CFLAGS, versions)
 
 
 class SkinnyGemm:
@@ -78,17 +80,19 @@ def _build() -> SkinnyGemm:
 
     cpp_source, cuda_source = skinny_gemm_sources()
     name = extension_name(cpp_source, cuda_source)
-    log.info("compiling the CUDA skinny GEMM kernel (once per machine): %s", name)
-    return SkinnyGemm(
-        load_inline(
+
+    def compile_into(directory: str) -> Any:
+        return load_inline(
             name=name,
             cpp_sources=[cpp_source],
             cuda_sources=[cuda_source],
             functions=["skinny_linear_out"],
             extra_cuda_cflags=list(EXTRA_CUDA_CFLAGS),
+            build_directory=directory,
             verbose=False,
         )
-    )
+
+    return SkinnyGemm(built_module("CUDA skinny GEMM kernel", name, compile_into, about_s=90))
 
 
 _built = BuiltOnce("CUDA skinny GEMM kernel", _build)
