@@ -8,19 +8,26 @@ date) after each section, so a run cut short still leaves what it measured. Sect
 independent (one that fails records its traceback and the suite goes on), each within a time
 budget of its tier (rows past the budget are skipped and said so):
 
+- bandwidth: the device's own read bandwidth: a sum over a buffer far larger than L2, and a copy;
+           every decode row of ``linear`` is then a share of the read figure.
 - env:     versions, GPU, SM count; whether each kernel family loads (Triton compiles and runs, the
            CUDA extension builds, ``torch._grouped_mm`` runs), with seconds.
 - tests:   the GPU tests (test_gpu, test_cuda_kernels, and the Triton kernel tests compiled for real):
            pass/fail counts and the failing tests' names.
 - linear:  the tuned linear op (the kernel it chose, timed alone) vs cuBLAS (``F.linear``) over M x
            (N, K); the Triton GEMM's best tactic vs cuBLAS at 4096^3; the skinny-M CUDA kernel's best
-           tactic vs cuBLAS at M <= 16; cold tuning seconds per bucket.
+           tactic vs cuBLAS at M <= 16; cold tuning seconds per bucket; at M <= 16 each row's
+           bytes per second (weight + activations + output) as a share of the measured read bandwidth.
 - moe:     ``flashtune.moe`` tuned vs the ``torch._grouped_mm`` formulation for Mixtral-8x7B and
            DeepSeek-V3 shaped experts, Zipf-skewed routing.
 - e2e:     a Llama-3-8B-shaped decoder (a few layers) for prefill and decode under eager, Inductor
            (default, max-autotune-no-cudagraphs, reduce-overhead), flashtune and flashtune with CUDA
            graphs; compile + tune seconds of each; where a decode call's host time goes for Inductor
            and flashtune (enqueue time, torch.profiler's top ops, cProfile's top Python functions).
+- host:    host microseconds per op, flashtune and Inductor side by side: one linear at M = 1
+           compiled each way (and flashtune held to its Triton GEMM, so Triton's launch path is
+           what is timed), enqueue time per call with no sync; and whether warm Triton calls reach
+           bound launchers (``kernels/triton_launch.py``) without Triton's Python launcher.
 - offline: a cold process (compile, ``ft.warmup``, save the artifact) vs a fresh warm process
            loading it: seconds to first output and to ready; timings run in the warm one (must be 0).
 
@@ -106,6 +113,8 @@ class Tier:
     moe: tuple[tuple[str, int, int, int, int], ...]  # (name, E, k, H, I)
     moe_tokens: tuple[int, ...]
     llama: Llama
+    bandwidth_bytes: int  # the probe's buffer: far larger than the GPU's L2
+    host_nk: tuple[int, int]  # the linear whose host time per call is measured
     prefill: tuple[int, ...]
     decode: tuple[int, ...]
     offline_tokens: tuple[int, ...]
@@ -121,7 +130,7 @@ TIERS = {
         "quick",
         "cuda",
         torch.bfloat16,
-        dict(env=80, tests=70, linear=30, moe=30, e2e=150, offline=80),
+        dict(env=80, bandwidth=10, tests=70, linear=30, moe=30, e2e=150, host=25, offline=80),
         linear_m=(1, 16, 256, 4096),
         linear_nk=NK[:2],
         square=4096,
@@ -129,6 +138,8 @@ TIERS = {
         moe=MOE_MODELS,
         moe_tokens=(1, 64, 1024),
         llama=Llama(layers=2),
+        bandwidth_bytes=2 << 30,
+        host_nk=(4096, 4096),
         prefill=(128, 2048),
         decode=(1, 8, 64),
         offline_tokens=(1, 64),
@@ -137,7 +148,7 @@ TIERS = {
         "full",
         "cuda",
         torch.bfloat16,
-        dict(env=90, tests=150, linear=90, moe=110, e2e=200, offline=90),
+        dict(env=90, bandwidth=15, tests=150, linear=90, moe=110, e2e=200, host=40, offline=90),
         linear_m=(1, 8, 16, 64, 256, 1024, 4096),
         linear_nk=NK,
         square=4096,
@@ -145,6 +156,8 @@ TIERS = {
         moe=MOE_MODELS,
         moe_tokens=(1, 16, 64, 256, 1024, 4096),
         llama=Llama(layers=4),
+        bandwidth_bytes=4 << 30,
+        host_nk=(4096, 4096),
         prefill=(128, 2048),
         decode=(1, 8, 64),
         offline_tokens=(1, 8, 64, 512),
@@ -153,7 +166,7 @@ TIERS = {
         "dry",
         "cpu",
         torch.float32,
-        dict(env=60, tests=60, linear=60, moe=60, e2e=90, offline=90),
+        dict(env=60, bandwidth=20, tests=60, linear=60, moe=60, e2e=90, host=60, offline=90),
         linear_m=(1, 16),
         linear_nk=((32, 64),),
         square=32,
@@ -161,6 +174,8 @@ TIERS = {
         moe=(("tiny", 4, 2, 32, 16),),
         moe_tokens=(1, 8),
         llama=Llama(dim=64, heads=4, kv_heads=2, ffn=96, vocab=128, layers=1),
+        bandwidth_bytes=64 << 20,
+        host_nk=(32, 64),
         prefill=(8,),
         decode=(1, 2),
         offline_tokens=(1, 4),
@@ -440,7 +455,8 @@ def _failing(junit: Path) -> list[tuple[str, str]]:
     return out
 
 
-def section_linear(sec: Section, tier: Tier) -> None:
+def section_linear(sec: Section, tier: Tier, read_bw: float | None) -> None:
+    """``read_bw``: the bandwidth section's read figure (bytes/s), None where it did not run."""
     rows, data = [], []
     for n, k in tier.linear_nk:
         w = randn(n, k, tier=tier, scale=k**-0.5)
@@ -458,13 +474,23 @@ def section_linear(sec: Section, tier: Tier) -> None:
                 tier, [lambda x=x, w=w: F.linear(x, w), lambda r=runner, t=tactic, x=x, w=w: r.forward((x, w, None), t)]
             )
             kernel = f"{runner.name}[{tactic}]"
-            rows.append([m, n, k, t_cublas * 1e6, t_tuned * 1e6, t_cublas / t_tuned, kernel, round(tune_s, 2), err])
-            data.append(dict(m=m, n=n, k=k, cublas_s=t_cublas, tuned_s=t_tuned, kernel=kernel, tune_s=tune_s, err=err))
-    header = ["M", "N", "K", "cuBLAS us", "tuned us", "tuned vs cuBLAS", "chosen kernel", "cold tune s", "rel err"]
+            moved = (n * k + m * k + m * n) * x.element_size()  # each byte read or written once
+            share = moved / t_tuned / read_bw if m <= 16 and read_bw else None
+            row = [m, n, k, t_cublas * 1e6, t_tuned * 1e6, t_cublas / t_tuned, _share(share), kernel]
+            rows.append([*row, round(tune_s, 2), err])
+            data.append(
+                dict(m=m, n=n, k=k, cublas_s=t_cublas, tuned_s=t_tuned, kernel=kernel, tune_s=tune_s, err=err)
+                | dict(bytes=moved, read_bw_share=share, cublas_read_bw_share=share and share * t_tuned / t_cublas)
+            )
+    header = ["M", "N", "K", "cuBLAS us", "tuned us", "tuned vs cuBLAS", "of read BW", "chosen kernel"]
+    header += ["cold tune s", "rel err"]
     sec.table(f"linear, {_name(tier.dtype)}: tuned (its chosen kernel) vs F.linear", header, rows)
     small = [r["cublas_s"] / r["tuned_s"] for r in data if r["m"] <= 16]
     if small:
-        sec.note(f"geomean tuned vs cuBLAS at M <= 16: {_geomean(small):.3f}x (aim >= 1.2x)")
+        sec.note(f"geomean tuned vs cuBLAS at M <= 16: {_geomean(small):.3f}x (aim >= 1.3x)")
+    shares = [r["read_bw_share"] for r in data if r["read_bw_share"] is not None]
+    if shares:
+        sec.note(f"decode rows (M <= 16) at {min(shares):.0%}-{max(shares):.0%} of the read bandwidth (aim >= 80%)")
     if data:
         sec.note(f"worst row: {min(r['cublas_s'] / r['tuned_s'] for r in data):.3f}x (aim >= 0.98x)")
     _flag_errors(sec, data, tier)
@@ -473,6 +499,26 @@ def section_linear(sec: Section, tier: Tier) -> None:
         _triton_square(sec, tier)
     if not sec.over_budget("the skinny-M CUDA kernel"):
         _skinny(sec, tier)
+
+
+def _share(x: float | None) -> str:
+    return "" if x is None else f"{x:.0%}"
+
+
+def section_bandwidth(sec: Section, tier: Tier) -> float:
+    """The device's read bandwidth in bytes/s (a sum over ``tier.bandwidth_bytes``, larger than any
+    L2, so every byte comes from memory), and a copy's (read + write) for comparison."""
+    dtype = torch.bfloat16 if tier.device == "cuda" else torch.float32  # the CPU's bf16 sum is slow
+    buf = torch.ones(tier.bandwidth_bytes // dtype.itemsize, device=tier.device, dtype=dtype)
+    dst = torch.empty_like(buf)
+    t_sum, t_copy = medians(tier, [lambda: buf.sum(dtype=torch.float32), lambda: dst.copy_(buf)])
+    nbytes = buf.numel() * dtype.itemsize
+    read, copy_bw = nbytes / t_sum, 2 * nbytes / t_copy
+    gib = nbytes / 2**30
+    rows = [["sum (read)", gib, t_sum * 1e3, read / 1e9], ["copy (read + write)", gib, t_copy * 1e3, copy_bw / 1e9]]
+    sec.table("memory bandwidth (median over repeats)", ["probe", "GiB read", "ms", "GB/s"], rows)
+    sec.record["data"].update(read_bytes_per_s=read, copy_bytes_per_s=copy_bw)
+    return read
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -779,6 +825,58 @@ def host_breakdown(sec: Section, tier: Tier, fns: dict[str, Callable], x: torch.
     sec.table("flashtune decode B=1: Python functions by own time", header, python_rows[:15])
 
 
+def section_host(sec: Section, tier: Tier) -> None:
+    """Host microseconds per op: one linear at M = 1 compiled each way, called ``calls`` times
+    with no sync between (a call's enqueue time; the GPU time at this size is far below it); and
+    the Triton GEMM's launch alone, through its bound launcher and through Triton's own."""
+    from flashtune_compile.kernels import triton_launch
+    from flashtune_compile.kernels.triton_runner import TritonGemmRunner
+
+    n, k = tier.host_nk
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, bias=False).to(device=tier.device, dtype=tier.dtype).eval()
+    x = randn(1, k, tier=tier)
+    calls = 200 if tier.device == "cuda" else 20
+
+    def per_call_us(fn: Callable[[], Any]) -> float:
+        for _ in range(3):
+            fn()
+        sync(tier)
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - start) / calls)
+            sync(tier)
+        return sorted(samples)[2] * 1e6
+
+    rows, data = [], {}
+    kinds = {"eager F.linear": None, "inductor": dict(backend="inductor"), "flashtune": dict(backend="flashtune")}
+    with torch.no_grad(), ft.autotune():
+        for name, kwargs in kinds.items():
+            fn = copy.deepcopy(base) if kwargs is None else torch.compile(copy.deepcopy(base), **kwargs)
+            data[name] = per_call_us(lambda fn=fn: fn(x))
+            chosen = entry_for("linear", 1) if name == "flashtune" else None
+            rows.append([name, round(data[name], 2), f"{chosen['kernel']}[{chosen['tactic']}]" if chosen else ""])
+        runner, w = TritonGemmRunner.for_op(LINEAR), base.weight
+        tactic = runner.get_valid_tactics((x, w, None), BucketProfile((1,), (x.shape, w.shape, None)))[0]
+        saved = triton_launch._BIND
+        for name, bind in (("Triton GEMM, bound launcher", True), ("Triton GEMM, Triton's launcher", False)):
+            triton_launch._BIND = bind
+            try:
+                data[name] = per_call_us(lambda: runner.forward((x, w, None), tactic))
+            finally:
+                triton_launch._BIND = saved
+            rows.append([name, round(data[name], 2), f"triton_gemm[{tactic}] (runner.forward)"])
+    rows.append(["flashtune minus inductor", round(data["flashtune"] - data["inductor"], 2), ""])
+    title = f"host us per call: one linear, M=1, N={n}, K={k} ({calls} calls, no sync)"
+    sec.table(title, ["contender", "us", "kernel"], rows)
+    bound = [type(v).__name__ for v in triton_launch.bound_launchers().values()]
+    sec.note(f"Triton launchers bound: {len(bound)} ({', '.join(sorted(set(bound))) or 'none'})")
+    sec.record["data"].update(host_us=data, bound=bound)
+
+
 def section_offline(sec: Section, tier: Tier, dry: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "model.ftart"
@@ -836,7 +934,7 @@ def offline_worker(phase: str, artifact: Path, tier: Tier) -> None:
     print(json.dumps({**out, "loaded": loaded, "saved": saved}))
 
 
-SECTIONS = ("env", "tests", "linear", "moe", "e2e", "offline")
+SECTIONS = ("env", "bandwidth", "tests", "linear", "moe", "e2e", "host", "offline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -879,12 +977,15 @@ def main(argv: list[str] | None = None) -> int:
     ft.AutoTuner.reset(ft.AutoTuner(cache_dir=cache, settings=tier.settings if args.dry_run else None))
     report = Report(args.out, tier)
     say(f"flashtune GPU suite, {tier.name} tier -> {args.out} ({report.meta['gpu'] or 'CPU'})")
+    read_bw: list[float] = []  # the bandwidth section's figure, for the linear section's shares
     runs = {
         "env": lambda s: section_env(s, tier),
+        "bandwidth": lambda s: read_bw.append(section_bandwidth(s, tier)),
         "tests": lambda s: section_tests(s, tier, args.dry_run),
-        "linear": lambda s: section_linear(s, tier),
+        "linear": lambda s: section_linear(s, tier, read_bw[0] if read_bw else None),
         "moe": lambda s: section_moe(s, tier),
         "e2e": lambda s: section_e2e(s, tier),
+        "host": lambda s: section_host(s, tier),
         "offline": lambda s: section_offline(s, tier, args.dry_run),
     }
     start = time.perf_counter()

@@ -171,3 +171,27 @@ def test_the_aten_moe_default_can_be_captured_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expected)
+
+
+def test_warm_triton_calls_never_enter_tritons_python_launcher(tuner, monkeypatch):
+    """After a bucket's Triton tactic is chosen, a warm call launches the compiled kernel through
+    its bound launcher: JITFunction.run (Triton's full Python launch path) is never called."""
+    import triton.runtime.jit as jit
+
+    from flashtune_compile.kernels import triton_launch
+
+    model = torch.nn.Linear(512, 256, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(model, backend="flashtune", options={"inner": "eager", "kernels": {"triton"}})
+    x = torch.randn(8, 512, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        compiled(x)  # tunes the bucket: compiles and times every Triton tactic
+        compiled(x)  # binds the winner's launcher
+        calls = []
+        run = jit.JITFunction.run
+        monkeypatch.setattr(jit.JITFunction, "run", lambda self, *a, **k: calls.append(self) or run(self, *a, **k))
+        for _ in range(3):
+            out = compiled(x)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, model(x), rtol=2e-2, atol=2e-2)
+    assert calls == []
+    assert any(type(v).__name__ == "BoundLaunch" for v in triton_launch.bound_launchers().values())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "tests", "linear", "moe", "e2e", "offline"]
+SECTIONS = ["env", "bandwidth", "tests", "linear", "moe", "e2e", "host", "offline"]
 
 
 def test_dry_run_writes_the_report_and_every_section_passes(tmp_path):
@@ -34,7 +34,18 @@ def test_dry_run_writes_the_report_and_every_section_passes(tmp_path):
     assert results["meta"]["torch"] == __import__("torch").__version__ and results["meta"]["date"]
     assert sections["env"]["data"]["families"]["triton"] == "yes"
     assert sections["tests"]["data"]["counts"]["tests collected"] > 50
+    assert sections["bandwidth"]["data"]["read_bytes_per_s"] > 0
     assert [r["m"] for r in sections["linear"]["data"]["linear"]] == [1, 16]
+    assert all(r["read_bw_share"] > 0 for r in sections["linear"]["data"]["linear"])  # decode rows as shares
+    host = sections["host"]["data"]["host_us"]
+    assert set(host) == {
+        "eager F.linear",
+        "inductor",
+        "flashtune",
+        "Triton GEMM, bound launcher",
+        "Triton GEMM, Triton's launcher",
+    }
+    assert all(us > 0 for us in host.values()) and sections["host"]["data"]["bound"]
     assert all(r["tuned_s"] > 0 and r["grouped_mm_s"] > 0 for r in sections["moe"]["data"]["moe"])
     assert not [n for s in sections.values() for n in s["notes"] if n.startswith("WRONG")]  # every kernel is right
     assert [row[0] for row in sections["e2e"]["data"]["setup"]] == ["eager", "inductor", "flashtune"]

@@ -249,3 +249,30 @@ def test_a_runners_unpacked_function_computes_its_forward(op):
     # every tactic of the CPU runners
     want = {"cpu_blocked": len(blocked), "cpu_linear": len(cpu), "cpu_rows": len(rows)}
     assert offered == (want if op == "linear" else {})
+
+
+@needs_interpreter
+def test_warm_triton_launches_reuse_one_launcher_per_specialization(tuner, triton_on_cpu, monkeypatch):
+    """A tuned Triton tactic's warm calls find their launcher by the launch's specialization (dtypes,
+    alignment, int divisibility, constexprs): calls of other sizes in the bucket add none, an
+    operand at a misaligned address gets its own (Triton compiles another kernel for it), and
+    every result equals ATen's."""
+    from flashtune_compile.kernels import triton_gemm, triton_launch
+
+    monkeypatch.setattr(triton_launch, "_bound", {})  # this test's launches only
+    runner = TritonGemmRunner(OPS["linear"].gemm)
+    x, w, b = make_inputs("linear", 5, 24, 40, torch.float32)
+    tactic = runner.get_valid_tactics((x, w, b), profile_for((x, w, b), "linear"))[0]
+    mine = lambda: {k for k in triton_launch.bound_launchers() if k[0] is triton_gemm._gemm_kernel}  # noqa: E731
+    before = mine()
+    torch.testing.assert_close(runner.forward((x, w, b), tactic), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    first = mine() - before
+    assert len(first) == 1
+    for m in (3, 7):  # M = 3 and 7 specialize as M = 5 does (none divisible by 16)
+        xm = torch.randn(m, 40)
+        torch.testing.assert_close(runner.forward((xm, w, b), tactic), F.linear(xm, w, b), rtol=1e-4, atol=1e-4)
+    assert mine() - before == first
+    shifted = torch.randn(5 * 40 + 1)[1:].view(5, 40)  # 4 bytes past a 16-byte boundary
+    assert shifted.data_ptr() % 16
+    torch.testing.assert_close(runner.forward((shifted, w, b), tactic), F.linear(shifted, w, b), rtol=1e-4, atol=1e-4)
+    assert len(mine() - before) == 2

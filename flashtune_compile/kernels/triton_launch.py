@@ -12,6 +12,7 @@ pool for the same reason). ``FLASHTUNE_COMPILE_THREADS`` sets the pool's size (1
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger("flashtune")
 _local = threading.local()
 
 
@@ -62,11 +64,129 @@ def compile_only() -> Iterator[None]:
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-    """``kernel[grid](*args, **kwargs)``; inside ``compile_only()``, only its compilation."""
+    """``kernel[grid](*args, **kwargs)``; inside ``compile_only()``, only its compilation.
+
+    On a GPU, a launch whose arguments specialize as an earlier one's did (same dtypes, pointer
+    alignment, int widths and divisibility, constexprs and options) goes straight to the compiled
+    kernel's launcher (``BoundLaunch``), not through Triton's Python launcher."""
     if getattr(_local, "compile_only", False):
         kernel.warmup(*args, grid=grid, **kwargs)
-    else:
+        return
+    if not _BIND:  # FLASHTUNE_BOUND_LAUNCH=0
         kernel[grid](*args, **kwargs)
+        return
+    key = (kernel, _specialization(args), *kwargs.values())
+    bound = _bound.get(key)
+    if bound is None:
+        bound = _bind(key, kernel, grid, args, kwargs)
+    bound(grid, args)
+
+
+_BIND = os.environ.get("FLASHTUNE_BOUND_LAUNCH", "1") != "0"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # no compiled kernel to bind: the interpreter's run
+_bound: dict[tuple, Any] = {}
+_bound_lock = threading.Lock()
+MAX_BOUND = 4096  # entries; past it the table is emptied (a model has far fewer specializations)
+
+
+def _specialization(args: Sequence[Any]) -> tuple:
+    """What Triton specializes a launch's compiled kernel on, per positional argument: a tensor's
+    dtype, 16-byte alignment and device, an int's 32- or 64-bit width and divisibility by 16, a float's
+    type (not its value); anything else (None, bools) by value."""
+    out = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            out.append((not a & 15, -0x80000000 <= a <= 0x7FFFFFFF))
+        elif t is float:
+            out.append(float)
+        elif isinstance(a, torch.Tensor):
+            out.append((a.dtype, not a.data_ptr() & 15, a.get_device()))
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def _bind(key: tuple, kernel: Any, grid: tuple[int, ...], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """The launcher for ``key``: a ``BoundLaunch`` of the kernel compiled for these arguments, or,
+    under the interpreter or where Triton's objects lack what it needs, Triton's own launch
+    (``_Unbound``)."""
+    bound: Any = None
+    if _INTERPRET:
+        bound = _Unbound(kernel, kwargs)
+    else:
+        try:
+            _runtime()
+            bound = BoundLaunch(kernel.warmup(*args, grid=grid, **kwargs), kernel, args, kwargs)
+        except (AttributeError, TypeError, KeyError) as e:  # another Triton's layout: launch as Triton does
+            log.info("flashtune: Triton kernel %s launches through Triton's own launcher (%s)", kernel, e)
+            bound = _Unbound(kernel, kwargs)
+    with _bound_lock:
+        if len(_bound) >= MAX_BOUND:
+            _bound.clear()
+        _bound[key] = bound
+    return bound
+
+
+class BoundLaunch:
+    """One compiled Triton kernel, launched as Triton's ``JITFunction.run`` would launch it once it
+    has found that kernel: ``compiled.run(grid, stream, function, metadata, hooks, *args)``, with
+    the constexpr arguments (fixed by the specialization) appended. Per call: one stream query
+    (the current stream, so CUDA graph capture sees the launch) and the launcher itself."""
+
+    __slots__ = ("compiled", "run", "function", "packed", "tail", "device")
+
+    def __init__(self, compiled: Any, kernel: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        names = list(kernel.arg_names)  # kwargs beyond them are options: num_warps, num_stages
+        missing = [n for n in names[len(args) :] if n not in kwargs]
+        if missing:  # a default the launcher would need: leave such kernels to Triton
+            raise KeyError(f"arguments without a value: {missing}")
+        compiled[1, 1, 1]  # loads the module and function (CompiledKernel._init_handles)
+        self.compiled = compiled
+        self.run, self.function, self.packed = compiled.run, compiled.function, compiled.packed_metadata
+        self.tail = tuple(kwargs[n] for n in names[len(args) :])  # the constexprs, in order
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        self.device = torch.cuda.current_device() if device is None or device.index is None else device.index
+
+    def __call__(self, grid: tuple[int, ...], args: Sequence[Any]) -> None:
+        hooks = _knobs.launch_enter_hook, _knobs.launch_exit_hook
+        stream = _raw_stream(self.device)
+        g = (*grid, 1, 1)
+        if hooks[0] is None and hooks[1] is None:
+            self.run(g[0], g[1], g[2], stream, self.function, self.packed, None, None, None, *args, *self.tail)
+        else:  # a profiler's hooks: Triton's own per-launch metadata
+            self.compiled[g[:3]](*args, *self.tail, stream=stream)
+
+
+_knobs: Any = None  # triton.knobs.runtime: the launch hooks a profiler may set
+_raw_stream: Any = None  # torch's current raw CUDA stream of a device index
+
+
+def _runtime() -> None:
+    """Import what ``BoundLaunch`` calls per launch (once; AttributeError on a Triton without knobs)."""
+    global _knobs, _raw_stream
+    if _knobs is None:
+        import triton
+
+        _raw_stream = torch._C._cuda_getCurrentRawStream
+        _knobs = triton.knobs.runtime
+
+
+class _Unbound:
+    """Triton's own launch, for kernels ``BoundLaunch`` cannot bind."""
+
+    __slots__ = ("kernel", "kwargs")
+
+    def __init__(self, kernel: Any, kwargs: dict[str, Any]) -> None:
+        self.kernel, self.kwargs = kernel, kwargs
+
+    def __call__(self, grid: tuple[int, ...], args: Sequence[Any]) -> None:
+        self.kernel[grid](*args, **self.kwargs)
+
+
+def bound_launchers() -> dict[tuple, Any]:
+    """The bound launchers made so far, by specialization key (for tests and the GPU suite)."""
+    return dict(_bound)
 
 
 def compile_threads() -> int:
