@@ -15,9 +15,10 @@ budget of its tier (rows past the budget are skipped and said so):
 - tests:   the GPU tests (test_gpu, test_cuda_kernels, and the Triton kernel tests compiled for real):
            pass/fail counts and the failing tests' names.
 - linear:  the tuned linear op (the kernel it chose, timed alone) vs cuBLAS (``F.linear``) over M x
-           (N, K); the Triton GEMM's best tactic vs cuBLAS at 4096^3; the skinny-M CUDA kernel's best
-           tactic vs cuBLAS at M <= 16; cold tuning seconds per bucket; at M <= 16 each row's
-           bytes per second (weight + activations + output) as a share of the measured read bandwidth.
+           (N, K); the Triton GEMM's best tactic vs cuBLAS at 4096^3; the decode kernels (CUDA
+           skinny and Triton skinny) at their best tactics vs cuBLAS at M <= 16; cold tuning
+           seconds per bucket; at M <= 16 each row's bytes per second (weight + activations +
+           output) as a share of the measured read bandwidth.
 - moe:     ``flashtune.moe`` tuned vs the ``torch._grouped_mm`` formulation for Mixtral-8x7B and
            DeepSeek-V3 shaped experts, Zipf-skewed routing.
 - e2e:     a Llama-3-8B-shaped decoder (a few layers) for prefill and decode under eager, Inductor
@@ -497,8 +498,8 @@ def section_linear(sec: Section, tier: Tier, read_bw: float | None) -> None:
     sec.record["data"]["linear"] = data
     if not sec.over_budget("the Triton square GEMM"):
         _triton_square(sec, tier)
-    if not sec.over_budget("the skinny-M CUDA kernel"):
-        _skinny(sec, tier)
+    if not sec.over_budget("the decode kernels"):
+        _skinny(sec, tier, read_bw)
 
 
 def _share(x: float | None) -> str:
@@ -575,23 +576,43 @@ def _triton_square(sec: Section, tier: Tier) -> None:
     sec.record["data"]["triton_square"] = dict(zip(header, row))
 
 
-def _skinny(sec: Section, tier: Tier) -> None:
+def _skinny(sec: Section, tier: Tier, read_bw: float | None) -> None:
+    """The decode kernels alone, each at its best tactic: the CUDA skinny kernel and the Triton
+    skinny GEMM against F.linear, with each one's read rate as a share of the device's."""
     from flashtune_compile.kernels.cuda.runner import CudaSkinnyLinearRunner
+    from flashtune_compile.kernels.triton_runner import TritonSkinnyRunner
 
-    runner, rows = CudaSkinnyLinearRunner(), []
+    runners = (("CUDA skinny", CudaSkinnyLinearRunner()), ("Triton skinny", TritonSkinnyRunner.for_op(LINEAR)))
+    rows, data = [], []
     for n, k in tier.linear_nk:
         w = randn(n, k, tier=tier, scale=k**-0.5)
         for m in tier.skinny_m:
+            if sec.over_budget(f"decode kernel rows from M={m}, N={n}, K={k}"):
+                break
             x = randn(m, k, tier=tier)
-            tactics = runner.get_valid_tactics((x, w, None), BucketProfile((m,), (x.shape, w.shape, None)))
-            if not tactics:
-                rows.append([m, n, k, "not offered here", "", "", ""])
-                continue
-            base, tactic, best = best_tactic(tier, partial(F.linear, x, w), runner, (x, w, None), tactics)
-            rows.append([m, n, k, base * 1e6, best * 1e6, base / best, str(tactic)])
-    header = ["M", "N", "K", "cuBLAS us", "skinny us", "vs cuBLAS", "best tactic"]
-    sec.table("skinny-M CUDA kernel: best tactic vs F.linear", header, rows)
-    sec.record["data"]["skinny"] = rows
+            moved = (n * k + m * k + m * n) * x.element_size()
+            profile = BucketProfile((m,), (x.shape, w.shape, None))
+            base = None
+            for name, runner in runners:
+                tactics = runner.get_valid_tactics((x, w, None), profile)
+                if not tactics:
+                    rows.append([m, n, k, name, "not offered here", "", "", "", ""])
+                    continue
+                base, tactic, best = best_tactic(tier, partial(F.linear, x, w), runner, (x, w, None), tactics)
+                share = moved / best / read_bw if read_bw else None
+                cublas_share = moved / base / read_bw if read_bw else None
+                row = [m, n, k, name, base * 1e6, best * 1e6, base / best, _share(share), _share(cublas_share)]
+                rows.append([*row, str(tactic)])
+                data.append(dict(m=m, n=n, k=k, kernel=name, cublas_s=base, best_s=best, tactic=str(tactic)))
+                data[-1]["share"] = share
+    header = ["M", "N", "K", "kernel", "cuBLAS us", "kernel us", "vs cuBLAS", "of read BW", "cuBLAS of read BW"]
+    sec.table("decode kernels: best tactic vs F.linear", [*header, "best tactic"], rows)
+    for name, _ in runners:
+        mine = [r for r in data if r["kernel"] == name]
+        if mine:
+            ratio = _geomean([r["cublas_s"] / r["best_s"] for r in mine])
+            sec.note(f"{name}: geomean {ratio:.3f}x cuBLAS at M <= 16 (aim >= 1.3x)")
+    sec.record["data"]["skinny"] = data
 
 
 def zipf_routing(t: int, e: int, k: int, tier: Tier, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

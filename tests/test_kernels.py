@@ -179,7 +179,7 @@ def test_backend_tunes_triton_end_to_end(tuner, triton_on_cpu):
     x = torch.randn(3, 16, device=dev())
     torch.testing.assert_close(compiled(x), model(x), rtol=2e-3, atol=2e-3)  # a GPU's fp32 dot may use tf32
     (rec,) = ft.tactics()
-    assert rec["candidates"] == ["aten_linear_default", "triton_gemm"] and rec["timed"] >= 2
+    assert rec["candidates"] == ["aten_linear_default", "triton_gemm", "triton_skinny"] and rec["timed"] >= 3
 
 
 @needs_interpreter
@@ -276,3 +276,62 @@ def test_warm_triton_launches_reuse_one_launcher_per_specialization(tuner, trito
     assert shifted.data_ptr() % 16
     torch.testing.assert_close(runner.forward((shifted, w, b), tactic), F.linear(shifted, w, b), rtol=1e-4, atol=1e-4)
     assert len(mine() - before) == 2
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "m, n, k, tactic",
+    [
+        (1, 7, 9, (1, 16, 64, 1, 2, 3)),  # everything masked: one partial tile
+        (3, 33, 130, (4, 16, 64, 2, 4, 3)),  # two chunks of K, the second 2 long
+        (3, 33, 130, (4, 16, 64, 4, 4, 3)),  # four asked, three non-empty chunks of 64, 64, 2
+        (5, 17, 1030, (8, 16, 64, 16, 4, 3)),  # 16 chunks, the last partial
+        (16, 40, 300, (16, 32, 64, 4, 4, 3)),  # tl.dot, split 4 over a partial tile
+        (20, 24, 200, (16, 32, 64, 2, 4, 3)),  # two blocks of rows, the second 4 rows long
+    ],
+)
+def test_triton_skinny_matches_float64_at_split_boundaries(dtype, m, n, k, tactic):
+    from flashtune_compile.kernels.triton_skinny import skinny_gemm
+
+    g = torch.Generator().manual_seed(m * 100 + k)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)  # read as b = w.T, linear's layout
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = (0.5 * a.double() @ w.double().T + 2.0 * bias.double()).to(dtype)
+    out = skinny_gemm(a, w.t(), bias, 0.5, 2.0, tactic)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert mismatch(out, ref) is None, mismatch(out, ref)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_triton_skinny_serves_every_matmul_op(triton_on_cpu, op):
+    """Each op's GEMM view: transposed operands, batches, alpha/beta and bias; every offered
+    tactic and the default equal the float64 reference."""
+    from flashtune_compile.kernels.triton_runner import TritonSkinnyRunner
+
+    inputs = make_inputs(op, 6, 40, 520, torch.bfloat16, transposed=True)
+    runner = TritonSkinnyRunner(OPS[op].gemm)
+    tactics = runner.get_valid_tactics(inputs, profile_for(inputs, op))
+    assert tactics and all(t[0] == 8 for t in tactics)  # BLOCK_M: the bucket's M, rounded up
+    ref = reference(op, inputs)
+    for tactic in [*tactics, -1]:
+        out = runner.forward(inputs, tactic)
+        assert mismatch(out, ref) is None, (tactic, mismatch(out, ref))
+    big = make_inputs(op, 40, 8, 16, torch.float32)
+    assert runner.get_valid_tactics(big, profile_for(big, op)) == []  # M > 32: not offered
+
+
+def test_triton_skinny_tactics_fill_the_gpu_and_fit_registers():
+    from flashtune_compile.kernels.triton_skinny import MAX_SUM_VALUES, default_tactic, skinny_tactics
+
+    tactics = skinny_tactics(1, 4096, 4096, 132)
+    assert tactics and all(t[0] == 1 for t in tactics)
+    for bm, bn, bk, split, warps, _ in tactics:
+        assert bm * bn * bk <= MAX_SUM_VALUES * 32 * warps
+        assert split == 1 or (-(-4096 // bn) * split <= 8 * 132 and 4096 >= 4 * split * bk)
+    assert any(t[3] > 1 for t in tactics)  # a 4096 x 4096 weight gets split-K tactics
+    assert {t[0] for t in skinny_tactics(16, 4096, 4096, 132)} == {16}
+    bm, bn, bk, split, _, _ = default_tactic(1, 4096, 4096, 132)
+    assert -(-4096 // bn) * split >= 2 * 132 or split == 16

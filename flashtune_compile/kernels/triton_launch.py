@@ -91,13 +91,14 @@ MAX_BOUND = 4096  # entries; past it the table is emptied (a model has far fewer
 
 def _specialization(args: Sequence[Any]) -> tuple:
     """What Triton specializes a launch's compiled kernel on, per positional argument: a tensor's
-    dtype, 16-byte alignment and device, an int's 32- or 64-bit width and divisibility by 16, a float's
+    dtype, 16-byte alignment and device, an int's 32- or 64-bit width, divisibility by 16 and whether
+    it is 1 (a constant to Triton), a float's
     type (not its value); anything else (None, bools) by value."""
     out = []
     for a in args:
         t = type(a)
         if t is int:
-            out.append((not a & 15, -0x80000000 <= a <= 0x7FFFFFFF))
+            out.append((a == 1, not a & 15, -0x80000000 <= a <= 0x7FFFFFFF))
         elif t is float:
             out.append(float)
         elif isinstance(a, torch.Tensor):

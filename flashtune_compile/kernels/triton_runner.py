@@ -1,5 +1,6 @@
-"""The Triton GEMM (kernels/triton_gemm.py) as a candidate for every op of the matmul family
-(each op says how its inputs read as a GEMM: ``gemm_view.GemmView``).
+"""The Triton GEMMs as candidates for every op of the matmul family (each op says how its inputs
+read as a GEMM: ``gemm_view.GemmView``): the tiled GEMM (kernels/triton_gemm.py) for any size,
+and the decode-sized one (kernels/triton_skinny.py) for M <= 32.
 
 Offered for CUDA tensors of fp16, bf16 or fp32. For tests on machines without a GPU it is offered
 for CPU tensors too when both ``TRITON_INTERPRET=1`` (set before the kernel is first imported)
@@ -71,3 +72,46 @@ class TritonGemmRunner(TritonRunner):
             tactic = (64, 64, 32, 8, 4, 3, 1)
         a, b, bias, alpha, beta = self.view.operands(inputs)
         return gemm(a, b, bias, alpha, beta, tuple(tactic))
+
+
+def _sms(a: torch.Tensor) -> int:
+    """Multiprocessors of a's GPU (132 for a CPU tensor under the interpreter: an H100's)."""
+    if not a.is_cuda:
+        return 132
+    return torch.cuda.get_device_properties(a.device).multi_processor_count
+
+
+class TritonSkinnyRunner(TritonRunner):
+    """The decode-sized Triton GEMM (``triton_skinny.py``: narrow column blocks, split-K with a
+    deterministic sum) for any op whose inputs read as one GEMM, offered for buckets with
+    M <= 32. A tactic is ``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)``; every
+    tactic is correct for every M (blocks of BLOCK_M rows)."""
+
+    name = "triton_skinny"
+
+    def __init__(self, view: GemmView) -> None:
+        self.view = view
+
+    @classmethod
+    def for_op(cls, op: Any) -> TritonSkinnyRunner:
+        return cls(op.gemm)
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        a = inputs[self.view.a]
+        if a.dtype not in DTYPES or not (a.is_cuda or (a.device.type == "cpu" and _interpreting())):
+            return []
+        from .triton_skinny import MAX_M, skinny_tactics
+
+        m, n, k = self.view.mnk(profile.shapes)
+        if m > MAX_M:
+            return []
+        tactics = skinny_tactics(m, n, k, _sms(a))
+        return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
+
+    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
+        from .triton_skinny import default_tactic, skinny_gemm
+
+        a, b, bias, alpha, beta = self.view.operands(inputs)
+        if tactic == DEFAULT_TACTIC:
+            tactic = default_tactic(a.shape[-2], b.shape[-1], a.shape[-1], _sms(a))
+        return skinny_gemm(a, b, bias, alpha, beta, tuple(tactic))

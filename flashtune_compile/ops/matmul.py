@@ -22,7 +22,7 @@ from ..kernels.cpp.runner import CpuBlockedLinearRunner
 from ..kernels.cpu import CpuLinearRunner
 from ..kernels.cuda.runner import CudaSkinnyLinearRunner
 from ..kernels.gemm_view import GemmView
-from ..kernels.triton_runner import TritonGemmRunner
+from ..kernels.triton_runner import TritonGemmRunner, TritonSkinnyRunner
 from .registry import register
 from .spec import Candidate, OpSpec
 
@@ -83,6 +83,7 @@ def _scaled_bwd(ctx: Any, grad: torch.Tensor):  # addmm, baddbmm: beta * bias + 
 # -- the ops ------------------------------------------------------------------------------------
 
 TRITON = Candidate("triton", TritonGemmRunner)  # one GEMM kernel for the whole family
+TRITON_SKINNY = Candidate("triton", TritonSkinnyRunner)  # and one for its decode sizes
 # Operand rules (dtype kind, min rank, max rank): a matrix, N-D rows of a matrix, a batch of matrices.
 MAT, ROWS, BATCH = ("op", 2, 2), ("op", 2, None), ("op", 3, 3)
 
@@ -99,6 +100,7 @@ LINEAR = register(
         candidates=(
             Candidate("aten", AtenLinearRunner),
             TRITON,
+            TRITON_SKINNY,
             Candidate("cuda", CudaSkinnyLinearRunner),
             Candidate("cpu", CpuLinearRunner),
             Candidate("cpu", CpuBlockedLinearRunner),
@@ -116,7 +118,7 @@ MM = register(
         flatten_rows=True,
         operands=(ROWS, MAT),
         gemm=GemmView(a=0, b=1),
-        candidates=(Candidate("aten", AtenMMRunner), TRITON),
+        candidates=(Candidate("aten", AtenMMRunner), TRITON, TRITON_SKINNY),
     )
 )
 
@@ -134,7 +136,7 @@ def _scaled(name: str, family: str, operand: tuple, aten: type) -> OpSpec:
         operands=(("op", 0, rank), operand, operand),
         token_dims=((1, rank - 2),),
         gemm=GemmView(a=1, b=2, bias=0, alpha=4, beta=3),
-        candidates=(Candidate("aten", aten), TRITON),
+        candidates=(Candidate("aten", aten), TRITON, TRITON_SKINNY),
     )
 
 
@@ -149,7 +151,7 @@ BMM = register(
         operands=(BATCH, BATCH),
         token_dims=((0, 1),),
         gemm=GemmView(a=0, b=1),
-        candidates=(Candidate("aten", AtenBmmRunner), TRITON),
+        candidates=(Candidate("aten", AtenBmmRunner), TRITON, TRITON_SKINNY),
     )
 )
 BADDBMM = register(_scaled("baddbmm", "bmm", BATCH, AtenBaddbmmRunner))
