@@ -20,7 +20,8 @@ budget of its tier (rows past the budget are skipped and said so):
            seconds per bucket; at M <= 16 each row's bytes per second (weight + activations +
            output) as a share of the measured read bandwidth.
 - moe:     ``flashtune.moe`` tuned vs the ``torch._grouped_mm`` formulation for Mixtral-8x7B and
-           DeepSeek-V3 shaped experts, Zipf-skewed routing.
+           DeepSeek-V3 shaped experts, Zipf-skewed routing; at T <= 16 the picked experts'
+           weights read per second as a share of the read bandwidth.
 - e2e:     a Llama-3-8B-shaped decoder (a few layers) for prefill and decode under eager, Inductor
            (default, max-autotune-no-cudagraphs, reduce-overhead), flashtune and flashtune with CUDA
            graphs; compile + tune seconds of each; where a decode call's host time goes for Inductor
@@ -631,7 +632,9 @@ def moe_reference(hidden, weights, ids, w1, w2, activation, w3=None) -> torch.Te
     return moe_loop(hidden, weights, ids, w1, w2, activation, compute_dtype=torch.float32, mm1=mm1, mm2=mm2)
 
 
-def section_moe(sec: Section, tier: Tier) -> None:
+def section_moe(sec: Section, tier: Tier, read_bw: float | None) -> None:
+    """``read_bw``: the bandwidth section's read figure; rows with T <= 16 report the experts'
+    weights they must read (each picked expert once) per second as a share of it."""
     rows, data = [], []
     for name, e, k, h, inter in tier.moe:
         w1 = randn(e, 2 * inter, h, tier=tier, scale=h**-0.5)
@@ -651,11 +654,16 @@ def section_moe(sec: Section, tier: Tier) -> None:
             fns = [lambda inputs=inputs: moe_grouped(*inputs), lambda r=runner, tc=tactic, i=inputs: r.forward(i, tc)]
             base, tuned = medians(tier, fns)
             kernel = f"{runner.name}[{tactic}]"
-            rows.append([name, t, base * 1e6, tuned * 1e6, base / tuned, kernel, round(tune_s, 2), err])
+            picked = int(torch.unique(ids[(ids >= 0) & (ids < e)]).numel())
+            moved = picked * 3 * h * inter * hidden.element_size()
+            share = moved / tuned / read_bw if t <= 16 and read_bw else None
+            row = [name, t, base * 1e6, tuned * 1e6, base / tuned, _share(share), kernel]
+            rows.append([*row, round(tune_s, 2), err])
             data.append(dict(model=name, t=t, grouped_mm_s=base, tuned_s=tuned, kernel=kernel, tune_s=tune_s, err=err))
+            data[-1].update(picked_experts=picked, read_bw_share=share)
         del w1, w2
-    header = ["model", "T", "torch._grouped_mm us", "flashtune.moe us", "speedup", "chosen kernel", "cold tune s"]
-    header.append("rel err")
+    header = ["model", "T", "torch._grouped_mm us", "flashtune.moe us", "speedup", "of read BW", "chosen kernel"]
+    header += ["cold tune s", "rel err"]
     sec.table("MoE experts, Zipf routing: flashtune.moe (tuned) vs the torch._grouped_mm formulation", header, rows)
     small = [r["grouped_mm_s"] / r["tuned_s"] for r in data if r["t"] <= 64]
     if small:
@@ -1004,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth": lambda s: read_bw.append(section_bandwidth(s, tier)),
         "tests": lambda s: section_tests(s, tier, args.dry_run),
         "linear": lambda s: section_linear(s, tier, read_bw[0] if read_bw else None),
-        "moe": lambda s: section_moe(s, tier),
+        "moe": lambda s: section_moe(s, tier, read_bw[0] if read_bw else None),
         "e2e": lambda s: section_e2e(s, tier),
         "host": lambda s: section_host(s, tier),
         "offline": lambda s: section_offline(s, tier, args.dry_run),

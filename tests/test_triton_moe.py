@@ -259,3 +259,50 @@ def test_runners_not_offered_on_cpu_without_opt_in(monkeypatch):
     assert TritonMoeRunner().get_valid_tactics(cpu, profile(cpu)) == []
     gm = (torch.randn(4, 8), torch.randn(2, 8, 8), torch.tensor([2, 4], dtype=torch.int32))
     assert TritonGroupedMMRunner().get_valid_tactics(gm, profile(gm)) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode-sized MoE (kernels/triton_moe_decode.py)
+
+DECODE_TACTICS = [(16, 128, 1, 4, 3), (32, 16, 2, 4, 3), (16, 16, 4, 2, 2)]  # K chunks: 1, 2, then 3 of 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("t, k", [(0, 2), (1, 1), (1, E), (5, 2)])
+def test_decode_moe_matches_reference(dtype, t, k):
+    """Every pair against its own expert, picks outside [0, E) dropped, each activation, and K
+    split into chunks (H = 24 and I = 20 into 16-deep tiles: partial and empty chunks)."""
+    from flashtune_compile.kernels.triton_moe_decode import decode_moe
+
+    inputs = make_moe(t, k, dtype, seed=3)
+    for tactic, activation in zip(DECODE_TACTICS, ["silu", "gelu", "gelu_tanh"]):
+        out = decode_moe(*inputs, activation, tactic)
+        assert out.shape == (t, H)
+        assert_close(out, reference_moe(*inputs, activation))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32-weights", "bf16-weights"])
+def test_decode_moe_strided_operands_and_routing_weight_dtypes(weight_dtype):
+    from flashtune_compile.kernels.triton_moe_decode import decode_moe
+
+    hidden, weights, ids, w1, w2 = make_moe(3, 2, torch.bfloat16, seed=4, weight_dtype=weight_dtype, transposed=True)
+    hidden = torch.cat([hidden, hidden], 1)[:, ::2]
+    assert not (hidden.is_contiguous() or w1.is_contiguous() or w2.is_contiguous())
+    ref = reference_moe(hidden, weights, ids, w1, w2, "silu")
+    assert_close(decode_moe(hidden, weights, ids, w1, w2, "silu", DECODE_TACTICS[1]), ref)
+
+
+def test_decode_moe_runner_is_offered_for_few_pairs_only(triton_on_cpu):
+    from flashtune_compile.kernels.triton_moe_runner import TritonMoeDecodeRunner
+
+    runner = TritonMoeDecodeRunner()
+    inputs = (*make_moe(4, 2, torch.bfloat16, seed=5), "gelu_tanh", None)
+    tactics = runner.get_valid_tactics(inputs, profile(inputs))
+    assert tactics and all(len(t) == 5 for t in tactics)
+    ref = reference_moe(*inputs[:6])
+    for tactic in [-1, *tactics]:
+        assert_close(runner.forward(inputs, tactic), ref)
+    many = (*make_moe(17, 2, torch.bfloat16, seed=5), "silu", None)  # 34 pairs
+    assert runner.get_valid_tactics(many, profile(many)) == []
+    gate, up = inputs[3].chunk(2, dim=1)
+    assert runner.get_valid_tactics((*inputs[:3], gate, inputs[4], "silu", up), profile(inputs)) == []

@@ -14,7 +14,7 @@ import torch
 
 from ..tuner.buckets import next_pow2
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic
-from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, TritonRunner, _interpreting
+from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, TritonRunner, _interpreting, _sms
 
 SMALLEST_TACTIC: Tactic = (16, 32, 32, 8, 4, 2)  # offered when no tile of the list fits a problem
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -134,3 +134,34 @@ class TritonGroupedMMRunner(TritonRunner):
 
         x, w, offs = inputs
         return grouped_mm(x, w, offs, tactic)
+
+
+class TritonMoeDecodeRunner(TritonRunner):
+    """MoE experts at decode sizes (``triton_moe_decode.py``): each (token, pick) pair reads only its
+    expert's weights, split-K so every SM streams. Inputs as ``TritonMoeRunner``'s; offered for
+    buckets with T * k <= 32 pairs. A tactic is ``(BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
+    num_stages)``; every tactic is correct for any number of pairs."""
+
+    name = "triton_moe_decode"
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        from .triton_moe_decode import MAX_PAIRS, decode_tactics
+
+        if not TritonMoeRunner.get_valid_tactics(self, inputs, profile):  # the same inputs apply
+            return []
+        t, h = profile.shapes[0]
+        pairs = t * profile.shapes[2][1]
+        if pairs > MAX_PAIRS:
+            return []
+        two_i = profile.shapes[3][1]
+        tactics = decode_tactics(pairs, two_i, h, two_i // 2, _sms(inputs[0]))
+        return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
+
+    def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
+        from .triton_moe_decode import decode_moe, default_tactic
+
+        hidden, topk_weights, topk_ids, w1, w2, activation = inputs[:6]
+        if tactic == DEFAULT_TACTIC:
+            two_i = w1.shape[1]
+            tactic = default_tactic(topk_ids.numel(), two_i, hidden.shape[1], two_i // 2, _sms(hidden))
+        return decode_moe(hidden, topk_weights, topk_ids, w1, w2, activation, tuple(tactic))

@@ -9,6 +9,7 @@ and ``FLASHTUNE_TRITON_ON_CPU=1`` are set. Triton is imported on first use, not 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -75,10 +76,14 @@ class TritonGemmRunner(TritonRunner):
 
 
 def _sms(a: torch.Tensor) -> int:
-    """Multiprocessors of a's GPU (132 for a CPU tensor under the interpreter: an H100's)."""
-    if not a.is_cuda:
-        return 132
-    return torch.cuda.get_device_properties(a.device).multi_processor_count
+    """Multiprocessors of a's GPU (132 for a CPU tensor under the interpreter: an H100's); read
+    once per device, not per call."""
+    return _sm_count(a.get_device()) if a.is_cuda else 132
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 class TritonSkinnyRunner(TritonRunner):

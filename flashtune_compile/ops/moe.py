@@ -30,7 +30,7 @@ from ..kernels.cpp.moe_runner import CpuBlockedMoeRunner
 from ..kernels.cpp.rows_runner import CpuRowsMoeRunner
 from ..kernels.grouped_mm import AtenGroupedMMRunner, CpuGroupedMMRunner, grouped_loop
 from ..kernels.moe import ACTIVATIONS, AtenMoeRunner, CpuMoeRunner, moe_loop
-from ..kernels.triton_moe_runner import TritonGroupedMMRunner, TritonMoeRunner
+from ..kernels.triton_moe_runner import TritonGroupedMMRunner, TritonMoeDecodeRunner, TritonMoeRunner
 from .registry import register
 from .routing import RoutedInputs
 from .spec import Candidate, OpSpec
@@ -97,6 +97,7 @@ MOE = register(
         candidates=(
             Candidate("aten", AtenMoeRunner),
             Candidate("triton", TritonMoeRunner),
+            Candidate("triton", TritonMoeDecodeRunner),
             Candidate("cpu", CpuMoeRunner),
             Candidate("cpu", CpuBlockedMoeRunner),
             Candidate("cpu", CpuRowsMoeRunner),
