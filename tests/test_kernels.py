@@ -335,3 +335,31 @@ def test_triton_skinny_tactics_fill_the_gpu_and_fit_registers():
     assert {t[0] for t in skinny_tactics(16, 4096, 4096, 132)} == {16}
     bm, bn, bk, split, _, _ = default_tactic(1, 4096, 4096, 132)
     assert -(-4096 // bn) * split >= 2 * 132 or split == 16
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("op", ["linear", "mm", "addmm"])
+def test_triton_tma_matches_aten_through_descriptors(triton_on_cpu, op, dtype):
+    """The persistent TMA GEMM through each 2-D op's view (B K-major for linear, row-major for mm):
+    fewer programs than tiles (each walks several), partial edge tiles, the bias epilogue; and an
+    operand TMA cannot read (misaligned) runs the tiled GEMM instead, still right."""
+    from flashtune_compile.kernels.triton_runner import TritonTmaRunner
+    from flashtune_compile.kernels.triton_tma import tma_gemm
+
+    inputs = make_inputs(op, 72, 40, 136, dtype)
+    runner = TritonTmaRunner(OPS[op].gemm)
+    tactics = runner.get_valid_tactics(inputs, profile_for(inputs, op))
+    assert tactics
+    ref = reference(op, inputs)
+    for tactic in [tactics[0], -1]:
+        assert mismatch(runner.forward(inputs, tactic), ref) is None
+    a, b, bias, alpha, beta = OPS[op].gemm.operands(inputs)
+    small = (64, 64, 64, 8, 4, 3)  # 2 x 1 tiles over one program
+    assert mismatch(tma_gemm(a, b, bias, alpha, beta, small, programs=1), ref) is None
+    shifted = torch.randn(72 * 136 + 1).to(dtype)[1:].view(72, 136)
+    moved = (shifted, *inputs[1:]) if op != "addmm" else (inputs[0], shifted, *inputs[2:])
+    assert runner.get_valid_tactics(moved, profile_for(moved, op)) == []  # not offered for it
+    assert mismatch(runner.forward(moved, tactics[0]), reference(op, moved)) is None  # but right if reached
+    few = make_inputs(op, 8, 40, 136, dtype)
+    assert runner.get_valid_tactics(few, profile_for(few, op)) == []  # decode sizes: not offered

@@ -93,7 +93,8 @@ def _specialization(args: Sequence[Any]) -> tuple:
     """What Triton specializes a launch's compiled kernel on, per positional argument: a tensor's
     dtype, 16-byte alignment and device, an int's 32- or 64-bit width, divisibility by 16 and whether
     it is 1 (a constant to Triton), a float's
-    type (not its value); anything else (None, bools) by value."""
+    type (not its value), a tensor descriptor's dtype and block shape; anything else (None, bools)
+    by value."""
     out = []
     for a in args:
         t = type(a)
@@ -103,6 +104,8 @@ def _specialization(args: Sequence[Any]) -> tuple:
             out.append(float)
         elif isinstance(a, torch.Tensor):
             out.append((a.dtype, not a.data_ptr() & 15, a.get_device()))
+        elif hasattr(a, "block_shape"):  # a host TMA descriptor: its type and block, not its sizes
+            out.append((a.base.dtype, tuple(a.block_shape), getattr(a, "padding", None), a.base.get_device()))
         else:
             out.append(a)
     return tuple(out)

@@ -120,3 +120,60 @@ class TritonSkinnyRunner(TritonRunner):
         if tactic == DEFAULT_TACTIC:
             tactic = default_tactic(a.shape[-2], b.shape[-1], a.shape[-1], _sms(a))
         return skinny_gemm(a, b, bias, alpha, beta, tuple(tactic))
+
+
+def _has_tma(a: torch.Tensor) -> bool:
+    """TMA descriptors: a Hopper or newer GPU (or the interpreter, in tests)."""
+    return _tma_capable(a.get_device()) if a.is_cuda else _interpreting()
+
+
+@functools.cache
+def _tma_capable(index: int) -> bool:
+    return torch.version.cuda is not None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+class TritonTmaRunner(TritonRunner):
+    """The persistent TMA GEMM (``triton_tma.py``) for 2-D ops whose operands TMA can read (fp16 or
+    bf16, A row-major, B K-major or row-major, 16-byte aligned), offered on Hopper or newer for
+    buckets with M >= 64. A call whose operands TMA cannot read (a misaligned view, say) runs the
+    tiled GEMM with the same tile, so every tactic is correct for every input."""
+
+    name = "triton_tma"
+
+    def __init__(self, view: GemmView) -> None:
+        self.view = view
+
+    @classmethod
+    def for_op(cls, op: Any) -> TritonTmaRunner:
+        return cls(op.gemm)
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        from .triton_tma import MIN_M, applies, tma_tactics
+
+        a, b, _, _, _ = self.view.operands(inputs)
+        if not isinstance(a, torch.Tensor) or not (a.is_cuda or a.device.type == "cpu") or not _has_tma(a):
+            return []
+        if not applies(a, b):
+            return []
+        m, n, k = self.view.mnk(profile.shapes)
+        if m < MIN_M:
+            return []
+        smem = 227 * 1024
+        if a.is_cuda:
+            from triton.runtime import driver
+
+            smem = driver.active.utils.get_device_properties(a.get_device())["max_shared_mem"]
+        tactics = tma_tactics(m, n, k, a.element_size(), smem)
+        return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
+
+    def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
+        from .triton_gemm import gemm
+        from .triton_tma import TILES, applies, tma_gemm
+
+        a, b, bias, alpha, beta = self.view.operands(inputs)
+        if tactic == DEFAULT_TACTIC:
+            bm, bn, bk, warps, stages = TILES[0]
+            tactic = (bm, bn, bk, 8, warps, stages)
+        if not applies(a, b):
+            return gemm(a, b, bias, alpha, beta, (*tactic[:6], 1))
+        return tma_gemm(a, b, bias, alpha, beta, tuple(tactic), _sms(a))

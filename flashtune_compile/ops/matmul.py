@@ -22,7 +22,7 @@ from ..kernels.cpp.runner import CpuBlockedLinearRunner
 from ..kernels.cpu import CpuLinearRunner
 from ..kernels.cuda.runner import CudaSkinnyLinearRunner
 from ..kernels.gemm_view import GemmView
-from ..kernels.triton_runner import TritonGemmRunner, TritonSkinnyRunner
+from ..kernels.triton_runner import TritonGemmRunner, TritonSkinnyRunner, TritonTmaRunner
 from .registry import register
 from .spec import Candidate, OpSpec
 
@@ -84,6 +84,7 @@ def _scaled_bwd(ctx: Any, grad: torch.Tensor):  # addmm, baddbmm: beta * bias + 
 
 TRITON = Candidate("triton", TritonGemmRunner)  # one GEMM kernel for the whole family
 TRITON_SKINNY = Candidate("triton", TritonSkinnyRunner)  # and one for its decode sizes
+TRITON_TMA = Candidate("triton", TritonTmaRunner)  # and, on Hopper, a persistent TMA one for 2-D products
 # Operand rules (dtype kind, min rank, max rank): a matrix, N-D rows of a matrix, a batch of matrices.
 MAT, ROWS, BATCH = ("op", 2, 2), ("op", 2, None), ("op", 3, 3)
 
@@ -101,6 +102,7 @@ LINEAR = register(
             Candidate("aten", AtenLinearRunner),
             TRITON,
             TRITON_SKINNY,
+            TRITON_TMA,
             Candidate("cuda", CudaSkinnyLinearRunner),
             Candidate("cpu", CpuLinearRunner),
             Candidate("cpu", CpuBlockedLinearRunner),
@@ -118,7 +120,7 @@ MM = register(
         flatten_rows=True,
         operands=(ROWS, MAT),
         gemm=GemmView(a=0, b=1),
-        candidates=(Candidate("aten", AtenMMRunner), TRITON, TRITON_SKINNY),
+        candidates=(Candidate("aten", AtenMMRunner), TRITON, TRITON_SKINNY, TRITON_TMA),
     )
 )
 
@@ -136,7 +138,7 @@ def _scaled(name: str, family: str, operand: tuple, aten: type) -> OpSpec:
         operands=(("op", 0, rank), operand, operand),
         token_dims=((1, rank - 2),),
         gemm=GemmView(a=1, b=2, bias=0, alpha=4, beta=3),
-        candidates=(Candidate("aten", aten), TRITON, TRITON_SKINNY),
+        candidates=(Candidate("aten", aten), TRITON, TRITON_SKINNY, TRITON_TMA),
     )
 
 
