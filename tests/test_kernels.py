@@ -179,7 +179,8 @@ def test_backend_tunes_triton_end_to_end(tuner, triton_on_cpu):
     x = torch.randn(3, 16, device=dev())
     torch.testing.assert_close(compiled(x), model(x), rtol=2e-3, atol=2e-3)  # a GPU's fp32 dot may use tf32
     (rec,) = ft.tactics()
-    assert rec["candidates"] == ["aten_linear_default", "triton_gemm", "triton_skinny"] and rec["timed"] >= 3
+    assert rec["candidates"] == ["aten_linear_default", "triton_gemm", "triton_skinny", "triton_tma"]
+    assert rec["timed"] >= 3  # the TMA GEMM is not offered for fp32 at M = 3
 
 
 @needs_interpreter

@@ -79,7 +79,14 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     bound = _bound.get(key)
     if bound is None:
         bound = _bind(key, kernel, grid, args, kwargs)
-    bound(grid, args)
+    try:
+        bound(grid, args)
+    except (TypeError, ValueError) as e:  # the launcher refused the arguments: nothing was launched
+        if type(bound) is not BoundLaunch:
+            raise
+        log.warning("flashtune: Triton kernel %s launches through Triton's own launcher (%s)", kernel, e)
+        _bound[key] = _Unbound(kernel, kwargs)
+        kernel[grid](*args, **kwargs)
 
 
 _BIND = os.environ.get("FLASHTUNE_BOUND_LAUNCH", "1") != "0"
