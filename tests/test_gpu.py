@@ -173,25 +173,44 @@ def test_the_aten_moe_default_can_be_captured_in_a_cuda_graph():
     torch.testing.assert_close(out, expected)
 
 
-def test_warm_triton_calls_never_enter_tritons_python_launcher(tuner, monkeypatch):
-    """After a bucket's Triton tactic is chosen, a warm call launches the compiled kernel through
-    its bound launcher: JITFunction.run (Triton's full Python launch path) is never called."""
+@pytest.mark.parametrize("kernel", ["triton_gemm", "triton_skinny", "triton_moe_decode"])
+def test_warm_triton_calls_never_enter_tritons_python_launcher(monkeypatch, kernel):
+    """After a tactic's first launch, its later calls launch the compiled kernels through bound
+    launchers: JITFunction.run (Triton's full Python launch path) is never called, and the result
+    stays right."""
     import triton.runtime.jit as jit
 
     from flashtune_compile.kernels import triton_launch
+    from flashtune_compile.kernels.triton_moe_runner import TritonMoeDecodeRunner
+    from flashtune_compile.kernels.triton_runner import TritonGemmRunner, TritonSkinnyRunner
+    from flashtune_compile.ops.matmul import LINEAR
+    from flashtune_compile.tuner.runner import BucketProfile
 
-    model = torch.nn.Linear(512, 256, device="cuda", dtype=torch.float16)
-    compiled = torch.compile(model, backend="flashtune", options={"inner": "eager", "kernels": {"triton"}})
-    x = torch.randn(8, 512, device="cuda", dtype=torch.float16)
-    with torch.no_grad():
-        compiled(x)  # tunes the bucket: compiles and times every Triton tactic
-        compiled(x)  # binds the winner's launcher
-        calls = []
-        run = jit.JITFunction.run
-        monkeypatch.setattr(jit.JITFunction, "run", lambda self, *a, **k: calls.append(self) or run(self, *a, **k))
-        for _ in range(3):
-            out = compiled(x)
+    dt = torch.float16
+    if kernel == "triton_moe_decode":
+        runner = TritonMoeDecodeRunner()
+        hidden = torch.randn(2, 256, device="cuda", dtype=dt)
+        ids = torch.tensor([[0, 3], [1, 3]], device="cuda")
+        weights = torch.rand(2, 2, device="cuda")
+        w1 = torch.randn(4, 2 * 128, 256, device="cuda", dtype=dt) / 16
+        w2 = torch.randn(4, 256, 128, device="cuda", dtype=dt) / 16
+        inputs = (hidden, weights, ids, w1, w2, "silu", None)
+        shapes = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs)
+        ref = runner.forward(inputs, -1).float()
+        profile = BucketProfile((2,), shapes)
+    else:
+        runner = (TritonGemmRunner if kernel == "triton_gemm" else TritonSkinnyRunner).for_op(LINEAR)
+        x, w = torch.randn(8, 512, device="cuda", dtype=dt), torch.randn(256, 512, device="cuda", dtype=dt) / 16
+        inputs, ref = (x, w, None), torch.nn.functional.linear(x.float(), w.float())
+        profile = BucketProfile((8,), (x.shape, w.shape, None))
+    tactic = runner.get_valid_tactics(inputs, profile)[0]
+    runner.forward(inputs, tactic)  # compiles and binds
+    calls = []
+    run = jit.JITFunction.run
+    monkeypatch.setattr(jit.JITFunction, "run", lambda self, *a, **k: calls.append(self) or run(self, *a, **k))
+    for _ in range(3):
+        out = runner.forward(inputs, tactic)
     torch.cuda.synchronize()
-    torch.testing.assert_close(out, model(x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     assert calls == []
     assert any(type(v).__name__ == "BoundLaunch" for v in triton_launch.bound_launchers().values())
