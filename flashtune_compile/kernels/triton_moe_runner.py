@@ -14,7 +14,7 @@ import torch
 
 from ..tuner.buckets import next_pow2
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic
-from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, TritonRunner, _interpreting, _sms
+from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, TritonRunner, _interpreting, _sms, max_smem
 
 SMALLEST_TACTIC: Tactic = (16, 32, 32, 8, 4, 2)  # offered when no tile of the list fits a problem
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -61,14 +61,6 @@ def tactics_for(m: int, n: int, k: int, elem_bytes: int, smem_bytes: int = 227 *
     return out or [SMALLEST_TACTIC]
 
 
-def _smem(x: torch.Tensor) -> int:
-    if x.is_cuda:
-        from triton.runtime import driver
-
-        return driver.active.utils.get_device_properties(x.device.index or 0)["max_shared_mem"]
-    return 227 * 1024
-
-
 def _offered(x: torch.Tensor) -> bool:
     return x.dtype in DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
 
@@ -103,7 +95,7 @@ class TritonMoeRunner(TritonRunner):
         if two_i % 2 or inter != two_i // 2 or h1 != h or h2 != h or e2 != e:
             return []
         rows_per_expert = -(-t * top_k // max(e, 1))
-        tactics = tactics_for(rows_per_expert, max(two_i, h), max(h, inter), hidden.element_size(), _smem(hidden))
+        tactics = tactics_for(rows_per_expert, max(two_i, h), max(h, inter), hidden.element_size(), max_smem(hidden))
         return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
 
     def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
@@ -126,7 +118,7 @@ class TritonGroupedMMRunner(TritonRunner):
         (s, k), (e, k2, n) = profile.shapes[0], profile.shapes[1]
         if k2 != k:
             return []
-        tactics = tactics_for(-(-s // max(e, 1)), n, k, x.element_size(), _smem(x))
+        tactics = tactics_for(-(-s // max(e, 1)), n, k, x.element_size(), max_smem(x))
         return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
 
     def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:

@@ -27,6 +27,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and os.environ.get("FLASHTUNE_TRITON_ON_CPU") == "1"
 
 
+def max_smem(a: torch.Tensor) -> int:
+    """Shared memory per block on a's GPU (an H100's 227 KiB for a CPU tensor under the interpreter)."""
+    if not a.is_cuda:
+        return 227 * 1024
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(a.get_device())["max_shared_mem"]
+
+
 class TritonRunner(TunableRunner):
     """A runner whose tactics are Triton kernels: a bucket compiles them all at once, in parallel
     (``triton_launch.precompile``), before timing any. Interpreted kernels need no compiling."""
@@ -38,32 +47,35 @@ class TritonRunner(TunableRunner):
             precompile(self.forward, inputs, tactics)
 
 
-class TritonGemmRunner(TritonRunner):
-    """The Triton GEMM for any op whose inputs read as one GEMM (``view``); tactics are
-    tile/warp/stage/split-K tuples pruned per bucket."""
-
-    name = "triton_gemm"
+class ViewRunner(TritonRunner):
+    """A Triton GEMM for any op whose inputs read as one GEMM (``view``, the op's ``GemmView``)."""
 
     def __init__(self, view: GemmView) -> None:
         self.view = view  # how the op's inputs read as one GEMM
 
     @classmethod
-    def for_op(cls, op: Any) -> TritonGemmRunner:
+    def for_op(cls, op: Any) -> ViewRunner:
         return cls(op.gemm)
 
-    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+    def offered(self, inputs: Sequence[Any]) -> bool:
+        """Whether A is a tensor these kernels take: fp16/bf16/fp32, on a GPU (or the interpreter)."""
         a = inputs[self.view.a]
-        if a.dtype not in DTYPES or not (a.is_cuda or (a.device.type == "cpu" and _interpreting())):
+        return a.dtype in DTYPES and (a.is_cuda or (a.device.type == "cpu" and _interpreting()))
+
+
+class TritonGemmRunner(ViewRunner):
+    """The tiled Triton GEMM; tactics are tile/warp/stage/split-K tuples pruned per bucket."""
+
+    name = "triton_gemm"
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        if not self.offered(inputs):
             return []
         from .triton_gemm import tactics_for
 
+        a = inputs[self.view.a]
         m, n, k = self.view.mnk(profile.shapes)
-        smem = 227 * 1024
-        if a.is_cuda:
-            from triton.runtime import driver
-
-            smem = driver.active.utils.get_device_properties(a.device.index or 0)["max_shared_mem"]
-        tactics = tactics_for(m, n, k, a.element_size(), smem)
+        tactics = tactics_for(m, n, k, a.element_size(), max_smem(a))
         return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
@@ -86,7 +98,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-class TritonSkinnyRunner(TritonRunner):
+class TritonSkinnyRunner(ViewRunner):
     """The decode-sized Triton GEMM (``triton_skinny.py``: narrow column blocks, split-K with a
     deterministic sum) for any op whose inputs read as one GEMM, offered for buckets with
     M <= 32. A tactic is ``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)``; every
@@ -94,19 +106,12 @@ class TritonSkinnyRunner(TritonRunner):
 
     name = "triton_skinny"
 
-    def __init__(self, view: GemmView) -> None:
-        self.view = view
-
-    @classmethod
-    def for_op(cls, op: Any) -> TritonSkinnyRunner:
-        return cls(op.gemm)
-
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
-        a = inputs[self.view.a]
-        if a.dtype not in DTYPES or not (a.is_cuda or (a.device.type == "cpu" and _interpreting())):
+        if not self.offered(inputs):
             return []
         from .triton_skinny import MAX_M, skinny_tactics
 
+        a = inputs[self.view.a]
         m, n, k = self.view.mnk(profile.shapes)
         if m > MAX_M:
             return []
@@ -132,7 +137,7 @@ def _tma_capable(index: int) -> bool:
     return torch.version.cuda is not None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-class TritonTmaRunner(TritonRunner):
+class TritonTmaRunner(ViewRunner):
     """The persistent TMA GEMM (``triton_tma.py``) for 2-D ops whose operands TMA can read (fp16 or
     bf16, A row-major, B K-major or row-major, 16-byte aligned), offered on Hopper or newer for
     buckets with M >= 64. A call whose operands TMA cannot read (a misaligned view, say) runs the
@@ -140,30 +145,16 @@ class TritonTmaRunner(TritonRunner):
 
     name = "triton_tma"
 
-    def __init__(self, view: GemmView) -> None:
-        self.view = view
-
-    @classmethod
-    def for_op(cls, op: Any) -> TritonTmaRunner:
-        return cls(op.gemm)
-
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         from .triton_tma import MIN_M, applies, tma_tactics
 
         a, b, _, _, _ = self.view.operands(inputs)
-        if not isinstance(a, torch.Tensor) or not (a.is_cuda or a.device.type == "cpu") or not _has_tma(a):
-            return []
-        if not applies(a, b):
+        if not self.offered(inputs) or not _has_tma(a) or not applies(a, b):
             return []
         m, n, k = self.view.mnk(profile.shapes)
         if m < MIN_M:
             return []
-        smem = 227 * 1024
-        if a.is_cuda:
-            from triton.runtime import driver
-
-            smem = driver.active.utils.get_device_properties(a.get_device())["max_shared_mem"]
-        tactics = tma_tactics(m, n, k, a.element_size(), smem)
+        tactics = tma_tactics(m, n, k, a.element_size(), max_smem(a))
         return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:

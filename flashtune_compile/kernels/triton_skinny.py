@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gemm import _as3d
 from .triton_launch import launch
 
 Tactic = tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
@@ -131,11 +132,6 @@ def _split_sum_kernel(
         x = tl.load(bias_ptr + batch * s_xb + rm[:, None] * s_xm + rn[None, :] * s_xn, mask=mask, other=0.0)
         acc += beta * x.to(tl.float32)
     tl.store(c_ptr + batch * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-def _as3d(t: torch.Tensor) -> tuple[int, int, int]:
-    """Strides (batch, row, col) of a 2-D or 3-D tensor (batch stride 0 for 2-D)."""
-    return (0, *t.stride()) if t.dim() == 2 else tuple(t.stride())
 
 
 def skinny_gemm(
