@@ -15,6 +15,8 @@ A tactic is ``(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)``, one for both
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -257,6 +259,7 @@ def decode_tactics(pairs: int, two_i: int, h: int, inter: int, sms: int) -> list
     return out
 
 
+@functools.cache  # the warm path of a bucket whose default won: computed once per shape
 def default_tactic(pairs: int, two_i: int, h: int, inter: int, sms: int) -> Tactic:
     """Tactic -1: 32-column blocks of 128-deep tiles, split until two programs per SM."""
     programs, split = pairs * triton.cdiv(min(two_i, h), 32), 1

@@ -14,7 +14,8 @@ import torch
 
 from ..tuner.buckets import next_pow2
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic
-from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, TritonRunner, _interpreting, _sms, max_smem
+from . import sm_count
+from .triton_runner import DTYPES, INTERPRETER_MAX_TACTICS, TritonRunner, _interpreting, max_smem
 
 SMALLEST_TACTIC: Tactic = (16, 32, 32, 8, 4, 2)  # offered when no tile of the list fits a problem
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -146,7 +147,7 @@ class TritonMoeDecodeRunner(TritonRunner):
         if pairs > MAX_PAIRS:
             return []
         two_i = profile.shapes[3][1]
-        tactics = decode_tactics(pairs, two_i, h, two_i // 2, _sms(inputs[0]))
+        tactics = decode_tactics(pairs, two_i, h, two_i // 2, sm_count(inputs[0]))
         return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
 
     def forward(self, inputs: Sequence[Any], tactic: Any = DEFAULT_TACTIC) -> torch.Tensor:
@@ -155,5 +156,5 @@ class TritonMoeDecodeRunner(TritonRunner):
         hidden, topk_weights, topk_ids, w1, w2, activation = inputs[:6]
         if tactic == DEFAULT_TACTIC:
             two_i = w1.shape[1]
-            tactic = default_tactic(topk_ids.numel(), two_i, hidden.shape[1], two_i // 2, _sms(hidden))
+            tactic = default_tactic(topk_ids.numel(), two_i, hidden.shape[1], two_i // 2, sm_count(hidden))
         return decode_moe(hidden, topk_weights, topk_ids, w1, w2, activation, tuple(tactic))

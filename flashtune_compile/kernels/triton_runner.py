@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
+from . import sm_count
 from .gemm_view import GemmView
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -87,17 +88,6 @@ class TritonGemmRunner(ViewRunner):
         return gemm(a, b, bias, alpha, beta, tuple(tactic))
 
 
-def _sms(a: torch.Tensor) -> int:
-    """Multiprocessors of a's GPU (132 for a CPU tensor under the interpreter: an H100's); read
-    once per device, not per call."""
-    return _sm_count(a.get_device()) if a.is_cuda else 132
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 class TritonSkinnyRunner(ViewRunner):
     """The decode-sized Triton GEMM (``triton_skinny.py``: narrow column blocks, split-K with a
     deterministic sum) for any op whose inputs read as one GEMM, offered for buckets with
@@ -115,7 +105,7 @@ class TritonSkinnyRunner(ViewRunner):
         m, n, k = self.view.mnk(profile.shapes)
         if m > MAX_M:
             return []
-        tactics = skinny_tactics(m, n, k, _sms(a))
+        tactics = skinny_tactics(m, n, k, sm_count(a))
         return tactics[:INTERPRETER_MAX_TACTICS] if _interpreting() else tactics
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
@@ -123,7 +113,7 @@ class TritonSkinnyRunner(ViewRunner):
 
         a, b, bias, alpha, beta = self.view.operands(inputs)
         if tactic == DEFAULT_TACTIC:
-            tactic = default_tactic(a.shape[-2], b.shape[-1], a.shape[-1], _sms(a))
+            tactic = default_tactic(a.shape[-2], b.shape[-1], a.shape[-1], sm_count(a))
         return skinny_gemm(a, b, bias, alpha, beta, tuple(tactic))
 
 
@@ -167,4 +157,4 @@ class TritonTmaRunner(ViewRunner):
             tactic = (bm, bn, bk, 8, warps, stages)
         if not applies(a, b):
             return gemm(a, b, bias, alpha, beta, (*tactic[:6], 1))
-        return tma_gemm(a, b, bias, alpha, beta, tuple(tactic), _sms(a))
+        return tma_gemm(a, b, bias, alpha, beta, tuple(tactic), sm_count(a))

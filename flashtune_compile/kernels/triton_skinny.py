@@ -12,6 +12,8 @@ unlike atomics. A tactic is ``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, nu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -241,6 +243,7 @@ def skinny_tactics(m: int, n: int, k: int, sms: int) -> list[Tactic]:
     return out
 
 
+@functools.cache  # the warm path of a bucket whose default won: computed once per shape
 def default_tactic(m: int, n: int, k: int, sms: int) -> Tactic:
     """Tactic -1: the second tile, split until the grid has two programs per SM (or K runs short)."""
     bm = triton.next_power_of_2(max(1, m))

@@ -197,15 +197,16 @@ def tune_bucket(
             medians = (f"{runners[i].name}[{t!r}] {tm.median * 1e6:.1f}us" for _, i, t, tm in results)
             log.debug("flashtune: %s bucket %s medians: %s", ctx.op, bucket, ", ".join(medians))
         times = [tm for _, _, _, tm in results]  # the default (listed first, always correct) is times[0]
+        kinds = [runners[i].copy_kind(t) for _, i, t, _ in results]  # the weight copy each reads
+        no_copy = [n for n, kind in enumerate(kinds) if kind is None]  # [0, ...]
         best = pick_winner(times, min_gain)
-        no_copy = [n for n, (_, i, t, _) in enumerate(results) if runners[i].copy_kind(t) is None]  # [0, ...]
-        if runners[results[best][1]].copy_kind(results[best][2]) is not None:
+        if kinds[best] is not None:
             plain = no_copy[pick_winner([times[n] for n in no_copy], min_gain)]
             if not times[best].ahead_of(times[plain], copy_min_gain):
                 best = plain  # not worth the memory of a copy
         fb = min(no_copy, key=lambda n: times[n].median)  # run where the winner's copy is refused
         _, idx, tactic, _ = results[best]
-        kind = runners[idx].copy_kind(tactic)
+        kind = kinds[best]
     here = shares[0 if team is None else team.rank]
     timed_here = len(here.timed) if len(results) > 1 else 0
     entry = Entry(runners[idx].name, tactic, times[best].median, times[0].median, rejected=rejected)

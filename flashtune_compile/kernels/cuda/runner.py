@@ -9,7 +9,6 @@ compiles nothing: the extension is built on the first ``forward``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from flashtune_compile.tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
 
+from .. import sm_count
 from . import load_skinny_gemm
 
 MAX_M = 16
@@ -26,16 +26,6 @@ SPLIT_K = (1, 2, 4, 8)
 MIN_K_FOR_SPLIT = 2048  # below this, one block per row group already finishes quickly
 MIN_K_PER_SPLIT = 256  # never give a split fewer K elements than this
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_sms(x: torch.Tensor) -> int:
-    index = x.device.index
-    return _sm_count(torch.cuda.current_device() if index is None else index)
 
 
 def _blocks(n: int, n_per_block: int) -> int:
@@ -116,12 +106,12 @@ class CudaSkinnyLinearRunner(TunableRunner):
         n, k = (int(v) for v in profile.shapes[1])
         if m > MAX_M:
             return []
-        return list(skinny_tactics(n, k, _device_sms(x)))
+        return list(skinny_tactics(n, k, sm_count(x)))
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         x, w, b = inputs
         if tactic == DEFAULT_TACTIC:
-            threads, npb, split = default_tactic(w.shape[0], w.shape[1], _device_sms(x))
+            threads, npb, split = default_tactic(w.shape[0], w.shape[1], sm_count(x))
         else:
             threads, npb, split = _as_tactic(tactic)
         return load_skinny_gemm().skinny_linear(x, w, b, threads, npb, split)
