@@ -240,3 +240,41 @@ def test_a_copy_must_save_enough_to_be_worth_its_memory(tuner):
     assert runner.name == "copy_big_gain"
     (big,) = [r for r in ft.tactics() if r["op"] == "b"]
     assert big["fallback"] == "mm_slow" and big["fallback_s"] >= 2e-3
+
+
+class SleepsOnItsCopy(ft.TunableRunner):
+    """A candidate that reads its own kind of copy of the weight (made through the tuner's store, as
+    the CPU runners make theirs) and takes ``seconds`` per call; it notes the most bytes held."""
+
+    def __init__(self, name: str, seconds: float, store: WeightCache, peak: list) -> None:
+        self.name, self.seconds, self.store, self.peak = name, seconds, store, peak
+
+    def copy_kind(self, tactic):
+        return self.name
+
+    def forward(self, inputs, tactic=-1):
+        x, w = inputs
+        copy = admitting(self.store, lambda: self.store.get(w, self.name, lambda t: t.t().contiguous(), w.numel() * 4))
+        self.peak.append(self.store.nbytes)
+        time.sleep(self.seconds)
+        return torch.mm(x, copy.t())
+
+
+def test_a_candidate_whose_copy_fits_only_alone_is_timed_in_a_later_round(tuner):
+    """The budget holds one copy: the first candidate's copy fills it, the second's (the fastest)
+    is postponed, timed once the first's is dropped, and wins; the trial never held two."""
+    store = tuner.weights
+    w = nn.Parameter(torch.randn(64, 64), requires_grad=False)
+    store.max_bytes = int(1.5 * w.numel() * 4)
+    cfg = ft.TuningConfig(dynamic=(ft.DynamicDim(input_idx=0, dim_idx=0),))
+    x, peak = torch.randn(4, 64), []
+    candidates = (
+        MMSlow(seconds=4e-3),
+        SleepsOnItsCopy("first", 3e-3, store, peak),
+        SleepsOnItsCopy("fast", 5e-4, store, peak),
+    )
+    runner, _ = tuner.choose_one("postponed", candidates, cfg, (x, w))
+    assert runner.name == "fast"
+    (entry,) = [r for r in ft.tactics() if r["op"] == "postponed"]
+    assert not entry["rejected"] and entry["timed"] == 3
+    assert max(peak) <= store.max_bytes and store.nbytes == 0  # one copy at a time; none left after

@@ -67,6 +67,16 @@ class Timing:
             tuple(max(s, floor) for s in self.samples),
         )
 
+    def relative_to(self, own: Timing, base: Timing) -> Timing:
+        """This timing, taken beside a default timed ``own``, restated beside ``base`` (the same
+        default timed in another round): each sample scaled by the default's in the same round, so
+        its ratio to ``base`` round by round is the ratio it had to ``own``."""
+        n = min(len(self.samples), len(own.samples), len(base.samples))
+        if n == 0:
+            scale = base.median / own.median if own.median > 0 else 1.0
+            return Timing(self.median * scale, self.q25 * scale, self.q75 * scale)
+        return Timing.of([self.samples[r] * base.samples[r] / own.samples[r] for r in range(n)])
+
     def ahead_of(self, other: Timing, min_gain: float) -> bool:
         """Faster than ``other`` by more than ``min_gain`` at the median."""
         return self.median <= other.median * (1.0 - min_gain)

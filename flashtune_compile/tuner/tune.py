@@ -33,7 +33,7 @@ from .keys import OpContext
 from .profiler import ProfilerSettings, Timing, pick_winner, settle_cpu, time_candidates
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner, canonical_tactic
 from .synth import synthesize
-from .weights import WeightCache
+from .weights import CopyPostponed, WeightCache
 
 if TYPE_CHECKING:
     from .distributed import Team
@@ -82,11 +82,16 @@ def _checked(
     synth: list,
     ref: Any,
     candidates: list[tuple[int, Tactic]],
-) -> tuple[list[tuple[int, Tactic]], list[str]]:
+    copies: WeightCache | None = None,
+) -> tuple[list[tuple[int, Tactic]], list[str], list[tuple[int, Tactic]]]:
     """Those of ``candidates`` whose output matches the default's ``ref`` (each runner builds its
-    tactics all at once first), and a reason for each one rejected."""
+    tactics all at once first), a reason for each one rejected, and those postponed: their weight
+    copy fits only once the copies of the other candidates are dropped (``CopyPostponed``). One
+    whose own copies do not fit together (postponed with no other candidate's copy held) is
+    rejected, so a later round always makes progress."""
     correct: list[tuple[int, Tactic]] = []
     rejected: list[str] = []
+    postponed: list[tuple[int, Tactic]] = []
     for i in dict.fromkeys(i for i, _ in candidates):
         runner, tactics = runners[i], [t for j, t in candidates if j == i]
         todo = [t for t in tactics if (i, t) != (0, DEFAULT_TACTIC)]
@@ -100,8 +105,14 @@ def _checked(
             if (i, t) == (0, DEFAULT_TACTIC):
                 correct.append((i, t))
                 continue
+            alone = copies is None or copies.trial_bytes() == 0
             try:
                 why = mismatch(runner.forward(synth, t), ref, ctx.config.rtol)
+            except CopyPostponed as e:
+                if not alone:
+                    postponed.append((i, t))
+                    continue
+                why = f"its weight copies do not fit the budget together ({e})"
             except Exception as e:
                 why = f"raised {type(e).__name__}: {e}"
             if why is None:
@@ -109,7 +120,28 @@ def _checked(
             else:
                 rejected.append(f"{runner.name}[{t!r}]: {why}")
     order = {c: n for n, c in enumerate(candidates)}
-    return sorted(correct, key=order.__getitem__), rejected
+    return sorted(correct, key=order.__getitem__), rejected, postponed
+
+
+def _timed(
+    runners: Sequence[TunableRunner],
+    synth: list,
+    candidates: list[tuple[int, Tactic]],
+    settings: ProfilerSettings,
+    min_gain: float,
+    team: Team | None,
+) -> list[Timing | None]:
+    """Timings of ``candidates`` (the default first), interleaved; on a CPU without a team, those
+    ahead of the default but within the noise get more rounds (``settle_cpu``)."""
+    fns: list[Callable[[], Any]] = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
+    device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    timed = time_candidates(fns, device, settings)
+    kept = [n for n, tm in enumerate(timed) if tm is not None]
+    if team is None and device.type == "cpu":  # a candidate ahead of the default but within the noise
+        settled = settle_cpu([fns[n] for n in kept], [timed[n] for n in kept], min_gain, settings)
+        for n, tm in zip(kept, settled):
+            timed[n] = tm
+    return timed
 
 
 @dataclass(frozen=True)
@@ -139,25 +171,32 @@ def _tune_share(
     listed, rejected = _listed_candidates(runners, synth, BucketProfile(bucket, shapes), layout)
     ref = runners[0].forward(synth, DEFAULT_TACTIC)  # the default must work: its error is the op's
     mine = listed if team is None else [listed[n] for n in team.share(len(listed))]
-    candidates, wrong = _checked(ctx, runners, synth, ref, mine)
+    candidates, wrong, postponed = _checked(ctx, runners, synth, ref, mine, copies)
     rejected += wrong
     position = {c: n for n, c in enumerate(listed)}
-    if len(listed) == 1 or (team is None and len(candidates) == 1):  # nothing to choose: the default, untimed
+    if len(listed) == 1 or (team is None and len(candidates) == 1 and not postponed):  # nothing to choose
         untimed = [(0, 0, DEFAULT_TACTIC, Timing(0.0, 0.0, 0.0))]
         return _Share(untimed if (0, DEFAULT_TACTIC) in candidates else [], rejected, made)
-    if not candidates:
-        return _Share([], rejected, made)
-    fns: list[Callable[[], Any]] = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
-    device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    timed = time_candidates(fns, device, settings)
-    for (i, t), tm in zip(candidates, timed):
-        if tm is None:
-            rejected.append(f"{runners[i].name}[{t!r}]: cannot be captured in a CUDA graph")
-    kept = [n for n, tm in enumerate(timed) if tm is not None]
-    times = [timed[n] for n in kept]
-    if team is None and device.type == "cpu":  # a candidate ahead of the default but within the noise
-        times = settle_cpu([fns[n] for n in kept], times, min_gain, settings)
-    return _Share([(position[candidates[n]], *candidates[n], tm) for n, tm in zip(kept, times)], rejected, made)
+    timed: list[tuple[int, int, Tactic, Timing]] = []
+    base: Timing | None = None  # the default's timing in the first round
+    while candidates:
+        times = _timed(runners, synth, candidates, settings, min_gain, team)
+        for (i, t), tm in zip(candidates, times):
+            if tm is None:
+                rejected.append(f"{runners[i].name}[{t!r}]: cannot be captured in a CUDA graph")
+        own = times[0] if candidates[0] == (0, DEFAULT_TACTIC) else None
+        if base is None:
+            base = own
+        for c, tm in zip(candidates, times):
+            if tm is not None and (base is own or c != (0, DEFAULT_TACTIC)):  # the default: first round's
+                timed.append((position[c], *c, tm if base is own else tm.relative_to(own, base)))
+        if not postponed or copies is None or team is not None:  # a team's shares are timed once
+            rejected += [f"{runners[i].name}[{t!r}]: no room for its weight copy" for i, t in postponed]
+            break
+        copies.next_round()  # a later round: the postponed candidates beside the default, with room
+        candidates, wrong, postponed = _checked(ctx, runners, synth, ref, [(0, DEFAULT_TACTIC), *postponed], copies)
+        rejected += wrong
+    return _Share(timed, rejected, made)
 
 
 def tune_bucket(

@@ -28,6 +28,10 @@ OOM killer.
 Tuning (``trial``): while one bucket is profiled, each candidate's copy is admitted if it fits
 without displacing anything; when the bucket is decided, every copy its candidates made is dropped,
 the winner's too (its weights' sites ask for it again, as above), so tuning leaves no copy behind.
+A copy that does not fit only because of the copies this trial's other candidates hold is
+postponed (``CopyPostponed``): the tuner times it in a later round, after ``next_round`` drops
+those, so a candidate is never left out for coming late, and a trial never holds more than the
+budget.
 The tuner owns one store (``AutoTuner.weights``), so a new tuner starts with none.
 """
 
@@ -61,6 +65,11 @@ def _meta(owner: torch.Tensor) -> tuple:
 class CopyDenied(RuntimeError):
     """The weight copy a tactic needs is not held and will not be made (the budget is full, or the
     weight holds another kind of copy): run a tactic that needs none."""
+
+
+class CopyPostponed(CopyDenied):
+    """In a tuning trial: the copy does not fit beside the copies the trial's other candidates hold,
+    and would fit without them (``WeightCache.next_round``)."""
 
 
 @dataclass
@@ -350,6 +359,34 @@ class WeightCache:
                         self._drop(key)
                 self._trial, self._trial_thread = outer
 
+    def next_round(self) -> None:
+        """Drop the copies the trial open on this thread holds (the trial goes on): the candidates
+        postponed for room can then make theirs."""
+        with self._lock:
+            if self._trial_thread != threading.get_ident():
+                return
+            for key in self._trial or ():
+                held = self._entries.get(key)
+                if held is not None and held.trial:
+                    self._drop(key)
+            self._trial = []
+
+    def trial_bytes(self) -> int:
+        """Bytes of the copies the trial open on this thread holds (0 outside one)."""
+        with self._lock:
+            if self._trial_thread != threading.get_ident():
+                return 0
+            return sum(h.nbytes for k in self._trial or () if (h := self._entries.get(k)) is not None and h.trial)
+
+    def fits_after_round(self, request: CopyRequest) -> bool:
+        """Whether ``request``, just refused inside a trial, would fit once ``next_round`` drops the
+        trial's copies (it is refused only because of them)."""
+        with self._lock:
+            trial_bytes = self.trial_bytes()
+            if trial_bytes == 0 or any(self._kinds.get(id(o)) not in (None, request.kind) for o in request.owners):
+                return False  # (the weight holding a copy of another kind is a refusal of its own)
+            return self.nbytes - trial_bytes + request.nbytes <= self.budget()
+
     def held_kind(self, tensors: Iterable[Any]) -> str | None:
         """The kind of copy the first of ``tensors`` that holds one holds (parameters, or views of
         them; anything else is skipped), or None."""
@@ -439,7 +476,8 @@ def admitting(store: WeightCache, call: Callable[[], Any], gain: float | None = 
             request = miss.request
         why = store.decide(request, gain)
         if why is not None:
-            raise CopyDenied(f"flashtune: no {request.kind} weight copy ({_mb(request.nbytes)}): {why}")
+            denied = CopyPostponed if store.fits_after_round(request) else CopyDenied
+            raise denied(f"flashtune: no {request.kind} weight copy ({_mb(request.nbytes)}): {why}")
 
 
 def _mb(n: int) -> str:
