@@ -24,11 +24,15 @@ so a sample takes >= ``--ms`` ms; the median over rounds is reported.
 ``tests/moe_spellings.py``), called as ``block(x [T, H])``: ``hand_grouped_mm`` (written by hand
 around ``torch._grouped_mm``: argsort, histc, gather, two grouped GEMMs on transposed parameters,
 index-put back), ``torchtitan`` (grouped experts with separate gate/up weights, scatter_add back)
-or ``gpt_fast`` (expert weights gathered by id, einsums). flashtune routes only MoE ops there
+or ``gpt_fast`` (expert weights gathered by id, einsums); ``custom_combine`` (invented: its combine is
+a custom op of its own) and ``torchtitan_release`` (torchtitan 0.3.0's own MoE layer, built with
+``make_moe_config``; I defaults to 2816 there, as in the issue that asked for it), whose dispatch and
+combine stay as written and whose experts alone become ``flashtune.moe``. flashtune routes only MoE ops there
 (``ops={"moe"}``) so the router's top-k matches eager's. The ``_grouped_mm`` spellings are bf16
 only: ``torch._grouped_mm`` has no fp32 meta function, so fp32 cannot be compiled.
 
-Run: python benchmarks/bench_moe.py [--spelling transformers|hand_grouped_mm|torchtitan|gpt_fast] [--dtypes bf16,fp32]
+Run: python benchmarks/bench_moe.py [--spelling transformers|hand_grouped_mm|torchtitan|gpt_fast|custom_combine|
+     torchtitan_release] [--dtypes bf16,fp32]
      [--tokens 1,4,16,64,256] [--rounds 15] [--ms 20] [--processes N]
 
 ``--processes N`` runs the whole comparison N times, each in a fresh process, and prints each
@@ -59,6 +63,9 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import flashtune_compile as ft
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from moe_spellings import SPELLINGS  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}  # rtol, and atol relative to max |ref|
 NAMES = ("eager", "inductor", "flashtune")
@@ -85,9 +92,6 @@ def make_experts(args, dtype: torch.dtype) -> MixtralExperts:
 
 
 def make_block(args, dtype: torch.dtype) -> torch.nn.Module:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from moe_spellings import SPELLINGS
-
     torch.manual_seed(0)
     return SPELLINGS[args.spelling](args.experts, args.topk, args.hidden, args.inter, dtype).eval()
 
@@ -124,7 +128,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bf16,fp32", help=f"comma-separated, of {list(DTYPES)}")
     ap.add_argument("--tokens", type=ints, default=[1, 4, 16, 64, 256])
     ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--inter", type=int, default=1024)
+    ap.add_argument("--inter", type=int, default=None, help="default 1024; 2816 for torchtitan_release")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
@@ -138,18 +142,18 @@ def main() -> None:
         help="each call takes the next of N input sets (other tokens, so other experts picked): one set "
         "repeated keeps the picked experts' weights in the last-level cache, which decoding never sees",
     )
-    ap.add_argument(
-        "--spelling", choices=("transformers", "hand_grouped_mm", "torchtitan", "gpt_fast"), default="transformers"
-    )
+    ap.add_argument("--spelling", choices=("transformers", *SPELLINGS), default="transformers")
     add_process_options(ap)
     args = ap.parse_args()
+    if args.inter is None:
+        args.inter = 2816 if args.spelling == "torchtitan_release" else 1024
     if args.processes < 1:
         ap.error("--processes must be >= 1")
     if args.processes > 1:
         across_processes(args)
         return
     dtypes = {d: DTYPES[d] for d in args.dtypes.split(",")}
-    if args.spelling in ("hand_grouped_mm", "torchtitan") and torch.float32 in dtypes.values():
+    if args.spelling not in ("transformers", "gpt_fast") and torch.float32 in dtypes.values():
         print("note: fp32 skipped: torch._grouped_mm has no fp32 meta function, so that block cannot compile")
         dtypes = {d: t for d, t in dtypes.items() if t != torch.float32}
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")

@@ -108,4 +108,94 @@ class GptFastMoE(_Router):
         return torch.einsum("tai,ta -> ti", outs, weights)
 
 
-SPELLINGS = {"hand_grouped_mm": HandGroupedMM, "torchtitan": TitanGroupedExperts, "gpt_fast": GptFastMoE}
+@torch.library.custom_op("moe_spellings::combine", mutates_args=())
+def combine(y: torch.Tensor, token: torch.Tensor, scores: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A combine op of our own, as a code base might write one: each grouped row scaled by its
+    score (in fp32) and added onto its token."""
+    out = torch.zeros(tokens, y.shape[1], dtype=torch.float32, device=y.device)
+    out.index_add_(0, token, y.float() * scores.float().unsqueeze(1))
+    return out.to(y.dtype)
+
+
+@combine.register_fake
+def _(y, token, scores, tokens):
+    return y.new_empty((tokens, y.shape[1]))
+
+
+class CustomCombine(_Router):
+    """Invented: counts from ``one_hot``, ``sort`` for the order, ``index_select`` to group the
+    tokens, stacked [gate; up] weights cast with ``.to(dtype)`` before the transpose, tanh-GELU,
+    and the combine done by a custom op the matcher cannot know (``moe_spellings::combine``)."""
+
+    def __init__(self, e, k, h, i, dtype, twist=None):
+        super().__init__(e, k, h, dtype)
+        self.e, self.twist = e, twist
+        g = torch.Generator().manual_seed(4)
+        self.w13 = nn.Parameter((torch.randn(e, 2 * i, h, generator=g) / h**0.5).to(dtype))
+        self.w2 = nn.Parameter((torch.randn(e, h, i, generator=g) / i**0.5).to(dtype))
+
+    def forward(self, x):
+        t, h = x.shape
+        scores, ids = self.route(x)
+        flat = ids.reshape(-1)
+        _, perm = torch.sort(flat, stable=True)
+        offs = F.one_hot(flat, self.e).sum(0).cumsum(0).int()
+        token = perm // self.k
+        rows = x.index_select(0, token)
+        gu = torch._grouped_mm(rows, self.w13.to(x.dtype).transpose(1, 2), offs=offs)
+        gate, up = gu.chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh")
+        h_ = act * up if self.twist != "ungated" else act
+        y = torch._grouped_mm(h_, self.w2.to(x.dtype).transpose(1, 2), offs=offs)
+        return torch.ops.moe_spellings.combine(y, token, scores.reshape(-1)[perm], t)
+
+
+class TorchtitanRelease(nn.Module):
+    """torchtitan 0.3.0's own MoE layer as a user builds it (``make_moe_config``, softmax top-k
+    router, grouped experts with separate w1 / w3, ``comm_backend="standard"`` dispatch, combine by
+    ``torch.ops.torchtitan.deterministic_scatter_add``), called on ``x [T, H]``. Raises ImportError
+    where torchtitan is not installed. Weights are N(0, ``std``), as torchtitan initialises them."""
+
+    def __init__(self, e, k, h, i, dtype, twist=None, std=0.02):
+        super().__init__()
+        from torchtitan.models.common.config_utils import (
+            make_moe_config,
+            make_router_config,
+            make_token_dispatcher_config,
+        )
+        from torchtitan.models.common.moe import GroupedExperts, RoutedExperts
+
+        def init(t):
+            return nn.init.normal_(t, std=std)
+
+        router = make_router_config(
+            dim=h, num_experts=e, gate_param_init={"weight": init}, top_k=k, score_func="softmax"
+        )
+        experts = RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(
+                dim=h,
+                hidden_dim=i,
+                num_experts=e,
+                param_init={"w1_EFD": init, "w2_EDF": init, "w3_EFD": init},
+            ),
+            token_dispatcher=make_token_dispatcher_config(num_experts=e, top_k=k, comm_backend="standard"),
+        )
+        cfg = make_moe_config(num_experts=e, router=router, routed_experts=experts, load_balance_coeff=None)
+        self.moe = cfg.build()
+        g = torch.Generator().manual_seed(6)
+        with torch.no_grad():
+            for p in self.moe.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        self.moe.to(dtype)
+
+    def forward(self, x):
+        return self.moe(x.unsqueeze(0)).squeeze(0)
+
+
+SPELLINGS = {
+    "hand_grouped_mm": HandGroupedMM,
+    "torchtitan": TitanGroupedExperts,
+    "gpt_fast": GptFastMoE,
+    "custom_combine": CustomCombine,
+    "torchtitan_release": TorchtitanRelease,
+}

@@ -21,13 +21,16 @@ CASES = [
     ("gpt_fast", torch.float32),
     ("gpt_fast", torch.bfloat16),
 ]
+# Blocks whose dispatch or combine the matcher does not know (a custom op, torchtitan's release):
+# only their grouped experts become one ``flashtune.moe``; the rest stays as the model wrote it.
+EXPERTS_ONLY = [("custom_combine", torch.bfloat16), ("torchtitan_release", torch.bfloat16)]
 
 
 class Counting:
     """The flashtune backend, counting the flashtune ops of each compiled graph."""
 
     def __init__(self, inner="eager"):
-        self.counts, self.inner = [], inner
+        self.counts, self.targets, self.inner = [], [], inner
 
     def __call__(self, gm, example_inputs):
         fn = ft.backend(gm, example_inputs, options={"inner": self.inner, "ops": {"moe"}})
@@ -37,14 +40,25 @@ class Counting:
             if name is not None:
                 names[name] = names.get(name, 0) + 1
         self.counts.append(names)
+        self.targets.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
         return fn
 
 
-def _run(spelling, dtype, tokens, twist=None, inner="eager"):
+def _block(spelling, dtype, twist=None):
+    """The spelling's block; skips (saying why) where torchtitan's release cannot be imported."""
+    if spelling == "torchtitan_release":
+        try:
+            import torchtitan.models.common.moe  # noqa: F401
+        except Exception as e:  # ImportError, or a torch too old or too new for it
+            pytest.skip(f"torchtitan 0.3.0 does not import with this torch: {e!r}")
+    return SPELLINGS[spelling](E, K, H, I, dtype, twist=twist)
+
+
+def _run(spelling, dtype, tokens, twist=None, inner="eager", spy=None):
     """Compile the block, check compiled == eager at each token count; the ops of each graph."""
     torch._dynamo.reset()
-    block = SPELLINGS[spelling](E, K, H, I, dtype, twist=twist)
-    spy = Counting(inner)
+    block = _block(spelling, dtype, twist)
+    spy = spy or Counting(inner)
     compiled = torch.compile(block, backend=spy, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -84,3 +98,61 @@ def test_a_twisted_block_is_left_per_node_and_still_equals_eager(tuner, spelling
     dtype = torch.float32 if spelling == "gpt_fast" else torch.bfloat16
     counts = _run(spelling, dtype, (3, 16), twist=twist)
     assert counts and all(c == left for c in counts), counts
+
+
+COMBINES = {"custom_combine": "moe_spellings.combine", "torchtitan_release": "torchtitan.deterministic_scatter_add"}
+
+
+@pytest.mark.parametrize("tokens", [(1,), (3, 16)], ids=["T1", "T3,16"])
+@pytest.mark.parametrize("spelling,dtype", EXPERTS_ONLY, ids=[s for s, _ in EXPERTS_ONLY])
+def test_experts_become_one_moe_op_whatever_dispatches_and_combines_them(tuner, spelling, dtype, tokens):
+    spy = Counting()
+    counts = _run(spelling, dtype, tokens, spy=spy)
+    assert counts and all(c == {"moe": 1} for c in counts), counts
+    assert all(any(t.startswith(COMBINES[spelling]) for t in seen) for seen in spy.targets)  # combine kept
+    assert not any("_grouped_mm" in t for seen in spy.targets for t in seen)  # no GEMM left unfused
+    assert ft.stats()["misses"] >= 1
+
+
+def test_experts_with_a_custom_combine_under_inner_inductor(tuner):
+    """Inductor compiles the rows' expert ids (searchsorted of the offsets) around the fused op."""
+    counts = _run("custom_combine", torch.bfloat16, (3, 16), inner="inductor")
+    assert counts and all(c == {"moe": 1} for c in counts), counts
+
+
+def test_experts_with_a_custom_combine_but_no_up_projection_stay_as_they_are(tuner):
+    counts = _run("custom_combine", torch.bfloat16, (3, 16), twist="ungated")
+    assert counts and all(c == {"grouped_mm": 2} for c in counts), counts
+
+
+class _GroupedExpertsOnly(torch.nn.Module):
+    """Only the experts, on rows and offsets given: the down GEMM's rows past the last offset
+    are rows no expert covers."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.w1 = torch.nn.Parameter(torch.randn(E, I, H, generator=g).bfloat16() / H**0.5)
+        self.w3 = torch.nn.Parameter(torch.randn(E, I, H, generator=g).bfloat16() / H**0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(E, H, I, generator=g).bfloat16() / I**0.5)
+
+    def forward(self, rows, offs):
+        gate = torch._grouped_mm(rows, self.w1.transpose(-2, -1), offs=offs)
+        up = torch._grouped_mm(rows, self.w3.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(torch.nn.functional.silu(gate) * up, self.w2.transpose(-2, -1), offs=offs)
+
+
+def test_rows_no_expert_covers_come_out_zero(tuner):
+    """``torch._grouped_mm`` leaves such rows unwritten (whatever the memory held); the fused op
+    writes zeros, and every covered row equals eager's."""
+    torch._dynamo.reset()
+    block, spy = _GroupedExpertsOnly(), Counting()
+    compiled = torch.compile(block, backend=spy, fullgraph=True)
+    g = torch.Generator().manual_seed(8)
+    rows = torch.randn(12, H, generator=g).bfloat16()
+    offs = torch.tensor([1, 1, 3, 4, 4, 6, 8, 9], dtype=torch.int32)  # rows 9..11: no expert
+    with torch.no_grad():
+        ref, out = block(rows, offs), compiled(rows, offs)
+    assert spy.counts == [{"moe": 1}]
+    assert close(out[:9], ref[:9], torch.bfloat16)
+    assert torch.equal(out[9:], torch.zeros_like(out[9:]))

@@ -72,14 +72,43 @@ def _getitem(node: Any, index: Any = None) -> Any:
     return None
 
 
+_CASTS = {"bfloat16": torch.bfloat16, "half": torch.float16, "float": torch.float32, "double": torch.float64}
+
+
+def _cast_source(node: Any) -> Any:
+    """The tensor ``node`` casts to another dtype by ``.to(dtype)``, ``.type_as(t)`` or ``.bfloat16()``
+    (whether or not the dtype changes), else None."""
+    if _method(node, "to") and len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.dtype):
+        return node.args[0]
+    if _method(node, "type_as") and len(node.args) == 2 and not node.kwargs:
+        return node.args[0]
+    if _method(node, *_CASTS) and len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    return None
+
+
 def _strip_to(node: Any) -> Any:
-    """Skip ``.to(dtype)`` / ``.type_as`` casts that do not change the dtype."""
-    while _method(node, "to") and len(node.args) == 2 and not node.kwargs:
-        src = node.args[0]
-        if not (isinstance(_val(src), torch.Tensor) and _val(src).dtype == node.args[1]):
+    """Skip casts (``.to(dtype)``, ``.type_as``, ``.bfloat16()``, ...) that do not change the dtype."""
+    while (src := _cast_source(node)) is not None:
+        if not (isinstance(_val(src), torch.Tensor) and _val(src).dtype == _val(node).dtype):
             break
         node = src
     return node
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether nodes ``a`` and ``b`` hold the same value: one node up to casts that change nothing, or
+    one cast of one tensor written twice (``x.bfloat16()`` in two places)."""
+    a, b = _strip_to(a), _strip_to(b)
+    if a is b:
+        return True
+    sa, sb = _cast_source(a), _cast_source(b)
+    return (
+        sa is not None
+        and sa is sb
+        and (a.op, a.target, a.args[1:], a.kwargs) == (b.op, b.target, b.args[1:], b.kwargs)
+        and _val(a).dtype == _val(b).dtype
+    )
 
 
 def _flat(node: Any) -> Any:

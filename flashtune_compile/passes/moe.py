@@ -3,7 +3,11 @@ GEMMs into ``flashtune.grouped_mm``.
 
 Each layer ``moe_layers.match_layer`` recognises (by its data flow: see that module) becomes one
 ``flashtune.moe`` call when the op serves it (dtypes agree, no gradient is needed,
-``OpSpec.serves``); the replaced nodes die and are removed. Any remaining ``torch._grouped_mm`` /
+``OpSpec.serves``); the replaced nodes die and are removed. Where only the experts are recognised
+(``moe_pieces.match_experts``: rows grouped by expert and their offsets, gate and up GEMMs, the
+gated activation, the down GEMM), whatever dispatches and combines them (a custom op included)
+stays as written and the experts become one ``flashtune.moe`` call on the grouped rows, one pick
+per row. Any remaining ``torch._grouped_mm`` /
 ``F.grouped_mm`` / ``transformers::grouped_mm_fallback`` call becomes ``flashtune.grouped_mm``.
 Anything else is left as it was, untouched.
 """
@@ -19,7 +23,7 @@ from ..ops.moe import GROUPED_MM, MOE
 from ..ops.site import SiteOptions
 from .fx_nodes import Node, _method, _val, erase_dead, replace_with_call, routable
 from .moe_layers import match_layer
-from .moe_pieces import MoeLayer, grouped_call, grouped_targets
+from .moe_pieces import GroupedExperts, MoeLayer, grouped_call, grouped_targets, match_experts
 from .symbolic import site_for
 
 log = logging.getLogger("flashtune")
@@ -61,6 +65,50 @@ def _replace_moe(gm: torch.fx.GraphModule, out: Node, m: MoeLayer, options: Site
     return True
 
 
+def _inserted(graph: torch.fx.Graph, fake_mode: Any, kind: str, target: Any, args: tuple, **kwargs: Any) -> Node:
+    """A new node at the graph's insertion point, with the fake value Dynamo would have recorded
+    for it (computed from its arguments' under ``fake_mode``)."""
+    node = graph.create_node(kind, target, args, kwargs)
+    fake_args, fake_kwargs = torch.fx.map_arg((args, kwargs), _val)
+    with fake_mode:
+        if kind == "call_method":
+            value = getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs)
+        else:
+            value = target(*fake_args, **fake_kwargs)
+    node.meta["example_value"] = value
+    return node
+
+
+def _replace_experts(gm: torch.fx.GraphModule, down: Node, ex: GroupedExperts, options: SiteOptions) -> bool:
+    """Replace the grouped experts block ending at the down GEMM ``down`` by ``flashtune.moe`` on the
+    grouped rows, each row one token with one pick: its expert is the group its row falls in
+    (``searchsorted(offs, row, right=True)``; rows past the last offset get expert ``E``, which
+    contributes nothing, as no group covers them), its weight 1."""
+    graph, rows = gm.graph, ex.rows
+    rows_v = _val(rows)
+    weights = (ex.w1, ex.w2, ex.w3)
+    column = rows_v.new_empty((rows_v.shape[0], 1))
+    values = [rows_v, column, column.long()] + [_weight_value(w) for w in weights]
+    why = routable(MOE, values, _val(down))
+    if why is not None:
+        log.debug("flashtune: leaving the grouped experts ending at %s: %s", down.format_node(), why)
+        return False
+    w1, w2, w3 = (_weight_node(graph, down, w) for w in weights)
+    fake = rows_v.fake_mode
+    with graph.inserting_before(down):
+        size = _inserted(graph, fake, "call_method", "size", (rows, 0))
+        pos = _inserted(graph, fake, "call_function", torch.arange, (size,), device=rows_v.device)
+        col = _inserted(graph, fake, "call_method", "unsqueeze", (pos, 1))
+        ids = _inserted(graph, fake, "call_function", torch.searchsorted, (ex.offs, col), right=True)
+        ones = _inserted(graph, fake, "call_function", torch.ones_like, (col,), dtype=rows_v.dtype)
+    replaced = down.all_input_nodes
+    site = site_for(MOE, values, options)
+    replace_with_call(graph, down, torch.ops.flashtune.moe.default, (rows, ones, ids, w1, w2, ex.activation, w3, site))
+    for node in replaced:
+        erase_dead(graph, node, [])
+    return True
+
+
 def _output_of(out: Node) -> Node:
     """The node whose value the layer hands on: the ``sum``, or a ``.to`` of it to the hidden dtype."""
     users = list(out.users)
@@ -84,6 +132,12 @@ def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> i
         if out is not node:
             m.nodes.insert(0, node)
         if _replace_moe(gm, out, m, options):
+            routed += 1
+            alive = set(graph.nodes)
+    alive = set(graph.nodes)
+    for node in list(graph.nodes):  # grouped experts blocks whose dispatch or combine was not recognised
+        ex = match_experts(node, targets) if node in alive else None
+        if ex is not None and _replace_experts(gm, node, ex, options):
             routed += 1
             alive = set(graph.nodes)
     for node in list(graph.nodes):

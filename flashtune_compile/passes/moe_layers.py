@@ -39,12 +39,11 @@ from .fx_nodes import (
     _mul_operands,
     _same_size,
     _strip_to,
-    _transposed_param,
     _unsqueezed,
     _val,
 )
 from .moe_gathered import _match_batched, _match_einsum
-from .moe_pieces import MoeLayer, _either_order, _gate_and_up, _sum_over_picks, grouped_call
+from .moe_pieces import MoeLayer, _either_order, _gate_and_up, _sum_over_picks, expert_weight, grouped_call
 
 # -- tokens sorted by expert ------------------------------------------------------------------
 
@@ -82,9 +81,9 @@ class _Experts(NamedTuple):
     activation: str
 
     def layer(self, hidden: Node, nodes: list) -> MoeLayer:
-        w3 = _weight(self.w3t) if self.w3t is not None else None
+        w3 = expert_weight(self.w3t) if self.w3t is not None else None
         return MoeLayer(
-            hidden, self.weights, self.ids, _weight(self.w1t), _weight(self.w2t), self.activation, nodes, w3
+            hidden, self.weights, self.ids, expert_weight(self.w1t), expert_weight(self.w2t), self.activation, nodes, w3
         )
 
 
@@ -221,13 +220,6 @@ def _counts_per_expert(offs: Node, sort: Node, ids: Node, num_experts: int) -> b
         src = src.args[0]
     sorted_ids = _getitem(src, 0) is not None and src.args[0] is sort
     return ok and (sorted_ids or src is sort.args[0] or _flat(src) is ids)
-
-
-def _weight(effective: Node) -> Any:
-    """The [E, N, K] weight whose per-expert transpose the grouped GEMM multiplies by: the
-    parameter itself when the graph transposes it, else a marker to transpose ``effective``."""
-    w = _transposed_param(effective)
-    return w if w is not None else ("transpose", effective)
 
 
 def match_layer(node: Node, targets: set) -> MoeLayer | None:

@@ -5,7 +5,7 @@ what a match reads out of the graph. These only read the graph.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,9 @@ from .fx_nodes import (
     _getitem,
     _method,
     _mul_operands,
+    _same_value,
     _strip_to,
+    _transposed_param,
     _val,
 )
 
@@ -82,7 +84,7 @@ def _split_gated(node: Any, targets: set) -> tuple | None:
     for two grouped GEMMs ``gm`` of the same rows ``x`` and offsets (gate and up kept apart)."""
     for name, a, b in _activated_products(node):
         gate, up = grouped_call(_strip_to(a), targets), grouped_call(_strip_to(b), targets)
-        if gate is not None and up is not None and gate[0] is up[0] and gate[2] is up[2]:
+        if gate is not None and up is not None and _same_value(gate[0], up[0]) and gate[2] is up[2]:
             return name, gate[0], gate[1], up[1], gate[2]
     return None
 
@@ -95,6 +97,41 @@ def _gate_and_up(h: Any, targets: set) -> tuple | None:
         gemm1 = grouped_call(gated[1], targets)
         return (gated[0], gemm1[0], gemm1[1], None, gemm1[2]) if gemm1 is not None else None
     return _split_gated(_strip_to(h), targets)
+
+
+def expert_weight(effective: Node) -> Any:
+    """The [E, N, K] weight whose per-expert transpose a grouped GEMM multiplies by: the parameter
+    itself (past casts that change nothing) when the graph transposes it, else a marker to
+    transpose ``effective`` (``("transpose", effective)``)."""
+    w = _transposed_param(effective)
+    return _strip_to(w) if w is not None else ("transpose", effective)
+
+
+class GroupedExperts(NamedTuple):
+    """The expert computation on rows grouped by expert, as ``match_experts`` reads it."""
+
+    rows: Node  # [R, H], grouped by expert
+    offs: Node  # [E] cumulative row ends, as the grouped GEMMs take them
+    w1: Any  # expert_weight: gate ([E, I, H]), or stacked [gate; up] ([E, 2I, H]) when w3 is None
+    w2: Any  # [E, H, I]
+    w3: Any  # the up weight when separate, else None
+    activation: str
+
+
+def match_experts(node: Any, targets: set) -> GroupedExperts | None:
+    """The grouped experts block that ``node`` ends, if it is one: ``node`` is the down GEMM
+    ``gm(act(gate) * up, w2, offs)`` with gate and up the grouped GEMMs of one set of rows on the
+    same offsets (stacked and chunked in two, or separate), casts that change nothing skipped."""
+    down = grouped_call(node, targets)
+    if down is None:
+        return None
+    h, w2t, offs = down
+    first = _gate_and_up(h, targets)
+    if first is None or first[4] is not offs:
+        return None
+    activation, rows, w1t, w3t, _ = first
+    w3 = expert_weight(w3t) if w3t is not None else None
+    return GroupedExperts(_strip_to(rows), offs, expert_weight(w1t), expert_weight(w2t), w3, activation)
 
 
 def grouped_call(node: Any, targets: set) -> tuple | None:
