@@ -20,7 +20,9 @@ def stats() -> dict[str, Any]:
     of the re-laid-out weight copies (tuner/weights.py), as they stand now: ``weight_cache_bytes``
     held, ``weight_cache_budget`` (bytes they may hold), ``weight_copies_made``,
     ``weight_copies_denied`` (requests refused: those calls ran a tactic needing no copy) and
-    ``weight_copies_displaced`` (dropped to make way for copies worth more time per byte)."""
+    ``weight_copies_displaced`` (dropped to make way for copies worth more time per byte) and
+    ``weight_copy_fallback_calls`` (warm calls whose tactic's copies were not held yet, or were
+    refused, so its fallback tactic ran)."""
     tuner = AutoTuner.get()
     w = tuner.weights
     return {
@@ -30,6 +32,7 @@ def stats() -> dict[str, Any]:
         "weight_copies_made": w.made,
         "weight_copies_denied": w.denied,
         "weight_copies_displaced": w.displaced,
+        "weight_copy_fallback_calls": w.fallback_calls,
     }
 
 

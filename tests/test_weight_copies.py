@@ -278,3 +278,45 @@ def test_a_candidate_whose_copy_fits_only_alone_is_timed_in_a_later_round(tuner)
     (entry,) = [r for r in ft.tactics() if r["op"] == "postponed"]
     assert not entry["rejected"] and entry["timed"] == 3
     assert max(peak) <= store.max_bytes and store.nbytes == 0  # one copy at a time; none left after
+
+
+def test_an_moe_layers_copies_wait_once_then_are_made_together(tuner):
+    """The blocked MoE kernel reads two copies (gate/up packed together, and down): the layer runs
+    its fallback for the first promote_after - 1 calls, then one call makes both, and from then on
+    every call runs the kernel. (Each copy waiting for its own calls doubled the wait; a benchmark
+    of a few calls measured only the fallback.)"""
+    from moe_spellings import GptFastMoE
+
+    load_blocked_gemm()
+    torch._dynamo.reset()
+    model = GptFastMoE(4, 2, 32, 16, torch.float32).requires_grad_(False)
+    compiled = torch.compile(
+        model, backend="flashtune", dynamic=True, options={"inner": "eager", "kernels": {"aten", "cpu"}, "ops": {"moe"}}
+    )
+    x = torch.randn(3, 32)
+    store = tuner.weights
+    with torch.no_grad():
+        want = model(x)
+        compiled(x)  # tunes the one bucket
+        (key,) = tuner.cache.snapshot()  # the one bucket tuned
+        forced = Entry("cpu_blocked_moe", (2, 0), 1e-6, 1e-5)
+        forced.fallback_runner, forced.fallback_tactic, forced.fallback_s = "aten_moe", -1, 1e-5
+        tuner.cache.put(key, forced)
+        torch._dynamo.reset()  # the sites' memos forget the tuned winner
+        compiled = torch.compile(
+            model,
+            backend="flashtune",
+            dynamic=True,
+            options={"inner": "eager", "kernels": {"aten", "cpu"}, "ops": {"moe"}},
+        )
+        store.clear()
+        ft.reset_stats()
+        made, left = store.made, store.fallback_calls
+        for _ in range(store.promote_after - 1):
+            torch.testing.assert_close(compiled(x), want, atol=1e-5, rtol=1e-5)
+        assert store.made == made and store.fallback_calls - left == store.promote_after - 1
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), want, atol=1e-5, rtol=1e-5)
+    assert store.made - made == 2  # gate/up and down, on the same call
+    assert {kind for (kind, _), held in store._entries.items() if held.value is not None} == {"moe_blocked2"}
+    assert ft.stats()["weight_copy_fallback_calls"] == store.fallback_calls

@@ -135,10 +135,11 @@ def _forward_of(runner: TunableRunner, tactic: Tactic) -> Callable[..., Any]:
 
 
 class WithFallback:
-    """A warm call of a tactic that reads a weight copy: ``primary(*inputs)`` where the copy is
-    held; else the copy is asked for (priced at ``gain`` seconds per call: ``WeightCache.admit``)
-    and, until it is made (it waits for a few calls) or when it is refused, ``fallback(*inputs)``,
-    a tactic that needs none."""
+    """A warm call of a tactic that reads weight copies: ``primary(*inputs)`` where they are held;
+    else each missing copy is asked for in turn (priced at ``gain`` seconds per call:
+    ``WeightCache.admit``) and, until they are made or when one is refused, ``fallback(*inputs)``,
+    a tactic that needs none. A call waits once: the first copy waits for a few calls, and the
+    call's further copies (an MoE layer's down weights after its gate/up) are decided at once."""
 
     __slots__ = ("store", "primary", "fallback", "gain")
 
@@ -151,14 +152,15 @@ class WithFallback:
         try:
             return self.primary(*inputs)
         except CopyDenied:
-            return self.fallback(*inputs)
+            pass
         except CopyMissing as miss:
-            request = miss.request
-        while self.store.admit(request, self.gain):
-            try:
-                return self.primary(*inputs)
-            except CopyDenied:
-                break
-            except CopyMissing as again:  # a second copy (a bias, an MoE layer's down weights)
-                request = again.request
+            request, wait = miss.request, True
+            while self.store.admit(request, self.gain, wait):
+                try:
+                    return self.primary(*inputs)
+                except CopyDenied:
+                    break
+                except CopyMissing as again:  # a second copy (a bias, an MoE layer's down weights)
+                    request, wait = again.request, False
+        self.store.fallback_calls += 1
         return self.fallback(*inputs)

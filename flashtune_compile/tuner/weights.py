@@ -137,6 +137,7 @@ class WeightCache:
         self.made = 0  # copies made (a stale copy is made again)
         self.denied = 0  # requests refused
         self.displaced = 0  # copies dropped to make way for ones worth more per byte
+        self.fallback_calls = 0  # warm calls a copy-reading tactic left to its fallback (waiting or refused)
 
     # -- what a weight is ---------------------------------------------------------------------
 
@@ -202,14 +203,16 @@ class WeightCache:
 
     # -- deciding ------------------------------------------------------------------------------
 
-    def admit(self, request: CopyRequest, gain: float | None = None) -> bool:
+    def admit(self, request: CopyRequest, gain: float | None = None, wait: bool = True) -> bool:
         """``decide``: True if the copy is now held."""
-        return self.decide(request, gain) is None
+        return self.decide(request, gain, wait) is None
 
-    def decide(self, request: CopyRequest, gain: float | None = None) -> str | None:
+    def decide(self, request: CopyRequest, gain: float | None = None, wait: bool = True) -> str | None:
         """Decide ``request`` and, if admitted, make the copy now; None if it is now held, else why not.
         ``gain``: seconds per call the copy saves, as a site prices it; a priced request never
         replaces a weight's copy of another kind, and may displace copies worth less per byte.
+        A priced request waits for ``promote_after`` calls first, unless ``wait`` is False (a
+        call's further copies, once its first one has waited: one wait per call, not per copy).
         Unpriced (None: a direct ``forward`` call), it replaces the weight's copy of another kind
         (the caller asked for this tactic) but displaces nothing else. Inside ``trial`` (on the
         thread that opened it), copies of several kinds may coexist until the trial ends, nothing
@@ -223,7 +226,7 @@ class WeightCache:
             self.register(request.owners)
             if trial is None and gain is None:
                 self._drop_other_kinds(request)
-            if trial is None and gain is not None and self._waits(request):
+            if trial is None and gain is not None and wait and self._waits(request):
                 return f"waiting for {self.promote_after} calls"
             why = self._refusal(request, None if trial is not None else gain)
             if why is not None:
