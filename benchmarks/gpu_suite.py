@@ -21,7 +21,10 @@ budget of its tier (rows past the budget are skipped and said so):
            output) as a share of the measured read bandwidth.
 - moe:     ``flashtune.moe`` tuned vs the ``torch._grouped_mm`` formulation for Mixtral-8x7B and
            DeepSeek-V3 shaped experts, Zipf-skewed routing; at T <= 16 the picked experts'
-           weights read per second as a share of the read bandwidth.
+           weights read per second as a share of the read bandwidth. Then whole MoE blocks as code
+           bases write them (``tests/moe_spellings.py``: torchtitan 0.3.0's released layer, whose
+           dispatch and combine stay as written, and a block with a custom combine op), bf16,
+           compiled eager / Inductor / flashtune, ms per call, and what flashtune routed.
 - e2e:     a Llama-3-8B-shaped decoder (a few layers) for prefill and decode under eager, Inductor
            (default, max-autotune-no-cudagraphs, reduce-overhead), flashtune and flashtune with CUDA
            graphs; compile + tune seconds of each; where a decode call's host time goes for Inductor
@@ -114,6 +117,7 @@ class Tier:
     skinny_m: tuple[int, ...]
     moe: tuple[tuple[str, int, int, int, int], ...]  # (name, E, k, H, I)
     moe_tokens: tuple[int, ...]
+    moe_block: tuple[int, int, int, int]  # (E, k, H, I) of the whole blocks timed as written
     llama: Llama
     bandwidth_bytes: int  # the probe's buffer: far larger than the GPU's L2
     host_nk: tuple[int, int]  # the linear whose host time per call is measured
@@ -139,6 +143,7 @@ TIERS = {
         skinny_m=(1, 16),
         moe=MOE_MODELS,
         moe_tokens=(1, 64, 1024),
+        moe_block=(8, 2, 1024, 2816),
         llama=Llama(layers=2),
         bandwidth_bytes=2 << 30,
         host_nk=(4096, 4096),
@@ -157,6 +162,7 @@ TIERS = {
         skinny_m=(1, 8, 16),
         moe=MOE_MODELS,
         moe_tokens=(1, 16, 64, 256, 1024, 4096),
+        moe_block=(8, 2, 1024, 2816),
         llama=Llama(layers=4),
         bandwidth_bytes=4 << 30,
         host_nk=(4096, 4096),
@@ -175,6 +181,7 @@ TIERS = {
         skinny_m=(1,),
         moe=(("tiny", 4, 2, 32, 16),),
         moe_tokens=(1, 8),
+        moe_block=(4, 2, 32, 16),
         llama=Llama(dim=64, heads=4, kv_heads=2, ffn=96, vocab=128, layers=1),
         bandwidth_bytes=64 << 20,
         host_nk=(32, 64),
@@ -668,6 +675,62 @@ def section_moe(sec: Section, tier: Tier, read_bw: float | None) -> None:
         sec.note(f"geomean speedup at T <= 64: {_geomean(small):.2f}x (aim >= 1.5x)")
     _flag_errors(sec, data, tier)
     sec.record["data"]["moe"] = data
+    _moe_blocks(sec, tier)
+
+
+MOE_BLOCKS = ("torchtitan_release", "custom_combine")  # tests/moe_spellings.py
+
+
+def _moe_blocks(sec: Section, tier: Tier) -> None:
+    """Whole MoE blocks as code bases write them (router included), bf16, called on ``x [T, H]``:
+    eager, Inductor and flashtune (MoE ops only, so the router's top-k is eager's) ms per call,
+    flashtune over the best of the other two, its relative error, and the flashtune ops its graph holds."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from moe_spellings import SPELLINGS
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    e, k, h, inter = tier.moe_block
+    rows, data = [], []
+    for spelling in MOE_BLOCKS:
+        try:
+            block = SPELLINGS[spelling](e, k, h, inter, torch.bfloat16).to(tier.device).eval()
+        except Exception as ex:  # torchtitan missing or not importable with this torch
+            sec.note(f"{spelling}: not built here: {type(ex).__name__}: {ex}")
+            continue
+        routed: list[str] = []
+
+        def counting(gm, example_inputs, routed=routed):
+            fn = ft.backend(gm, example_inputs, options={"ops": {"moe"}})
+            routed.extend(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("flashtune."))
+            return fn
+
+        fns = {
+            "eager": block,
+            "inductor": torch.compile(copy.deepcopy(block), backend="inductor", dynamic=True),
+            "flashtune": torch.compile(copy.deepcopy(block), backend=counting, dynamic=True),
+        }
+        for t in tier.moe_tokens:
+            if sec.over_budget(f"{spelling} blocks from T={t}"):
+                break
+            x = torch.randn(t, h, device=tier.device).bfloat16()
+            with torch.no_grad(), ft.autotune():
+                ref = block(x)
+                err = rel_err(fns["flashtune"](x), ref)
+                times = medians(tier, [lambda f=f, x=x: f(x) for f in fns.values()])
+            ms = dict(zip(fns, (s * 1e3 for s in times)))
+            gain = min(ms["eager"], ms["inductor"]) / ms["flashtune"]
+            ops = ", ".join(sorted(set(routed))) or "none"
+            rows.append([spelling, t, ms["eager"], ms["inductor"], ms["flashtune"], gain, ops, err])
+            data.append(dict(block=spelling, t=t, ms=ms, gain=gain, routed=sorted(set(routed)), err=err))
+        del block, fns
+    header = ["block", "T", "eager ms", "inductor ms", "flashtune ms", "vs best", "flashtune ops", "rel err"]
+    sec.table(f"MoE blocks as written (E, k, H, I = {tier.moe_block}, bf16): ms per call", header, rows)
+    if data:
+        sec.note(f"blocks: flashtune vs the best of eager/Inductor, geomean {_geomean([r['gain'] for r in data]):.2f}x")
+    for row in data:
+        if not row["err"] <= 2e-2:
+            sec.note(f"WRONG: the {row['block']} block at T={row['t']} is off eager by {row['err']:.3g}")
+    sec.record["data"]["moe_blocks"] = data
 
 
 def _flag_errors(sec: Section, data: list[dict], tier: Tier) -> None:

@@ -29,11 +29,14 @@ def sample(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - start) / n * 1e3
 
 
-def time_contenders(calls: dict, rounds: int, ms: float, rng: random.Random) -> dict[str, float]:
+def time_contenders(calls: dict, rounds: int, ms: float, rng: random.Random, warm: int = 0) -> dict[str, float]:
     """Median ms per call of each contender over ``rounds`` rounds, in a shuffled order each round;
-    a sample is the mean of as many calls as take >= ``ms`` ms."""
+    a sample is the mean of as many calls as take >= ``ms`` ms. Each contender is first called
+    ``warm`` times untimed (steady state: flashtune makes a weight copy on the weight's 8th call)."""
     ns = {}
     for name, fn in calls.items():
+        for _ in range(warm):
+            fn()
         once = min(sample(fn, 1) for _ in range(3))
         ns[name] = max(1, math.ceil(ms / max(once, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in calls}

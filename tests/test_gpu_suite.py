@@ -48,6 +48,9 @@ def test_dry_run_writes_the_report_and_every_section_passes(tmp_path):
     assert all(us > 0 for us in host.values()) and sections["host"]["data"]["bound"]
     assert all(r["tuned_s"] > 0 and r["grouped_mm_s"] > 0 for r in sections["moe"]["data"]["moe"])
     assert all(r["read_bw_share"] > 0 for r in sections["moe"]["data"]["moe"] if r["t"] <= 16)
+    blocks = sections["moe"]["data"]["moe_blocks"]  # whole blocks as written: the experts fused, output right
+    assert {r["block"] for r in blocks} >= {"custom_combine"}
+    assert all(r["routed"] == ["flashtune.moe.default"] and r["err"] < 2e-2 for r in blocks)
     assert not [n for s in sections.values() for n in s["notes"] if n.startswith("WRONG")]  # every kernel is right
     assert [row[0] for row in sections["e2e"]["data"]["setup"]] == ["eager", "inductor", "flashtune"]
     assert all(float(row[-1]) < 1e-3 for row in sections["e2e"]["data"]["setup"])  # compiled == eager
