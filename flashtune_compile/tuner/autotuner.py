@@ -419,6 +419,9 @@ class AutoTuner:
                 layout,
                 self.copy_min_gain,
             )
+        kind = runners[tuned.runner].copy_kind(tuned.tactic)
+        if kind is not None:
+            self.weights.chose(inputs, kind)
         self.stats.synthesized += tuned.synthesized
         self.stats.profiles += tuned.timed
         self.stats.rejected += len(tuned.entry.rejected)

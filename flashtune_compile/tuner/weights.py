@@ -127,6 +127,7 @@ class WeightCache:
         self._waiting: dict[tuple, tuple[weakref.ref, int]] = {}  # key -> (first owner, calls so far)
         self._entries: dict[tuple, _Held] = {}
         self._kinds: dict[int, str] = {}  # id(owner) -> the kind of copy it holds
+        self._chosen: dict[int, tuple[weakref.ref, str]] = {}  # id(owner) -> (ref, kind a tuned winner reads)
         self._lock = threading.RLock()  # re-entrant: a weakref callback may fire inside it (GC)
         self._weights: dict[int, tuple[weakref.ref, int]] = {}  # registered weights: id -> (ref, bytes)
         self._weight_bytes = 0
@@ -391,15 +392,32 @@ class WeightCache:
             return self.nbytes - trial_bytes + request.nbytes <= self.budget()
 
     def held_kind(self, tensors: Iterable[Any]) -> str | None:
-        """The kind of copy the first of ``tensors`` that holds one holds (parameters, or views of
-        them; anything else is skipped), or None."""
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                owner = self.parameter_of(t)
-                kind = self._kinds.get(id(owner)) if owner is not None else None
-                if kind is not None:
-                    return kind
+        """The kind of copy the first of ``tensors`` that has one holds, or else that a winner
+        tuned in this process reads (``chose``); parameters or views of them, anything else
+        skipped; None if none has either."""
+        owners = [self.parameter_of(t) for t in tensors if isinstance(t, torch.Tensor)]
+        owners = [o for o in owners if o is not None]
+        for o in owners:
+            if (kind := self._kinds.get(id(o))) is not None:
+                return kind
+        for o in owners:
+            ref, kind = self._chosen.get(id(o), (None, None))
+            if ref is not None and ref() is o:
+                return kind
         return None
+
+    def chose(self, tensors: Iterable[Any], kind: str) -> None:
+        """Note that a winner just tuned reads ``kind`` copies of these weights (before any is
+        made: a copy waits for its weight's calls). ``held_kind`` answers it from then on, so the
+        buckets tuned next, in this graph or another one over the same weights (Dynamo compiles
+        T = 1 apart), choose tactics reading that same copy: a weight holds one copy, and a
+        bucket whose winner reads another kind would run its fallback."""
+        with self._lock:
+            for t in tensors:
+                owner = self.parameter_of(t) if isinstance(t, torch.Tensor) else None
+                held = self._chosen.get(id(owner)) if owner is not None else None
+                if owner is not None and (held is None or held[0]() is not owner):  # the first winner's kind stays
+                    self._chosen[id(owner)] = (weakref.ref(owner), kind)
 
     # -- the budget ----------------------------------------------------------------------------
 
@@ -465,6 +483,7 @@ class WeightCache:
         with self._lock:
             self._entries.clear()
             self._kinds.clear()
+            self._chosen.clear()
             self._waiting.clear()
             self.nbytes = 0
 
