@@ -38,12 +38,11 @@ from .fx_nodes import (
     _method,
     _mul_operands,
     _same_size,
-    _strip_to,
     _unsqueezed,
     _val,
 )
 from .moe_gathered import _match_batched, _match_einsum
-from .moe_pieces import MoeLayer, _either_order, _gate_and_up, _sum_over_picks, expert_weight, grouped_call
+from .moe_pieces import GroupedExperts, MoeLayer, _either_order, _sum_over_picks, grouped_call, match_experts
 
 # -- tokens sorted by expert ------------------------------------------------------------------
 
@@ -59,7 +58,7 @@ def _match_sorted(out: Node, targets: set) -> MoeLayer | None:
         return None
     weighted, perm, back = unsorted
     ex = _sorted_experts(weighted, perm, targets)
-    gathered = _getitem(ex.rows) if ex is not None else None
+    gathered = _getitem(ex.block.rows) if ex is not None else None
     if gathered is None or not (
         _fn(gathered[1], operator.floordiv)
         and gathered[1].args[0] is perm
@@ -74,17 +73,11 @@ class _Experts(NamedTuple):
 
     weights: Node  # the flat routing weights
     ids: Node  # the [T, k] expert ids
-    rows: Node  # the sorted pairs' token rows: ``hidden[perm // k]``
-    w1t: Node  # the gate GEMM's weight as the graph passes it ([E, H, N]), stacked [gate; up] without w3t
-    w2t: Node
-    w3t: Node | None  # the up GEMM's weight when separate
-    activation: str
+    block: GroupedExperts  # its rows are the sorted pairs' token rows: ``hidden[perm // k]``
 
     def layer(self, hidden: Node, nodes: list) -> MoeLayer:
-        w3 = expert_weight(self.w3t) if self.w3t is not None else None
-        return MoeLayer(
-            hidden, self.weights, self.ids, expert_weight(self.w1t), expert_weight(self.w2t), self.activation, nodes, w3
-        )
+        b = self.block
+        return MoeLayer(hidden, self.weights, self.ids, b.w1, b.w2, b.activation, nodes, b.w3)
 
 
 def _sorted_experts(weighted: Node, perm: Node, targets: set) -> _Experts | None:
@@ -110,19 +103,14 @@ def _sorted_experts(weighted: Node, perm: Node, targets: set) -> _Experts | None
     y2, _, sw_src = found
     while _method(y2, "float") or (_method(y2, "to") and len(y2.args) == 2):
         y2 = y2.args[0]
-    gemm2 = grouped_call(y2, targets)
-    if gemm2 is None:
+    block = match_experts(y2, targets)
+    if block is None:
         return None
-    h, w2t, offs = gemm2
-    first = _gate_and_up(h, targets)
-    if first is None or first[4] is not offs:
-        return None
-    activation, xg, w1t, w3t, _ = first
     sort = _sorting(perm)
     ids = _flat(sort.args[0]) if sort is not None else None
-    if ids is None or not _counts_per_expert(offs, sort, ids, _val(w2t).shape[0]):
+    if ids is None or not _counts_per_expert(block.offs, sort, ids, _val(grouped_call(y2, targets)[1]).shape[0]):
         return None
-    return _Experts(_flat(sw_src[0]), ids, _strip_to(xg), w1t, w2t, w3t, activation)
+    return _Experts(_flat(sw_src[0]), ids, block)
 
 
 def _unpermuted(pairs: Node) -> tuple | None:
@@ -184,7 +172,7 @@ def _match_scattered(out: Node, targets: set) -> MoeLayer | None:
         return None
     perm, top_k = index.args
     ex = _sorted_experts(src, perm, targets)
-    gathered = _getitem(ex.rows) if ex is not None else None
+    gathered = _getitem(ex.block.rows) if ex is not None else None
     if gathered is None or gathered[1] is not index or gathered[0] is not hidden:
         return None
     if not _same_size(_val(ex.ids).shape[-1], top_k):
