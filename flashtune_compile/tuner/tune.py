@@ -238,6 +238,11 @@ def tune_bucket(
         times = [tm for _, _, _, tm in results]  # the default (listed first, always correct) is times[0]
         kinds = [runners[i].copy_kind(t) for _, i, t, _ in results]  # the weight copy each reads
         no_copy = [n for n, kind in enumerate(kinds) if kind is None]  # [0, ...]
+        if kinds[0] is not None:
+            raise ValueError(
+                f"flashtune: {ctx.op}: runner {runners[results[0][1]].name!r} is listed first (the default) but reads "
+                "a weight copy; the default must run without one (it is what runs where a copy is refused)"
+            )
         best = pick_winner(times, min_gain)
         if kinds[best] is not None:
             plain = no_copy[pick_winner([times[n] for n in no_copy], min_gain)]
