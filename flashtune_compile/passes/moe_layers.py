@@ -42,7 +42,7 @@ from .fx_nodes import (
     _val,
 )
 from .moe_gathered import _match_batched, _match_einsum
-from .moe_pieces import GroupedExperts, MoeLayer, _either_order, _sum_over_picks, grouped_call, match_experts
+from .moe_pieces import GroupedExperts, MoeLayer, _either_order, _sum_over_picks, match_experts
 
 # -- tokens sorted by expert ------------------------------------------------------------------
 
@@ -108,7 +108,7 @@ def _sorted_experts(weighted: Node, perm: Node, targets: set) -> _Experts | None
         return None
     sort = _sorting(perm)
     ids = _flat(sort.args[0]) if sort is not None else None
-    if ids is None or not _counts_per_expert(block.offs, sort, ids, _val(grouped_call(y2, targets)[1]).shape[0]):
+    if ids is None or not _counts_per_expert(block.offs, sort, ids, block.experts):
         return None
     return _Experts(_flat(sw_src[0]), ids, block)
 

@@ -116,6 +116,7 @@ class GroupedExperts(NamedTuple):
     w2: Any  # [E, H, I]
     w3: Any  # the up weight when separate, else None
     activation: str
+    experts: int  # E, as the down GEMM's weights have it
 
 
 def match_experts(node: Any, targets: set) -> GroupedExperts | None:
@@ -131,7 +132,8 @@ def match_experts(node: Any, targets: set) -> GroupedExperts | None:
         return None
     activation, rows, w1t, w3t, _ = first
     w3 = expert_weight(w3t) if w3t is not None else None
-    return GroupedExperts(_strip_to(rows), offs, expert_weight(w1t), expert_weight(w2t), w3, activation)
+    experts = _val(w2t).shape[0]
+    return GroupedExperts(_strip_to(rows), offs, expert_weight(w1t), expert_weight(w2t), w3, activation, experts)
 
 
 def grouped_call(node: Any, targets: set) -> tuple | None:
