@@ -23,6 +23,12 @@ class _Router(nn.Module):
         weights, ids = probs.topk(self.k, dim=-1)
         return (weights / weights.sum(-1, keepdim=True)).to(x.dtype), ids
 
+    def stacked_experts(self, e, h, i, dtype, seed):
+        """Stacked [gate; up] weights ``w13 [E, 2I, H]`` and down weights ``w2 [E, H, I]``, seeded."""
+        g = torch.Generator().manual_seed(seed)
+        self.w13 = nn.Parameter((torch.randn(e, 2 * i, h, generator=g) / h**0.5).to(dtype))
+        self.w2 = nn.Parameter((torch.randn(e, h, i, generator=g) / i**0.5).to(dtype))
+
 
 class HandGroupedMM(_Router):
     """Mixtral-style around ``torch._grouped_mm``: argsort of the flat ids, histc + cumsum
@@ -32,9 +38,7 @@ class HandGroupedMM(_Router):
     def __init__(self, e, k, h, i, dtype, twist=None):
         super().__init__(e, k, h, dtype)
         self.e, self.twist = e, twist
-        g = torch.Generator().manual_seed(1)
-        self.w13 = nn.Parameter((torch.randn(e, 2 * i, h, generator=g) / h**0.5).to(dtype))
-        self.w2 = nn.Parameter((torch.randn(e, h, i, generator=g) / i**0.5).to(dtype))
+        self.stacked_experts(e, h, i, dtype, seed=1)
 
     def forward(self, x):
         t, h = x.shape
@@ -130,9 +134,7 @@ class CustomCombine(_Router):
     def __init__(self, e, k, h, i, dtype, twist=None):
         super().__init__(e, k, h, dtype)
         self.e, self.twist = e, twist
-        g = torch.Generator().manual_seed(4)
-        self.w13 = nn.Parameter((torch.randn(e, 2 * i, h, generator=g) / h**0.5).to(dtype))
-        self.w2 = nn.Parameter((torch.randn(e, h, i, generator=g) / i**0.5).to(dtype))
+        self.stacked_experts(e, h, i, dtype, seed=4)
 
     def forward(self, x):
         t, h = x.shape
