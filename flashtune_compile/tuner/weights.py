@@ -271,10 +271,9 @@ class WeightCache:
     def _refusal(self, request: CopyRequest, gain: float | None) -> str | None:
         """Why ``request`` cannot be held (None: it can, after displacing what ``_victims`` names,
         which this drops). Call under the lock."""
-        for o in request.owners:
-            kind = self._kinds.get(id(o))
-            if kind is not None and kind != request.kind:
-                return f"the weight holds a {kind} copy already (one copy per weight)"
+        kind = self._other_kind(request)
+        if kind is not None:
+            return f"the weight holds a {kind} copy already (one copy per weight)"
         budget, source = self.budget_and_source()
         if request.nbytes > budget:
             return f"{_mb(request.nbytes)} is more than the whole budget ({_mb(budget)}: {source})"
@@ -290,6 +289,14 @@ class WeightCache:
             self._drop(key)
             victim.value, victim.nbytes, victim.why = None, 0, "displaced by a copy worth more time per byte"
             self._entries[key] = victim  # the mark: its calls fall back from now on
+        return None
+
+    def _other_kind(self, request: CopyRequest) -> str | None:
+        """The kind of copy one of ``request``'s weights holds when it is not the request's kind."""
+        for o in request.owners:
+            kind = self._kinds.get(id(o))
+            if kind is not None and kind != request.kind:
+                return kind
         return None
 
     def _victims(self, need: int, per_byte: float) -> list[tuple] | None:
@@ -387,7 +394,7 @@ class WeightCache:
         trial's copies (it is refused only because of them)."""
         with self._lock:
             trial_bytes = self.trial_bytes()
-            if trial_bytes == 0 or any(self._kinds.get(id(o)) not in (None, request.kind) for o in request.owners):
+            if trial_bytes == 0 or self._other_kind(request) is not None:
                 return False  # (the weight holding a copy of another kind is a refusal of its own)
             return self.nbytes - trial_bytes + request.nbytes <= self.budget()
 
