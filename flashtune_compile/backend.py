@@ -30,6 +30,7 @@ from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
 from .tuner.cache import resolve_dir
 from .tuner.distributed import STRATEGIES
+from .tuner.weights import WeightCache
 
 log = logging.getLogger("flashtune")
 
@@ -223,23 +224,43 @@ def _direct_calls(gm: torch.fx.GraphModule, grad: bool) -> torch.fx.GraphModule:
 
 
 def routed_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[torch.Tensor]:
-    """The parameters the graph's flashtune ops read (as graph inputs or attributes), each once."""
+    """The weights the graph's flashtune ops read, each once: parameters (as graph inputs or
+    attributes), and the tensors in their ops' ``state_args`` (a quantized weight's integers and
+    scales: buffers, or a tensor subclass's inner tensors read by ``getattr``), which it marks as
+    model state (``WeightCache.mark_state``)."""
     values: dict[torch.fx.Node, Any] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
         values[node] = value
+
+    def value_of(arg: torch.fx.Node) -> Any:
+        value = values.get(arg)
+        if value is None and arg.op == "get_attr":
+            value = _attr(gm, arg.target)
+        if value is None and arg.target is getattr and isinstance(arg.args[0], torch.fx.Node):
+            value = getattr(value_of(arg.args[0]), arg.args[1], None)  # a subclass's inner tensor
+        if value is None and arg.op == "call_method" and arg.target == "flatten":
+            source = value_of(arg.args[0]) if isinstance(arg.args[0], torch.fx.Node) else None
+            value = source  # a view of it: the copy follows the tensor it views
+        return value
+
     found: dict[int, torch.Tensor] = {}
+    state: list[torch.Tensor] = []
     for node in gm.graph.nodes:
-        if op_name(node) is None:
+        name = op_name(node)
+        if name is None:
             continue
-        for arg in (*node.args, *node.kwargs.values()):
+        args = node.args[1] if node.target is run else node.args
+        for i, arg in enumerate(args):
             if not isinstance(arg, torch.fx.Node):
                 continue
-            value = values.get(arg)
-            if value is None and arg.op == "get_attr":
-                value = _attr(gm, arg.target)
+            value = value_of(arg)
             if isinstance(value, torch.nn.Parameter):
                 found[id(value)] = value
+            elif isinstance(value, torch.Tensor) and i in OPS[name].state_args:
+                found[id(value)] = value
+                state.append(value)
+    WeightCache.mark_state(state)
     return list(found.values())
 
 

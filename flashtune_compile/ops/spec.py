@@ -27,8 +27,8 @@ from ..tuner.runner import TunableRunner
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # What an operand's dtype must be: "op" (the op's dtype, one of ``OpSpec.dtypes``, the same for every
-# "op" operand), "float" (any floating dtype), "int" (any integer dtype), or one dtype's name.
-OPERAND_KINDS = ("op", "float", "int")
+# "float" (any floating dtype), "int" (any integer dtype), "real" (either), or one dtype's name.
+OPERAND_KINDS = ("op", "float", "int", "real")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,10 @@ class OpSpec:
     gemm: GemmView | None = None
     routing: Any = None  # ops/routing.RoutedInputs for ops profiled on synthetic MoE routing
     check: Callable[..., None] | None = None
+    # Argument positions holding model state even when they are not parameters (a quantized
+    # weight's integers and scales, often buffers or a subclass's inner tensors): the backend marks
+    # them so the weight cache keeps copies of them (``WeightCache.mark_state``).
+    state_args: tuple[int, ...] = ()
     dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
     # Read off the schema: how many tuning inputs (arguments less ``site``), where the tensor
     # arguments are, and per tensor argument its name if it is required (None if optional).
@@ -136,6 +140,8 @@ class OpSpec:
                 return f"operand dtype {v.dtype} (needs a floating dtype)"
             if kind == "int" and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
                 return f"operand dtype {v.dtype} (needs an integer dtype)"
+            if kind == "real" and (v.is_complex() or v.dtype == torch.bool):
+                return f"operand dtype {v.dtype} (needs a real dtype)"
             if kind not in OPERAND_KINDS and str(v.dtype) != f"torch.{kind}":
                 return f"operand dtype {v.dtype} (needs {kind})"
         if self.backward is None and torch.is_grad_enabled() and any(v.requires_grad for v in present):

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from importlib import import_module
 
 # The passes, in the order the backend runs them (MoE first: its batched pattern holds bmm nodes
-# the matmul pass would otherwise take). A new op family adds its pass module here.
-PASSES = ("moe", "matmul")
+# the matmul pass would otherwise take; quantized before matmul: its dequantized weights are plain
+# tensors the matmul pass would route as linears). A new op family adds its pass module here.
+PASSES = ("moe", "quantized", "matmul")
 
 REWRITES: tuple[Callable[..., int], ...] = tuple(import_module(f"{__name__}.{name}").rewrite for name in PASSES)

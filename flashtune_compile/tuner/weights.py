@@ -51,6 +51,9 @@ import torch
 log = logging.getLogger("flashtune")
 
 _PARAMETER = torch.nn.Parameter
+# Tensors that are model state without being parameters (a quantized weight's integers and scales,
+# buffers or a tensor subclass's inner tensors): ``mark_state`` adds them, so their copies are kept.
+_STATE: dict[int, weakref.ref] = {}  # id -> the tensor (a WeakSet would compare tensors by value)
 DEFAULT_SHARE = 0.10  # without $FLASHTUNE_WEIGHT_CACHE_MB: copies may add this share of the weights' bytes
 MIN_DEFAULT_BUDGET = 256 * 2**20  # ... or this much, whichever is more
 MIN_RESERVE = 512 * 2**20  # memory never taken by copies: this, or 5% of the machine's, whichever is more
@@ -144,14 +147,25 @@ class WeightCache:
 
     @staticmethod
     def parameter_of(w: torch.Tensor) -> torch.Tensor | None:
-        """The parameter ``w`` is, or is a view of; None for anything else. Only parameters live
-        across calls (a weight computed inside the graph is a new tensor each call, so its copy
-        would be remade every time), and inference tensors have no version counter to detect
-        updates, so neither kind is cached."""
+        """The parameter (or tensor marked as model state, ``mark_state``) ``w`` is, or is a view
+        of; None for anything else. Only such weights live across calls (a weight computed inside
+        the graph is a new tensor each call, so its copy would be remade every time), and inference
+        tensors have no version counter to detect updates, so neither kind is cached."""
         for t in (w, w._base):
-            if isinstance(t, torch.nn.Parameter) and not t.is_inference():
+            if t is None or t.is_inference():
+                continue
+            if isinstance(t, torch.nn.Parameter) or ((ref := _STATE.get(id(t))) is not None and ref() is t):
                 return t
         return None
+
+    @staticmethod
+    def mark_state(tensors: Iterable[torch.Tensor]) -> None:
+        """Treat these tensors as model state, like parameters: weights whose copies are worth
+        keeping (each for as long as it lives; updates are detected as for parameters)."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+                ident = id(t)
+                _STATE[ident] = weakref.ref(t, lambda _, i=ident: _STATE.pop(i, None))
 
     @staticmethod
     def cacheable(w: torch.Tensor) -> bool:

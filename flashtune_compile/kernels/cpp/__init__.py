@@ -24,7 +24,7 @@ from ..extension import BuiltOnce, build_name, built_module, log
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE_PATH = os.path.join(_HERE, "blocked_gemm.cpp")  # binds the Python module
-SOURCES = (SOURCE_PATH, os.path.join(_HERE, "rows_gemm.cpp"))
+SOURCES = (SOURCE_PATH, os.path.join(_HERE, "rows_gemm.cpp"), os.path.join(_HERE, "quant_gemm.cpp"))
 HEADERS = (os.path.join(_HERE, "common.h"),)
 EXTRA_CFLAGS = ("-O3", "-march=native", "-fopenmp")  # IEEE arithmetic: no -ffast-math
 
@@ -56,6 +56,10 @@ class BlockedGemm:
         # of w, ``u`` accumulators per row; ``pairs``: bf16 by vdpbf16ps. RuntimeError naming the bad
         # argument. No copy of w is made or needed.
         self.rows_linear = module.rows_linear
+        # quant_linear(x, packed, scales, zs, b, n, bits, gs, mr, r, ksplit=1): ``x @ W.T + b`` for
+        # W = s * (q - z) per group of ``gs`` along K, from ``pack_quant``'s tensors (quant_gemm.cpp).
+        self.quant_linear = module.quant_linear
+        self.quant_tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.quant_tiles().split())
         self.rows_tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.rows_tiles().split())
         self.moe_out = extension.blocked_moe_out.default
         self.vector_width = int(extension.vector_width())  # fp32 lanes per vector register
@@ -83,6 +87,39 @@ class BlockedGemm:
         with torch.no_grad():
             padded = [F.pad(w.detach(), (0, 0, 0, ipad - inter)).view(e, -1, half, hidden) for w in (gate, up)]
             return self.pack(torch.stack(padded, dim=2).view(e, 2 * ipad, hidden), r, pairs)
+
+    def pack_quant(
+        self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, r: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(packed, scales, zs)`` for ``quant_linear`` from ``q [N, K]`` (int8 values; for ``bits``
+        4, each in -8..7, two per byte in the pack), ``scales [N, G]`` and ``zeros [N, G]`` or None:
+        blocks of ``block_width(r)`` rows of q as ``[blocks, K, width]``, scales and ``zeros *
+        scales`` as fp32 ``[blocks, G, width]``, zero-padded past N (quant_gemm.cpp's header). zs is
+        empty when there is no zero term. ValueError if int4 values are out of range."""
+        nb = self.block_width(r)
+        n, k = q.shape
+        pad = -(-n // nb) * nb - n
+        with torch.no_grad():
+            q = q.detach()
+            blocks = F.pad(q, (0, 0, 0, pad)).view(-1, nb, k).transpose(1, 2)  # [B, K, nb]
+            if bits == 4:
+                if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+                    raise ValueError("pack_quant: int4 values must lie in -8..7")
+                u = (blocks.to(torch.int16) + 8).to(torch.uint8).reshape(*blocks.shape[:2], r // 2, 2, -1)
+                blocks = (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*blocks.shape[:2], nb // 2)
+            packed = self.extension.empty_huge(list(blocks.shape), blocks.dtype).copy_(blocks)
+
+            def per_block(t: torch.Tensor) -> torch.Tensor:
+                return F.pad(t.float(), (0, 0, 0, pad)).view(-1, nb, t.shape[1]).transpose(1, 2).contiguous()
+
+            s = scales.detach()
+            offset = 8.0 if bits == 4 else 0.0
+            if zeros is None and not offset:
+                zs = torch.empty(0)
+            else:
+                z = zeros.detach().float() if zeros is not None else torch.zeros_like(s, dtype=torch.float)
+                zs = per_block((z + offset) * s.float())
+            return packed, per_block(s), zs
 
     def moe(
         self,

@@ -165,26 +165,6 @@ void block_task(const typename Kern::Elem* packed, const typename Kern::XElem* x
   }
 }
 
-// dst[0..n) = src[0..n) rounded to T as static_cast<T> rounds (nearest even; NaN stays NaN).
-inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void store_row(c10::BFloat16* dst, const float* src, int64_t n) {
-  int64_t i = 0;
-  for (; i + VL <= n; i += VL) {
-    const vf v = load(src + i);
-    const vu32 bits = reinterpret_cast<const vu32&>(v);
-    const vu32 nan = (vu32)(v != v);  // all ones where v is NaN
-    const vu32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const vu32 out = (rounded & ~nan) | (0x7FC0u & nan);
-    *reinterpret_cast<vu16_u*>(dst + i) = __builtin_convertvector(out, vu16);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
-}
-inline void store_row(c10::Half* dst, const float* src, int64_t n) {
-  int64_t i = 0;
-  for (; i + VL <= n; i += VL) *reinterpret_cast<vh_u*>(dst + i) = __builtin_convertvector(load(src + i), vh);
-  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-}
-
 template <class T>
 std::vector<const T*> row_pointers(const T* x, int64_t M, int64_t ldx) {
   std::vector<const T*> rows(M);
@@ -354,6 +334,15 @@ at::Tensor pack_blocked(const at::Tensor& w_in, int64_t nb, int64_t kps) {
       pack_all<uint32_t>(we, nb, kps, blocks, steps, packed);
   }
   return w_in.dim() == 3 ? packed : packed.squeeze(0);
+}
+
+// An uninitialized contiguous tensor on huge pages where the OS allows (huge_page_tensor): for
+// packs made in Python (quantized weights), so they stream as fast as pack_blocked's.
+at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const at::TensorOptions options = at::TensorOptions().dtype(dtype);
+  return huge_page_tensor(numel * static_cast<int64_t>(options.dtype().itemsize()), sizes, options);
 }
 
 std::string tiles() {
@@ -621,6 +610,8 @@ TORCH_LIBRARY(FT_NS, m) {
   m.def("tiles", &tiles);
   m.def("has_bf16_pairs", &has_bf16_pairs);
   m.def("rows_tiles", &rows_tiles);
+  m.def("quant_tiles", &quant_tiles);
+  m.def("empty_huge", &empty_huge);
 }
 
 // y = x @ w.T + b reading w [N, K] as it is (rows_gemm.cpp), with x and bias of any strides and y
@@ -636,7 +627,25 @@ at::Tensor rows_linear(const at::Tensor& x_in, const at::Tensor& w_in, const std
   return y;
 }
 
+// y = x @ W^T + b for a weight of integers with scales per group (quant_gemm.cpp), x and bias of
+// any strides, y [M, n] allocated here; the warm path's one call, run without the GIL.
+at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                        const at::Tensor& zs, const std::optional<at::Tensor>& bias_in, int64_t n, int64_t bits,
+                        int64_t gs, int64_t mr, int64_t r, int64_t ksplit) {
+  if (n < 0) throw std::runtime_error("quant_linear: n must be >= 0");
+  const at::Tensor x = x_in.dim() == 2 && x_in.stride(1) != 1 ? x_in.contiguous() : x_in;
+  std::optional<at::Tensor> bias = bias_in;
+  if (bias.has_value() && !bias->is_contiguous()) bias = bias->contiguous();
+  at::Tensor y = x.dim() == 2 ? at::empty({x.size(0), n}, x.options()) : at::empty({0, 0}, x.options());
+  const std::string error = quant_linear_out(x, packed, scales, zs, bias, y, bits, gs, mr, r, ksplit);
+  if (!error.empty()) throw std::runtime_error(error);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_linear", &quant_linear, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zs"),
+        py::arg("bias"), py::arg("n"), py::arg("bits"), py::arg("gs"), py::arg("mr"), py::arg("r"),
+        py::arg("ksplit") = 1, py::call_guard<py::gil_scoped_release>());
   m.def("rows_linear", &rows_linear, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("mb"), py::arg("u"),
         py::arg("pairs") = false, py::call_guard<py::gil_scoped_release>());
   m.def("blocked_linear", &blocked_linear, py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"),

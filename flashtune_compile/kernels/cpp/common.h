@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -53,6 +54,26 @@ inline vf load(const c10::BFloat16* p) {
 }
 inline vf load(const c10::Half* p) { return __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vf); }
 
+// dst[0..n) = src[0..n) rounded to T as static_cast<T> rounds (nearest even; NaN stays NaN).
+inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row(c10::BFloat16* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    const vf v = load(src + i);
+    const vu32 bits = reinterpret_cast<const vu32&>(v);
+    const vu32 nan = (vu32)(v != v);  // all ones where v is NaN
+    const vu32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const vu32 out = (rounded & ~nan) | (0x7FC0u & nan);
+    *reinterpret_cast<vu16_u*>(dst + i) = __builtin_convertvector(out, vu16);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+}
+inline void store_row(c10::Half* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) *reinterpret_cast<vh_u*>(dst + i) = __builtin_convertvector(load(src + i), vh);
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
 }  // namespace ft
 
 // rows_gemm.cpp: y = x @ w.T + b reading w [N, K] as it is (row stride free, unit column stride);
@@ -60,3 +81,10 @@ inline vf load(const c10::Half* p) { return __builtin_convertvector(*reinterpret
 std::string rows_linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                             const at::Tensor& y, int64_t mb, int64_t u, bool pairs);
 std::string rows_tiles();  // the built (rows per pass, unroll) pairs, "1x2 1x4 ..."
+
+// quant_gemm.cpp: y = x @ W^T + b for W = s * (q - z) per group of gs along K, from the packed q,
+// scales and zs (the file's header gives the layouts); "" or a message naming the bad argument.
+std::string quant_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                             const at::Tensor& zs, const std::optional<at::Tensor>& bias, const at::Tensor& y,
+                             int64_t bits, int64_t gs, int64_t mr, int64_t r, int64_t ksplit);
+std::string quant_tiles();  // the built (MR rows, R vectors) tiles, "1x2 1x4 ..."

@@ -1,0 +1,273 @@
+// y[M, N] = x[M, K] @ W^T + b on CPU for a weight stored as integers with float scales per group:
+// W[n][k] = s[g][n] * (q[n][k] - z[g][n]) with g = k / gs (one group per row: gs = K).
+//
+// Decode streams the weight, so fewer bytes per weight is the speed: the kernel streams a packed
+// copy of q (int8, or int4 two per byte), widens it in registers to fp32, and sums x * q over each
+// group in fp32 before one multiply by the group's scales. The zero points never touch the stream:
+// sum_k x[k] * (q - z) * s = s * sum_k x[k] q - (z * s) * sum_k x[k], so the second term is a small
+// [M, G] x [G, N] product added in the epilogue from per-group sums of x.
+//
+// Packed layouts (made by kernels/cpp/__init__.py's pack_quant, blocks of NB = R * VL columns):
+//   q, int8: [blocks][K][NB] int8, zero past N.
+//   q, int4: [blocks][K][NB / 2] uint8: byte p * VL + l of a step holds columns (2p) * VL + l (low
+//            nibble) and (2p + 1) * VL + l (high nibble) as q + 8 (0..15); the + 8 is folded into zs.
+//   scales:  [blocks][G][NB] fp32, zero past N.
+//   zs:      [blocks][G][NB] fp32 holding z * s (int4: (z + 8) * s), or an empty tensor: no term.
+// A thread streams its blocks front to back in K chunks, each read once by every row tile (as
+// blocked_gemm.cpp does), and a tile of MR rows keeps MR * R vector sums per group in registers.
+#include "common.h"
+
+#include <ATen/Parallel.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+using namespace ft;
+
+namespace {
+
+constexpr int64_t CHUNK_BYTES = 32 * 1024;  // a K chunk of one block: fetched once, read by every row tile
+constexpr int64_t NT_AHEAD = 512;  // bytes ahead of a once-read stream
+
+typedef int32_t vi32 __attribute__((vector_size(VL * 4)));
+
+// VL bytes at p widened to VL int32 lanes, signed or not: one vpmovsxbd / vpmovzxbd on AVX2 and
+// AVX-512 (GCC's generic vector conversion of bytes assembles the lanes one by one: 7x slower).
+template <bool SIGNED>
+inline vi32 widen_bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vi32)(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (vi32)(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
+  vi32 v;
+  for (int i = 0; i < VL; ++i) v[i] = SIGNED ? static_cast<int8_t>(p[i]) : p[i];
+  return v;
+#endif
+}
+
+// The R weight vectors of one step, widened to fp32.
+template <int BITS, int R>
+inline void widen(const uint8_t* p, vf* w) {
+  if constexpr (BITS == 8) {
+    for (int r = 0; r < R; ++r)
+      w[r] = __builtin_convertvector(widen_bytes<true>(p + r * VL), vf);
+  } else {
+    static_assert(R % 2 == 0, "int4 tiles hold vectors in pairs");
+    for (int r = 0; r < R; r += 2) {
+      const vi32 b = widen_bytes<false>(p + r / 2 * VL);
+      w[r] = __builtin_convertvector(b & 15, vf);
+      w[r + 1] = __builtin_convertvector(b >> 4, vf);
+    }
+  }
+}
+
+// Sums steps [k0, k1) of one block into acc [MR][NB] for MR rows of the x panel xt ([K][MR] fp32):
+// per group, the plain sums of x * q in registers, then acc += sums * scales. Each step prefetches
+// pf + (k - k0) * pfs with locality LOC.
+template <int BITS, int MR, int R, int LOC>
+void tile(const uint8_t* panel, int64_t step_bytes, const float* xt, int64_t k0, int64_t k1, int64_t gs,
+          const float* scales, float* acc, const char* pf, int64_t pfs) {
+  constexpr int NB = R * VL;
+  for (int64_t a = k0; a < k1;) {
+    const int64_t g = a / gs, b = std::min(k1, (g + 1) * gs);
+    vf c[MR][R];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R; ++r) c[m][r] = vf{};
+    int64_t k = a;
+    if constexpr (MR == 1) {  // one row: a second set of sums, so twice the FMA chains run at once
+      vf d[R];
+      for (int r = 0; r < R; ++r) d[r] = vf{};
+      for (; k + 1 < b; k += 2) {
+        __builtin_prefetch(pf + (k - k0) * pfs, 0, LOC);
+        __builtin_prefetch(pf + (k + 1 - k0) * pfs, 0, LOC);
+        vf w[R], v[R];
+        widen<BITS, R>(panel + k * step_bytes, w);
+        widen<BITS, R>(panel + (k + 1) * step_bytes, v);
+        for (int r = 0; r < R; ++r) {
+          c[0][r] += w[r] * xt[k];
+          d[r] += v[r] * xt[k + 1];
+        }
+      }
+      for (int r = 0; r < R; ++r) c[0][r] += d[r];
+    }
+    for (; k < b; ++k) {
+      __builtin_prefetch(pf + (k - k0) * pfs, 0, LOC);
+      vf w[R];
+      widen<BITS, R>(panel + k * step_bytes, w);
+      const float* xk = xt + k * MR;
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < R; ++r) c[m][r] += w[r] * xk[m];
+    }
+    const float* s = scales + g * NB;
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R; ++r) {
+        vf_u* out = reinterpret_cast<vf_u*>(acc + m * NB + r * VL);
+        *out = *out + c[m][r] * load(s + r * VL);
+      }
+    a = b;
+  }
+}
+
+template <typename T, int BITS, int MR, int R>
+void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zs,
+         const std::optional<at::Tensor>& bias, at::Tensor& y, int64_t gs, int64_t ksplit) {
+  constexpr int NB = R * VL;
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), nblk = packed.size(0), G = scales.size(1);
+  const int64_t step_bytes = BITS == 8 ? NB : NB / 2, tiles = ceil_div(M, MR), ldx = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  // The x panel [tiles][K][MR] in fp32 (zero past row M), and per-group sums of x when zs is given.
+  const auto xt = std::unique_ptr<float[]>(new float[tiles * K * MR]);
+  const bool zero_term = zs.numel() > 0;
+  std::vector<float> xsum(zero_term ? M * G : 0, 0.f);
+  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K * MR)),
+                   [&](int64_t t0, int64_t t1) {
+                     for (int64_t t = t0; t < t1; ++t)
+                       for (int m = 0; m < MR; ++m) {
+                         const int64_t row = t * MR + m;
+                         float* o = xt.get() + t * K * MR + m;
+                         for (int64_t k = 0; k < K; ++k) {
+                           const float v = row < M ? static_cast<float>(xp[row * ldx + k]) : 0.f;
+                           o[k * MR] = v;
+                           if (zero_term && row < M) xsum[row * G + k / gs] += v;
+                         }
+                       }
+                   });
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zero_term ? zs.data_ptr<float>() : nullptr;
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(packed.data_ptr());
+  std::vector<float> b32(nblk * NB, 0.f);
+  if (bias.has_value()) {
+    const T* bp = bias->data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n) b32[n] = static_cast<float>(bp[n]);
+  }
+  T* yp = y.data_ptr<T>();
+  const int64_t ldy = y.stride(0), m_pad = tiles * MR, slice = m_pad * NB;
+  const int64_t chunk = std::max<int64_t>(32, CHUNK_BYTES / step_bytes);
+  // One task: block j, steps [k0, k1), summed into acc [m_pad][NB].
+  auto task = [&](int64_t j, int64_t k0, int64_t k1, float* acc) {
+    const uint8_t* panel = wp + j * K * step_bytes;
+    const float* sc = sp + j * G * NB;
+    for (int64_t cs = k0; cs < k1; cs += chunk) {
+      const int64_t ce = std::min(k1, cs + chunk);
+      if (tiles == 1) {  // read once: fetched just ahead, past the last-level cache
+        const char* ahead = reinterpret_cast<const char*>(panel + cs * step_bytes) + NT_AHEAD;
+        tile<BITS, MR, R, NON_TEMPORAL>(panel, step_bytes, xt.get(), cs, ce, gs, sc, acc, ahead, step_bytes);
+        continue;
+      }
+      // Several row tiles: each fetches its share of the next chunk into L2 while this one is summed.
+      const char* next = reinterpret_cast<const char*>(panel + std::min(k1, ce) * step_bytes);
+      const int64_t share = ceil_div((ce - cs) * step_bytes, tiles), pfs = ceil_div(share, ce - cs);
+      for (int64_t t = 0; t < tiles; ++t)
+        tile<BITS, MR, R, TO_L2>(panel, step_bytes, xt.get() + t * K * MR, cs, ce, gs, sc, acc + t * MR * NB,
+                                 next + t * share, pfs);
+    }
+  };
+  // Block j's columns of y: bias, the ksplit partial sums, less the zero-point term.
+  auto epilogue = [&](const float* acc, int64_t j) {
+    const int64_t n0 = j * NB, nn = std::min<int64_t>(NB, N - n0);
+    float row[NB];
+    for (int64_t m = 0; m < M; ++m) {
+      for (int n = 0; n < NB; ++n) row[n] = b32[n0 + n] + acc[m * NB + n];
+      for (int64_t s = 1; s < ksplit; ++s)
+        for (int n = 0; n < NB; ++n) row[n] += acc[s * slice + m * NB + n];
+      if (zero_term)
+        for (int64_t g = 0; g < G; ++g) {
+          const float xs = xsum[m * G + g];
+          const float* z = zp + (j * G + g) * NB;
+          for (int n = 0; n < NB; ++n) row[n] -= z[n] * xs;
+        }
+      store_row(yp + m * ldy + n0, row, nn);
+    }
+  };
+  const int64_t kstep = ceil_div(K, ksplit);
+  std::vector<float> partial(nblk * ksplit * slice, 0.f);
+  at::parallel_for(0, nblk * ksplit, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t / ksplit, s = t % ksplit;
+      task(j, std::min(K, s * kstep), std::min(K, (s + 1) * kstep), partial.data() + t * slice);
+      if (ksplit == 1) epilogue(partial.data() + t * slice, j);
+    }
+  });
+  if (ksplit > 1)
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t j = b0; j < b1; ++j) epilogue(partial.data() + j * ksplit * slice, j);
+    });
+}
+
+using Fn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const std::optional<at::Tensor>&, at::Tensor&, int64_t, int64_t);
+
+// The tiles (MR rows, R vectors) that are built: R even, for int4's pairs of vectors.
+#define FT_QUANT_TILES(X) X(1, 2) X(1, 4) X(1, 8) X(2, 2) X(2, 4) X(4, 2) X(4, 4) X(8, 2)
+
+template <typename T, int BITS>
+Fn pick(int64_t mr, int64_t r) {
+#define FT_CASE(A, B) \
+  if (mr == A && r == B) return &run<T, BITS, A, B>;
+  FT_QUANT_TILES(FT_CASE)
+#undef FT_CASE
+  return nullptr;
+}
+
+template <typename T>
+Fn pick_bits(int64_t bits, int64_t mr, int64_t r) {
+  return bits == 8 ? pick<T, 8>(mr, r) : bits == 4 ? pick<T, 4>(mr, r) : nullptr;
+}
+
+}  // namespace
+
+std::string quant_tiles() {
+  std::string s;
+#define FT_NAME(A, B) s += std::to_string(A) + "x" + std::to_string(B) + " ";
+  FT_QUANT_TILES(FT_NAME)
+#undef FT_NAME
+  return s;
+}
+
+std::string quant_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                             const at::Tensor& zs, const std::optional<at::Tensor>& bias, const at::Tensor& y_out,
+                             int64_t bits, int64_t gs, int64_t mr, int64_t r, int64_t ksplit) {
+  at::Tensor y = y_out;  // written in place: the caller allocated it
+  if (x.dim() != 2 || packed.dim() != 3 || scales.dim() != 3 || y.dim() != 2)
+    return "quant_linear: expected x [M, K], packed [B, K, W], scales [B, G, NB], y [M, N]";
+  if (bits != 8 && bits != 4) return "quant_linear: bits must be 8 or 4";
+  const int64_t nb = r * VL, K = x.size(1), B = packed.size(0);
+  if (packed.scalar_type() != (bits == 8 ? at::kChar : at::kByte) || !packed.is_contiguous() ||
+      packed.size(1) != K || packed.size(2) != (bits == 8 ? nb : nb / 2))
+    return "quant_linear: packed does not match K, bits or the tile width";
+  if (gs < 1 || scales.scalar_type() != at::kFloat || !scales.is_contiguous() || scales.size(0) != B ||
+      scales.size(1) != ceil_div(std::max<int64_t>(K, 1), gs) || scales.size(2) != nb)
+    return "quant_linear: scales must be contiguous fp32 [blocks, ceil(K / gs), NB]";
+  if (zs.numel() > 0 && (zs.scalar_type() != at::kFloat || !zs.is_contiguous() || zs.sizes() != scales.sizes()))
+    return "quant_linear: zs must be empty or contiguous fp32 shaped as scales";
+  if (y.scalar_type() != x.scalar_type() || x.stride(1) != 1 || y.stride(1) != 1)
+    return "quant_linear: x and y must share one dtype and have unit column stride";
+  if (y.size(0) != x.size(0) || y.size(1) > B * nb || y.size(1) <= (B - 1) * nb) return "quant_linear: y does not match M or N";
+  if (bias.has_value() && (bias->scalar_type() != x.scalar_type() || !bias->is_contiguous() || bias->numel() != y.size(1)))
+    return "quant_linear: bias must be contiguous [N] of x's dtype";
+  if (ksplit < 1 || ksplit > 64) return "quant_linear: ksplit must be in 1..64";
+  Fn f = nullptr;
+  switch (x.scalar_type()) {
+    case at::kFloat: f = pick_bits<float>(bits, mr, r); break;
+    case at::kBFloat16: f = pick_bits<c10::BFloat16>(bits, mr, r); break;
+    case at::kHalf: f = pick_bits<c10::Half>(bits, mr, r); break;
+    default: return "quant_linear: dtype must be float32, bfloat16 or float16";
+  }
+  if (f == nullptr) return "quant_linear: no tile " + std::to_string(mr) + "x" + std::to_string(r) + " (built: " + quant_tiles() + ")";
+  if (x.size(0) == 0 || y.size(1) == 0) return "";
+  if (K == 0) {  // an empty sum: the bias alone
+    if (bias.has_value()) y.copy_(bias->unsqueeze(0).expand_as(y));
+    else y.zero_();
+    return "";
+  }
+  f(x, packed, scales, zs, bias, y, gs, ksplit);
+  return "";
+}

@@ -1,0 +1,97 @@
+"""The CPU quantized GEMM (``quant_gemm.cpp``) as a tuner candidate for ``linear_wq``.
+
+Inputs are ``linear_wq``'s ``(x [M, K], q [N, K] int8, scales [N, G], zeros [N, G] | None, bias
+[N] | None, group_size, bits)`` on CPU (``kernels/quant.py`` says what they mean). The kernel streams
+a packed copy of q (int8, or for ``bits`` 4 two values per byte) with the scales and zero points
+laid out per block, all three one copy in the tuner's never-stale weight cache, valid while q,
+scales and zeros are the same tensors, unchanged. A tactic is ``(mr, r, ksplit)``: tiles of
+``mr`` rows of x by ``r`` vector widths of columns, and ``ksplit`` tasks along K per column block.
+Every tactic is correct for every M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ...tuner.autotuner import AutoTuner
+from ...tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic
+from ...tuner.weights import WeightCache
+from . import blocked_gemm_or_none, load_blocked_gemm
+from .bound import BoundRunner
+from .runner import MAX_M, blocked_tactics
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def applies(inputs: Sequence[Any]) -> bool:
+    """Whether the kernel takes these inputs (CPU, dtypes, ranks, copies worth keeping), any M."""
+    x, q, scales, zeros, bias, group_size, bits = inputs
+    tensors = [t for t in (x, q, scales, zeros, bias) if t is not None]
+    if any(t.device.type != "cpu" for t in tensors) or x.dtype not in DTYPES or q.dtype != torch.int8:
+        return False
+    if bits not in (4, 8) or group_size < 1 or q.dim() != 2 or scales.dim() != 2 or q.shape[1] != x.shape[1]:
+        return False
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (q.shape[0],)):
+        return False
+    return all(WeightCache.cacheable(t) for t in (q, scales, zeros) if t is not None)
+
+
+def copy_kind(r: int) -> str:
+    """The weight cache's kind for a pack in blocks of ``r`` vectors (a weight's bits never change)."""
+    return f"quant{r}"
+
+
+def _bound(tactic: tuple[int, int, int]) -> Callable[..., torch.Tensor]:
+    """``fn(*inputs)`` computing the linear by ``tactic``: the packed copy from the tuner's cache,
+    then the kernel (the warm path, so nothing else)."""
+    mr, r, ksplit = tactic
+    kernel = load_blocked_gemm()
+    weights = AutoTuner.get().weights  # the tuner of the calling site
+    nb = kernel.block_width(r)
+
+    def fn(x, q, scales, zeros, bias, group_size, bits):
+        n, k = q.shape
+        owners = (q, scales) if zeros is None else (q, scales, zeros)
+
+        def make(_: Any) -> tuple:
+            return kernel.pack_quant(q, scales, zeros, bits, r)
+
+        blocks = -(-n // nb)
+        size = blocks * k * nb * bits // 8 + 2 * blocks * scales.shape[1] * nb * 4
+        packed, sp, zs = weights.get(owners, copy_kind(r), make, size)
+        return kernel.quant_linear(x, packed, sp, zs, bias, n, bits, group_size, mr, r, ksplit)
+
+    return fn
+
+
+class CpuQuantLinearRunner(BoundRunner):
+    """``x @ W.T + b`` for an integer weight with scales, by the CPU quantized kernel: the weight
+    streamed in its own bits, widened in registers, fp32 sums scaled per group, zero points and
+    bias in the epilogue. Functional: never writes its inputs."""
+
+    name = "cpu_quant"
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        m, k = int(profile.shapes[0][0]), int(profile.shapes[0][1])
+        if m > MAX_M or not applies(inputs):
+            return []
+        kernel = blocked_gemm_or_none()
+        if kernel is None:
+            return []
+        return [(mr, r, s) for mr, r, s, _ in blocked_tactics(m, k, kernel.quant_tiles)]
+
+    def resolve(self, tactic: Tactic, inputs: Sequence[Any] | None) -> tuple:
+        if tactic == DEFAULT_TACTIC:
+            return (1, 4, 1) if inputs is not None and inputs[0].shape[0] <= 1 else (4, 4, 1)
+        if not isinstance(tactic, (tuple, list)) or len(tactic) != 3:
+            raise ValueError(f"cpu_quant tactic must be (mr, r, ksplit) or -1, got {tactic!r}")
+        return tuple(int(v) for v in tactic)
+
+    def bind(self, tactic: tuple) -> Callable[..., torch.Tensor]:
+        return _bound(tactic)
+
+    def copy_kind(self, tactic: Tactic) -> str | None:
+        return copy_kind(self.resolve(tactic, None)[1] if tactic != DEFAULT_TACTIC else 4)
