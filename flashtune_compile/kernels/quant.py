@@ -28,13 +28,19 @@ def dequantize(
     """``W [N, K]`` in ``dtype`` (see the module docstring), computed in fp32 (float64 for a float64
     ``dtype``) and rounded once."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    k = q.shape[-1]
+    n, k = q.shape
+    groups = scales.shape[-1]
+    w = q.to(work)
+    if groups > 1 and groups * group_size == k:  # whole groups: broadcast over a [N, G, gs] view
+        w = w.view(n, groups, group_size)
+        if zeros is not None:
+            w = w - zeros.to(work).unsqueeze(-1)
+        return (w * scales.to(work).unsqueeze(-1)).view(n, k).to(dtype)
 
     def per_column(t: torch.Tensor) -> torch.Tensor:
         t = t.to(work)
         return t if t.shape[-1] == 1 else t.repeat_interleave(group_size, dim=-1)[..., :k]
 
-    w = q.to(work)
     if zeros is not None:
         w = w - per_column(zeros)
     return (w * per_column(scales)).to(dtype)
