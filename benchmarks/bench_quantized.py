@@ -24,6 +24,11 @@ call, after 10 untimed calls each (flashtune makes a weight copy on a weight's 8
 rate (a sum over 512 MB, 4 KB and 2 MB pages, the faster kept) is timed interleaved with T = 1; the
 T = 1 rows report each contender's effective read rate on its own weight bytes.
 
+Every contender lives in one process, so flashtune's weight-copy budget is set to hold the packs of
+all three of its models (bf16, int8, int4), as each would have alone: FLASHTUNE_WEIGHT_CACHE_MB=4096
+unless the environment says otherwise (alone, a model's default budget, 10% of its weights or 256
+MiB, holds its own packs at these sizes).
+
 Run: python benchmarks/bench_quantized.py [--schemes int8,int4] [--processes 3]
 """
 
@@ -33,7 +38,7 @@ import argparse
 import copy
 import datetime
 import json
-import math
+import os
 import platform
 import random
 import sys
@@ -42,12 +47,14 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from bench_cpu_block import Block, first_calls
-from timing import add_process_options, in_fresh_processes, print_ratio_spread, read_buffer, time_contenders
+os.environ.setdefault("FLASHTUNE_WEIGHT_CACHE_MB", "4096")  # see the docstring: before the tuner reads it
 
-import flashtune_compile as ft
-from flashtune_compile.kernels.cpp import load_blocked_gemm
+import torch  # noqa: E402
+from bench_cpu_block import Block, first_calls  # noqa: E402
+from timing import add_process_options, in_fresh_processes, print_ratio_spread, read_buffer, time_contenders  # noqa: E402
+
+import flashtune_compile as ft  # noqa: E402
+from flashtune_compile.kernels.cpp import load_blocked_gemm  # noqa: E402
 
 PEERS = ("eager", "inductor", "inductor-max")
 TOL = 5e-2  # bf16 activations: relative to the largest output magnitude
@@ -145,10 +152,11 @@ def main() -> None:
     torch._inductor.config.force_disable_caches = True  # every contender compiles (and tunes) cold
     torch.manual_seed(0)
     block = Block(args.hidden, args.inter, args.heads, args.layers).to(torch.bfloat16).eval().requires_grad_(False)
-    inputs = {t: torch.randn(t, args.hidden, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16) for t in tokens}
+    inputs = {t: torch.randn(t, args.hidden, generator=torch.Generator().manual_seed(t)) for t in tokens}
+    inputs = {t: x.to(torch.bfloat16) for t, x in inputs.items()}
     print(
-        f"Llama-shaped block ({args.layers} layers, hidden {args.hidden}, intermediate {args.inter}, bf16 activations); "
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"Llama-shaped block ({args.layers} layers, hidden {args.hidden}, intermediate {args.inter}, "
+        f"bf16 activations); {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}"
     )
     load_blocked_gemm()
@@ -175,7 +183,7 @@ def main() -> None:
     bandwidth = max(read_rates.values())
     sizes = {"bf16": weight_bytes(block, "bf16"), **{s: weight_bytes(refs[s], s) for s in schemes}}
     print(
-        "weights read per call: "
+        f"weight-copy budget {os.environ['FLASHTUNE_WEIGHT_CACHE_MB']} MB; weights read per call: "
         + ", ".join(f"{s} {b / 1e6:.0f} MB" for s, b in sizes.items())
         + "; read rate (sum over 512 MB): "
         + ", ".join(f"{n} pages {v:.1f} GB/s" for n, v in read_rates.items())
@@ -185,10 +193,13 @@ def main() -> None:
     print("\nflashtune quantized winners (bucket, N x K: kernel[tactic], speedup over default):")
     for e in sorted(ft.tactics(), key=lambda e: (e["bucket"], str(e["shape_key"]))):
         if e["op"] == "linear_wq":
-            print(f"  {str(e['bucket']):<7} {str(e['shape_key'][1][:2]):<14} {e['kernel']}[{e['tactic']}] {e['speedup']:.2f}x")
-    print(f"weight copies: {ft.stats()['weight_copies_made']} made, fallback calls {ft.stats()['weight_copy_fallback_calls']}")
+            shape = str(e["shape_key"][1][:2])
+            print(f"  {str(e['bucket']):<7} {shape:<14} {e['kernel']}[{e['tactic']}] {e['speedup']:.2f}x")
+    stats = ft.stats()
+    print(f"weight copies: {stats['weight_copies_made']} made, fallback calls {stats['weight_copy_fallback_calls']}")
     if args.json:
-        figures = {"results": results, "compile_s": compile_s, "bandwidth": bandwidth, "read_rates": read_rates, "sizes": sizes}
+        figures = {"results": results, "compile_s": compile_s, "bandwidth": bandwidth}
+        figures.update(read_rates=read_rates, sizes=sizes)
         Path(args.json).write_text(json.dumps(figures))
 
 

@@ -19,6 +19,12 @@ budget of its tier (rows past the budget are skipped and said so):
            skinny and Triton skinny) at their best tactics vs cuBLAS at M <= 16; cold tuning
            seconds per bucket; at M <= 16 each row's bytes per second (weight + activations +
            output) as a share of the measured read bandwidth.
+- quantized: ``flashtune.linear_wq`` tuned (its chosen kernel: Triton weight-only, ATen's int8
+           kernel or dequantize + cuBLAS) on int8 (one scale per row) and int4 (groups of 128,
+           zero points) weights vs bf16 cuBLAS on the same shapes at decode M, and vs ATen's own
+           quantized kernels (``_weight_int8pack_mm``; ``_weight_int4pack_mm``, tinygemm, the kernel
+           torchao's int4 layout runs) where they run; each row's quantized bytes per second as a
+           share of the read bandwidth.
 - moe:     ``flashtune.moe`` tuned vs the ``torch._grouped_mm`` formulation for Mixtral-8x7B and
            DeepSeek-V3 shaped experts, Zipf-skewed routing; at T <= 16 the picked experts'
            weights read per second as a share of the read bandwidth. Then whole MoE blocks as code
@@ -78,9 +84,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashtune_compile as ft  # noqa: E402
 from flashtune_compile.kernels import FAMILIES  # noqa: E402
 from flashtune_compile.kernels.moe import moe_grouped, moe_loop  # noqa: E402
+from flashtune_compile.kernels.quant import dequantize  # noqa: E402
 from flashtune_compile.ops import routing  # noqa: E402
 from flashtune_compile.ops.matmul import LINEAR, MM  # noqa: E402
 from flashtune_compile.ops.moe import MOE  # noqa: E402
+from flashtune_compile.ops.quantized import LINEAR_WQ  # noqa: E402
 from flashtune_compile.ops.site import SiteOptions, site_of, site_string  # noqa: E402
 from flashtune_compile.tuner.profiler import ProfilerSettings, time_candidates  # noqa: E402
 from flashtune_compile.tuner.runner import BucketProfile  # noqa: E402
@@ -136,7 +144,7 @@ TIERS = {
         "quick",
         "cuda",
         torch.bfloat16,
-        dict(env=80, bandwidth=10, tests=70, linear=30, moe=30, e2e=150, host=25, offline=80),
+        dict(env=80, bandwidth=10, tests=70, linear=30, quantized=25, moe=30, e2e=150, host=25, offline=80),
         linear_m=(1, 16, 256, 4096),
         linear_nk=NK[:2],
         square=4096,
@@ -155,7 +163,7 @@ TIERS = {
         "full",
         "cuda",
         torch.bfloat16,
-        dict(env=90, bandwidth=15, tests=150, linear=90, moe=110, e2e=200, host=40, offline=90),
+        dict(env=90, bandwidth=15, tests=150, linear=90, quantized=60, moe=110, e2e=200, host=40, offline=90),
         linear_m=(1, 8, 16, 64, 256, 1024, 4096),
         linear_nk=NK,
         square=4096,
@@ -174,7 +182,9 @@ TIERS = {
         "dry",
         "cpu",
         torch.float32,
-        dict(env=60, bandwidth=20, tests=60, linear=60, moe=60, e2e=300, host=60, offline=90),  # loaded CI machines
+        dict(
+            env=60, bandwidth=20, tests=60, linear=60, quantized=60, moe=60, e2e=300, host=60, offline=90
+        ),  # loaded CI
         linear_m=(1, 16),
         linear_nk=((32, 64),),
         square=32,
@@ -621,6 +631,108 @@ def _skinny(sec: Section, tier: Tier, read_bw: float | None) -> None:
     sec.record["data"]["skinny"] = data
 
 
+def quantized_weight(n: int, k: int, bits: int, tier: Tier) -> tuple:
+    """``(q, scales, zeros, group_size)``: int8 with one scale per row, or int4 values (-8..7, one per
+    byte) in groups of 128 with zero points, scales in the tier's dtype."""
+    if bits == 8:
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=tier.device)
+        return q, (torch.rand(n, 1, device=tier.device) * 0.01).to(tier.dtype), None, k
+    gs = min(128, k)
+    groups = -(-k // gs)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=tier.device)
+    zeros = torch.randint(-2, 3, (n, groups), device=tier.device).to(tier.dtype)
+    return q, (torch.rand(n, groups, device=tier.device) * 0.02).to(tier.dtype), zeros, gs
+
+
+def _aten_quantized(x: torch.Tensor, q, scales, zeros, gs: int, bits: int) -> Callable[[], Any] | str:
+    """ATen's own kernel for this weight, bound to its inputs, or why there is none here."""
+    try:
+        if bits == 8:
+            s = scales.view(-1).to(x.dtype)
+            fn = partial(torch._weight_int8pack_mm, x, q, s)
+        else:  # tinygemm: uint4 values two per byte, scales and zeros as [G, N, 2]; w = (u - 8) * s + zero
+            if (
+                x.device.type != "cuda"
+                or x.dtype != torch.bfloat16
+                or q.shape[1] % 1024
+                or gs not in (32, 64, 128, 256)
+            ):
+                return "tinygemm needs CUDA, bf16 and K a multiple of 1024"
+            u = (q.to(torch.int32) + 8).to(torch.uint8)
+            packed = torch._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), 8)
+            zero = -zeros.float() * scales.float()  # s * (q - z) = (u - 8) * s + (-z * s)
+            sz = torch.stack([scales.float().t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            fn = partial(torch._weight_int4pack_mm, x, packed, gs, sz)
+        fn()
+        return fn
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
+def section_quantized(sec: Section, tier: Tier, read_bw: float | None) -> None:
+    """``read_bw``: the bandwidth section's read figure; every row's quantized weight bytes (int4 at
+    half a byte) per second as a share of it."""
+    rows, data = [], []
+    for n, k in tier.linear_nk:
+        w16 = randn(n, k, tier=tier, scale=k**-0.5)
+        for bits in (8, 4):
+            q, scales, zeros, gs = quantized_weight(n, k, bits, tier)
+            for m in tier.skinny_m:
+                if sec.over_budget(f"quantized rows from M={m}, N={n}, K={k}, int{bits}"):
+                    break
+                x = randn(m, k, tier=tier)
+                inputs = (x, q, scales, zeros, None, gs, bits)
+                site = tuned_site(LINEAR_WQ, inputs, ((0, 0),))
+                with ft.autotune():
+                    runner, tactic = site.choose(inputs)
+                w64 = dequantize(q, scales.double(), zeros.double() if zeros is not None else None, gs, torch.float64)
+                err = rel_err(runner.forward(inputs, tactic), x.double() @ w64.t())
+                aten = _aten_quantized(x, q, scales, zeros, gs, bits)
+                fns = [partial(F.linear, x, w16), lambda r=runner, t=tactic, i=inputs: r.forward(i, t)]
+                fns += [aten] if callable(aten) else []
+                times = medians(tier, fns)
+                t_bf16, t_tuned = times[0], times[1]
+                t_aten = times[2] if callable(aten) else None
+                nbytes = n * k * bits // 8 + scales.numel() * scales.element_size() * (2 if zeros is not None else 1)
+                share = nbytes / t_tuned / read_bw if read_bw else None
+                kernel = f"{runner.name}[{tactic}]"
+                aten_cell = t_bf16 / t_aten if t_aten else aten
+                rows.append(
+                    [
+                        m,
+                        n,
+                        k,
+                        f"int{bits}",
+                        t_bf16 * 1e6,
+                        t_tuned * 1e6,
+                        t_bf16 / t_tuned,
+                        aten_cell,
+                        _share(share),
+                        kernel,
+                        err,
+                    ]
+                )
+                data.append(
+                    dict(m=m, n=n, k=k, bits=bits, group_size=gs, bf16_s=t_bf16, tuned_s=t_tuned, err=err)
+                    | dict(aten_s=t_aten, aten=None if t_aten else aten, kernel=kernel, read_bw_share=share)
+                )
+    header = ["M", "N", "K", "weights", "bf16 cuBLAS us", "tuned us", "tuned vs bf16", "ATen kernel vs bf16"]
+    sec.table(
+        "quantized linear: tuned linear_wq vs bf16 F.linear and ATen's quantized kernels",
+        header + ["of read BW", "chosen kernel", "rel err"],
+        rows,
+    )
+    for bits in (8, 4):
+        mine = [r for r in data if r["bits"] == bits]
+        if mine:
+            sec.note(
+                f"int{bits}: geomean {_geomean([r['bf16_s'] / r['tuned_s'] for r in mine]):.3f}x bf16 cuBLAS "
+                f"at decode M (aim >= {1.7 if bits == 8 else 2.5}x)"
+            )
+    _flag_errors(sec, data, tier)
+    sec.record["data"]["quantized"] = data
+
+
 def zipf_routing(t: int, e: int, k: int, tier: Tier, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing as the tuner synthesizes it for ``moe_routing="zipf"`` (``ops/routing.py``): top-k
     distinct experts per token drawn with Zipf-skewed popularity, renormalized fp32 weights."""
@@ -1024,7 +1136,7 @@ def offline_worker(phase: str, artifact: Path, tier: Tier) -> None:
     print(json.dumps({**out, "loaded": loaded, "saved": saved}))
 
 
-SECTIONS = ("env", "bandwidth", "tests", "linear", "moe", "e2e", "host", "offline")
+SECTIONS = ("env", "bandwidth", "tests", "linear", "quantized", "moe", "e2e", "host", "offline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1073,6 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth": lambda s: read_bw.append(section_bandwidth(s, tier)),
         "tests": lambda s: section_tests(s, tier, args.dry_run),
         "linear": lambda s: section_linear(s, tier, read_bw[0] if read_bw else None),
+        "quantized": lambda s: section_quantized(s, tier, read_bw[0] if read_bw else None),
         "moe": lambda s: section_moe(s, tier, read_bw[0] if read_bw else None),
         "e2e": lambda s: section_e2e(s, tier),
         "host": lambda s: section_host(s, tier),

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "bandwidth", "tests", "linear", "moe", "e2e", "host", "offline"]
+SECTIONS = ["env", "bandwidth", "tests", "linear", "quantized", "moe", "e2e", "host", "offline"]
 
 
 def test_dry_run_writes_the_report_and_every_section_passes(tmp_path):
@@ -37,6 +37,8 @@ def test_dry_run_writes_the_report_and_every_section_passes(tmp_path):
     assert sections["bandwidth"]["data"]["read_bytes_per_s"] > 0
     assert [r["m"] for r in sections["linear"]["data"]["linear"]] == [1, 16]
     assert all(r["read_bw_share"] > 0 for r in sections["linear"]["data"]["linear"])  # decode rows as shares
+    quantized = sections["quantized"]["data"]["quantized"]
+    assert {(r["bits"], r["m"]) for r in quantized} == {(8, 1), (4, 1)} and all(r["err"] < 1e-3 for r in quantized)
     host = sections["host"]["data"]["host_us"]
     assert set(host) == {
         "eager F.linear",

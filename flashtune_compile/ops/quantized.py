@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..kernels.cpp.quant_runner import CpuQuantLinearRunner
 from ..kernels.quant import AtenQuantLinearRunner, dequantize
+from ..kernels.triton_wq import TritonQuantLinearRunner
 from .registry import register
 from .spec import Candidate, OpSpec
 
@@ -66,6 +67,10 @@ LINEAR_WQ = register(
         operands=(("op", 2, None), ("int8", 2, 2), ("float", 2, 2), ("real", 2, 2), ("op", 1, 1)),
         check=_check,
         state_args=(1, 2, 3),
-        candidates=(Candidate("aten", AtenQuantLinearRunner), Candidate("cpu", CpuQuantLinearRunner)),
+        candidates=(
+            Candidate("aten", AtenQuantLinearRunner),
+            Candidate("triton", TritonQuantLinearRunner),
+            Candidate("cpu", CpuQuantLinearRunner),
+        ),
     )
 )

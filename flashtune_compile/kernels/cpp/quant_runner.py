@@ -21,9 +21,12 @@ from ...tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic
 from ...tuner.weights import WeightCache
 from . import blocked_gemm_or_none, load_blocked_gemm
 from .bound import BoundRunner
-from .runner import MAX_M, blocked_tactics
+from .runner import MIN_K_FOR_SPLIT
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Up to here the kernel competes: past one row tile it dequantizes each chunk once into an fp32
+# scratch and every tile sums from it, an fp32 GEMM on a quarter (int8) of the weight stream.
+MAX_M = 256
 
 
 def applies(inputs: Sequence[Any]) -> bool:
@@ -37,6 +40,21 @@ def applies(inputs: Sequence[Any]) -> bool:
     if bias is not None and (bias.dtype != x.dtype or bias.shape != (q.shape[0],)):
         return False
     return all(WeightCache.cacheable(t) for t in (q, scales, zeros) if t is not None)
+
+
+def quant_tactics(m: int, k: int, tiles: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """The pruned tactic space at a bucket of ``m`` rows, per tile width: heights no taller than
+    the next power of two of ``m`` (at least the shortest) and, above 8 rows, that width's two
+    tallest; split K (x2) only for m <= 4 and k >= 1024. Every width keeps tactics at every m, so
+    a weight packed at one width (one copy per weight) is served well at every size."""
+    cap = 1 << max(0, m - 1).bit_length()
+    splits = (1, 2) if m <= 4 and k >= MIN_K_FOR_SPLIT else (1,)
+    out = []
+    for r in sorted({r for _, r in tiles}):
+        heights = sorted(mr for mr, width in tiles if width == r)
+        fit = [mr for mr in heights if mr <= cap] or heights[:1]
+        out += [(mr, r, s) for mr in (fit[-2:] if m > 8 else fit) for s in splits]
+    return out
 
 
 def copy_kind(r: int) -> str:
@@ -81,7 +99,7 @@ class CpuQuantLinearRunner(BoundRunner):
         kernel = blocked_gemm_or_none()
         if kernel is None:
             return []
-        return [(mr, r, s) for mr, r, s, _ in blocked_tactics(m, k, kernel.quant_tiles)]
+        return quant_tactics(m, k, kernel.quant_tiles)
 
     def resolve(self, tactic: Tactic, inputs: Sequence[Any] | None) -> tuple:
         if tactic == DEFAULT_TACTIC:
