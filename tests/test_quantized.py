@@ -303,3 +303,32 @@ def test_the_cpu_runner_offers_nothing_for_weights_that_are_not_model_state():
     q, s = torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 1)
     inputs = (torch.randn(1, 16), q, s, None, None, 16, 8)
     assert CpuQuantLinearRunner().get_valid_tactics(inputs, BucketProfile((1,), ((1, 16), (8, 16)))) == []
+
+
+def test_the_package_imports_and_routes_without_torchao(tmp_path):
+    """torchao is optional: with it unimportable, the backend still routes the plain spelling."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torchao'] = None\n"
+        "import torch, flashtune_compile as ft\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.register_buffer('q', torch.randint(-128, 128, (48, 72), dtype=torch.int8))\n"
+        "        self.register_buffer('s', torch.rand(48, 1) * 0.01)\n"
+        "    def forward(self, x):\n"
+        "        return torch.nn.functional.linear(x, self.q.float() * self.s)\n"
+        "m = M()\n"
+        "c = torch.compile(m, backend='flashtune', options={'inner': 'eager', 'ops': {'quantized'}})\n"
+        "x = torch.randn(2, 72)\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(c(x), m(x), atol=1e-4, rtol=1e-4)\n"
+        "assert ft.stats()['routed_ops'] == 1, ft.stats()\n"
+        "assert 'torchao' not in {k for k, v in sys.modules.items() if v is not None}\n"
+    )
+    env = {**__import__("os").environ, "FLASHTUNE_CACHE_DIR": str(tmp_path)}
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -13,8 +13,10 @@
 //            nibble) and (2p + 1) * VL + l (high nibble) as q + 8 (0..15); the + 8 is folded into zs.
 //   scales:  [blocks][G][NB] fp32, zero past N.
 //   zs:      [blocks][G][NB] fp32 holding z * s (int4: (z + 8) * s), or an empty tensor: no term.
-// A thread streams its blocks front to back in K chunks, each read once by every row tile (as
-// blocked_gemm.cpp does), and a tile of MR rows keeps MR * R vector sums per group in registers.
+// A thread streams its blocks front to back in K chunks. Where one row tile covers all M rows
+// (decode), the tile widens the stream in registers and keeps MR * R vector sums per group, the
+// stream fetched just ahead past the last-level cache. Where several tiles do, each chunk is widened
+// and scaled once into an fp32 scratch in L1 and every tile sums from it with FMAs alone.
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -32,7 +34,7 @@ using namespace ft;
 namespace {
 
 constexpr int64_t CHUNK_BYTES = 32 * 1024;  // a K chunk of one block: fetched once, read by every row tile
-constexpr int64_t NT_AHEAD = 512;  // bytes ahead of a once-read stream
+constexpr int64_t NT_AHEAD = 2048;  // bytes ahead of a once-read stream (512 and 1024 measured no faster)
 constexpr int64_t DQ_BYTES = 16 * 1024;  // the fp32 scratch several row tiles sum from: half of L1
 constexpr int64_t DQ_AHEAD = 1024;  // bytes of the packed stream fetched ahead while widening it
 
@@ -134,22 +136,26 @@ void dequantize(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1
 }
 
 // acc [MR][NB] += the sums over `steps` steps of w [steps][NB] fp32 times MR rows of the x panel
-// xt ([steps][MR] fp32, from the chunk's first step).
+// xt ([steps][MR] fp32, from the chunk's first step), two vectors of columns at a time: MR * 2 sums,
+// two weight vectors and a broadcast stay in registers for MR up to 6 on AVX2 (16 registers), so a
+// weight packed 4 vectors wide still gets tall tiles here.
 template <int MR, int R>
 void ftile(const float* w, const float* xt, int64_t steps, float* acc) {
-  constexpr int NB = R * VL;
-  vf c[MR][R];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < R; ++r) c[m][r] = *reinterpret_cast<const vf_u*>(acc + m * NB + r * VL);
-  for (int64_t k = 0; k < steps; ++k) {
-    vf v[R];
-    for (int r = 0; r < R; ++r) v[r] = load(w + k * NB + r * VL);
-    const float* xk = xt + k * MR;
+  constexpr int NB = R * VL, H = R < 2 ? R : 2;
+  for (int h = 0; h < R; h += H) {
+    vf c[MR][H];
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < R; ++r) c[m][r] += v[r] * xk[m];
+      for (int r = 0; r < H; ++r) c[m][r] = *reinterpret_cast<const vf_u*>(acc + m * NB + (h + r) * VL);
+    for (int64_t k = 0; k < steps; ++k) {
+      vf v[H];
+      for (int r = 0; r < H; ++r) v[r] = load(w + k * NB + (h + r) * VL);
+      const float* xk = xt + k * MR;
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < H; ++r) c[m][r] += v[r] * xk[m];
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < H; ++r) *reinterpret_cast<vf_u*>(acc + m * NB + (h + r) * VL) = c[m][r];
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < R; ++r) *reinterpret_cast<vf_u*>(acc + m * NB + r * VL) = c[m][r];
 }
 
 template <typename T, int BITS, int MR, int R>
@@ -247,10 +253,11 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
 using Fn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const std::optional<at::Tensor>&, at::Tensor&, int64_t, int64_t);
 
-// The tiles (MR rows, R vectors) that are built: R even, for int4's pairs of vectors; each width has
-// tiles up to 4 rows at least, so that a weight packed at one width serves every M well (1 x 8 was
-// no faster at M = 1 than 1 x 4 with its two sets of sums).
-#define FT_QUANT_TILES(X) X(1, 2) X(1, 4) X(2, 2) X(2, 4) X(4, 2) X(4, 4) X(6, 2) X(8, 2)
+// The tiles (MR rows, R vectors) that are built: R even, for int4's pairs of vectors; each width
+// has tall tiles (ftile sums two vectors at a time), so that a weight packed at one width serves
+// every M well. At M = 16 and 128 on AVX2, 6 x 2 and 6 x 4 were the fastest; 1 x 8 was no faster at
+// M = 1 than 1 x 4 with its two sets of sums.
+#define FT_QUANT_TILES(X) X(1, 2) X(1, 4) X(2, 2) X(2, 4) X(4, 2) X(4, 4) X(6, 2) X(6, 4) X(8, 2) X(8, 4)
 
 template <typename T, int BITS>
 Fn pick(int64_t mr, int64_t r) {
