@@ -34,7 +34,7 @@ from .tuner.weights import WeightCache
 
 log = logging.getLogger("flashtune")
 
-OP_FAMILIES = op_families()  # ("linear", "mm", "bmm", "moe"): the families of the registered ops
+OP_FAMILIES = op_families()  # ("linear", "mm", "bmm", "moe", "quantized"): the registered ops' families
 INNER = ("inductor", "eager")
 _UNSET = object()
 
