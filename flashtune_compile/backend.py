@@ -239,9 +239,8 @@ def routed_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> l
             value = _attr(gm, arg.target)
         if value is None and arg.target is getattr and isinstance(arg.args[0], torch.fx.Node):
             value = getattr(value_of(arg.args[0]), arg.args[1], None)  # a subclass's inner tensor
-        if value is None and arg.op == "call_method" and arg.target == "flatten":
-            source = value_of(arg.args[0]) if isinstance(arg.args[0], torch.fx.Node) else None
-            value = source  # a view of it: the copy follows the tensor it views
+        if value is None and arg.op == "call_method" and arg.target == "flatten":  # a view: its copy follows its source
+            value = value_of(arg.args[0]) if isinstance(arg.args[0], torch.fx.Node) else None
         return value
 
     found: dict[int, torch.Tensor] = {}

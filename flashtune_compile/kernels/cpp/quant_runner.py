@@ -68,18 +68,22 @@ def _bound(tactic: tuple[int, int, int]) -> Callable[..., torch.Tensor]:
     mr, r, ksplit = tactic
     kernel = load_blocked_gemm()
     weights = AutoTuner.get().weights  # the tuner of the calling site
-    nb = kernel.block_width(r)
+    nb, kind = kernel.block_width(r), copy_kind(r)
+
+    def packer(bits: int) -> Callable[[tuple], tuple]:
+        def make(owners: tuple) -> tuple:  # (q, scales) or (q, scales, zeros), as ``get`` was given them
+            return kernel.pack_quant(owners[0], owners[1], owners[2] if len(owners) > 2 else None, bits, r)
+
+        return make
+
+    makes = {bits: packer(bits) for bits in (4, 8)}  # made once: the warm call builds no closure
 
     def fn(x, q, scales, zeros, bias, group_size, bits):
         n, k = q.shape
-        owners = (q, scales) if zeros is None else (q, scales, zeros)
-
-        def make(_: Any) -> tuple:
-            return kernel.pack_quant(q, scales, zeros, bits, r)
-
         blocks = -(-n // nb)
         size = blocks * k * nb * bits // 8 + 2 * blocks * scales.shape[1] * nb * 4
-        packed, sp, zs = weights.get(owners, copy_kind(r), make, size)
+        owners = (q, scales) if zeros is None else (q, scales, zeros)
+        packed, sp, zs = weights.get(owners, kind, makes[bits], size)
         return kernel.quant_linear(x, packed, sp, zs, bias, n, bits, group_size, mr, r, ksplit)
 
     return fn
