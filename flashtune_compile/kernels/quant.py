@@ -52,6 +52,16 @@ def per_channel(inputs: Sequence[Any]) -> bool:
     return zeros is None and scales.shape[-1] == 1
 
 
+# ATen's CPU int8pack kernel reads K in vector-wide blocks past the row's end: with AVX-512, K not
+# a multiple of 16 gave garbage or a crash (torch 2.13), so the tactic needs whole blocks of 64.
+INT8PACK_K = 64
+
+
+def int8pack_applies(inputs: Sequence[Any]) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` can take this call safely (K a multiple of 64)."""
+    return inputs[1].shape[-1] % INT8PACK_K == 0
+
+
 class AtenQuantLinearRunner(TunableRunner):
     """Tactic -1 (the default): dequantize, then ``F.linear``. Per-channel weights without zero
     points also offer "scale_after" (``F.linear`` on ``q`` cast, then the scales: torchao's eager
@@ -62,7 +72,7 @@ class AtenQuantLinearRunner(TunableRunner):
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         if not per_channel(inputs):
             return [DEFAULT_TACTIC]
-        return [DEFAULT_TACTIC, "scale_after", "int8pack"]
+        return [DEFAULT_TACTIC, "scale_after"] + (["int8pack"] if int8pack_applies(inputs) else [])
 
     def forward(self, inputs: Sequence[Any], tactic: Tactic = DEFAULT_TACTIC) -> torch.Tensor:
         x, q, scales, zeros, bias, group_size, bits = inputs
@@ -74,6 +84,8 @@ class AtenQuantLinearRunner(TunableRunner):
         if tactic == "scale_after":
             y = F.linear(x, q.to(x.dtype)).mul_(s)
         elif tactic == "int8pack":
+            if not int8pack_applies(inputs):
+                raise ValueError(f"{self.name} tactic 'int8pack' needs K a multiple of {INT8PACK_K}")
             y = torch._weight_int8pack_mm(x.contiguous(), q.contiguous(), s.contiguous())
         else:
             raise ValueError(f"unknown {self.name} tactic {tactic!r}")

@@ -16,7 +16,9 @@
 // A thread streams its blocks front to back in K chunks. Where one row tile covers all M rows
 // (decode), the tile widens the stream in registers and keeps MR * R vector sums per group, the
 // stream fetched just ahead past the last-level cache. Where several tiles do, each chunk is widened
-// and scaled once into an fp32 scratch in L1 and every tile sums from it with FMAs alone.
+// and scaled once into an fp32 scratch in L1 and every tile sums from it with FMAs alone; for bf16
+// activations on a CPU with AVX512_BF16, each chunk is instead widened exactly to bf16 pairs and
+// every tile sums it with vdpbf16ps, the group's scales applied to the fp32 sums.
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace ft;
@@ -39,6 +42,7 @@ constexpr int64_t DQ_BYTES = 16 * 1024;  // the fp32 scratch several row tiles s
 constexpr int64_t DQ_AHEAD = 1024;  // bytes of the packed stream fetched ahead while widening it
 
 typedef int32_t vi32 __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu32_u __attribute__((vector_size(VL * 4), aligned(4)));
 
 // VL bytes at p widened to VL int32 lanes, signed or not: one vpmovsxbd / vpmovzxbd on AVX2 and
 // AVX-512 (GCC's generic vector conversion of bytes assembles the lanes one by one: 7x slower).
@@ -158,6 +162,60 @@ void ftile(const float* w, const float* xt, int64_t steps, float* acc) {
   }
 }
 
+#if FT_PAIRS
+// Steps [k0, k1) of one block widened to bf16 into out [ceil((k1 - k0) / 2)][NB] pairs (q[k][n],
+// q[k + 1][n]) as 32 bits, low half first, the second half zero past k1: the layout vdpbf16ps
+// multiplies. Exact: an int8 (or int4 + 8) value needs 8 of bf16's bits; the scales come after the
+// sums, in fp32. k0 is even.
+template <int BITS, int R>
+void dequantize_pairs(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1, uint32_t* out) {
+  constexpr int NB = R * VL;
+  for (int64_t k = k0; k < k1; k += 2) {
+    __builtin_prefetch(panel + k * step_bytes + DQ_AHEAD, 0, TO_L2);
+    vf w[R], v[R];
+    widen<BITS, R>(panel + k * step_bytes, w);
+    const bool two = k + 1 < k1;
+    if (two) widen<BITS, R>(panel + (k + 1) * step_bytes, v);
+    uint32_t* o = out + (k - k0) / 2 * NB;
+    for (int r = 0; r < R; ++r) {
+      vu32 pair = (vu32)w[r] >> 16;  // a vector cast keeps the bits
+      if (two) pair |= (vu32)v[r] & 0xFFFF0000u;
+      *reinterpret_cast<vu32_u*>(o + r * VL) = pair;
+    }
+  }
+}
+
+// acc [MR][NB] += scales [NB] * the sums over `pairs` steps of q [pairs][NB] (bf16 pairs from
+// dequantize_pairs) times the x panel's pairs xp ([pairs][MR], bf16 bits as 32): one vdpbf16ps per
+// row (products exact, sums in fp32), two vectors of columns at a time (four, for 6 x 4 tiles,
+// measured no faster at M = 16 and 128). The steps lie in one group.
+template <int MR, int R>
+void btile(const uint32_t* w, const uint32_t* xp, int64_t pairs, const float* scales, float* acc) {
+  constexpr int NB = R * VL, H = R < 2 ? R : 2;
+  for (int h = 0; h < R; h += H) {
+    __m512 c[MR][H];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < H; ++r) c[m][r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      __m512bh v[H];
+      for (int r = 0; r < H; ++r) v[r] = (__m512bh)_mm512_loadu_si512(w + p * NB + (h + r) * VL);
+      const uint32_t* xk = xp + p * MR;
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xk[m]));
+        for (int r = 0; r < H; ++r) c[m][r] = _mm512_dpbf16_ps(c[m][r], v[r], xb);
+      }
+    }
+    for (int r = 0; r < H; ++r) {
+      const __m512 s = _mm512_loadu_ps(scales + (h + r) * VL);
+      for (int m = 0; m < MR; ++m) {
+        float* out = acc + m * NB + (h + r) * VL;
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(c[m][r], s, _mm512_loadu_ps(out)));
+      }
+    }
+  }
+}
+#endif
+
 template <typename T, int BITS, int MR, int R>
 void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zs,
          const std::optional<at::Tensor>& bias, at::Tensor& y, int64_t gs, int64_t ksplit) {
@@ -165,8 +223,18 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), nblk = packed.size(0), G = scales.size(1);
   const int64_t step_bytes = BITS == 8 ? NB : NB / 2, tiles = ceil_div(M, MR), ldx = x.stride(0);
   const T* xp = x.data_ptr<T>();
-  // The x panel [tiles][K][MR] in fp32 (zero past row M), and per-group sums of x when zs is given.
-  const auto xt = std::unique_ptr<float[]>(new float[tiles * K * MR]);
+  // Several row tiles of bf16 x on a CPU with AVX512_BF16: each chunk is dequantized to bf16 pairs
+  // and summed with vdpbf16ps (btile), x read as its own bf16 pairs (exact).
+#if FT_PAIRS
+  const bool pairs = std::is_same_v<T, c10::BFloat16> && tiles > 1 && (gs % 2 == 0 || gs >= K);
+#else
+  const bool pairs = false;
+#endif
+  const int64_t P = ceil_div(K, 2);
+  // The x panel [tiles][K][MR] in fp32 (zero past row M), or in pairs [tiles][P][MR] of bf16 bits,
+  // and per-group sums of x when zs is given.
+  const auto xt = std::unique_ptr<float[]>(new float[pairs ? 0 : tiles * K * MR]);
+  const auto xq = std::unique_ptr<uint32_t[]>(new uint32_t[pairs ? tiles * P * MR : 0]);
   const bool zero_term = zs.numel() > 0;
   std::vector<float> xsum(zero_term ? M * G : 0, 0.f);
   at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K * MR)),
@@ -174,12 +242,17 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
                      for (int64_t t = t0; t < t1; ++t)
                        for (int m = 0; m < MR; ++m) {
                          const int64_t row = t * MR + m;
-                         float* o = xt.get() + t * K * MR + m;
                          for (int64_t k = 0; k < K; ++k) {
                            const float v = row < M ? static_cast<float>(xp[row * ldx + k]) : 0.f;
-                           o[k * MR] = v;
+                           if (!pairs) xt[(t * K + k) * MR + m] = v;
                            if (zero_term && row < M) xsum[row * G + k / gs] += v;
                          }
+                         if (pairs)
+                           for (int64_t p = 0; p < P; ++p) {
+                             const uint16_t* b = reinterpret_cast<const uint16_t*>(xp + row * ldx);
+                             const uint32_t lo = row < M ? b[2 * p] : 0, hi = row < M && 2 * p + 1 < K ? b[2 * p + 1] : 0;
+                             xq[(t * P + p) * MR + m] = lo | (hi << 16);
+                           }
                        }
                    });
   const float* sp = scales.data_ptr<float>();
@@ -198,6 +271,22 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
   auto task = [&](int64_t j, int64_t k0, int64_t k1, float* acc) {
     thread_local std::vector<float> scratch;
     if (tiles > 1 && scratch.size() < size_t(dq * NB)) scratch.resize(dq * NB);
+    if (pairs) {  // k0 is even (kstep and chunks are); the scratch holds 2 * dq steps as bf16 pairs
+#if FT_PAIRS
+      uint32_t* sp2 = reinterpret_cast<uint32_t*>(scratch.data());
+      const uint8_t* panel = wp + j * K * step_bytes;
+      const float* sc = sp + j * G * NB;
+      for (int64_t ds = k0; ds < k1;) {  // a scratch never crosses a group (gs is even, or K)
+        const int64_t de = std::min({k1, ds + 2 * dq, (ds / gs + 1) * gs});
+        dequantize_pairs<BITS, R>(panel, step_bytes, ds, de, sp2);
+        for (int64_t t = 0; t < tiles; ++t)
+          btile<MR, R>(sp2, xq.get() + (t * P + ds / 2) * MR, ceil_div(de - ds, 2), sc + (ds / gs) * NB,
+                       acc + t * MR * NB);
+        ds = de;
+      }
+#endif
+      return;
+    }
     const uint8_t* panel = wp + j * K * step_bytes;
     const float* sc = sp + j * G * NB;
     for (int64_t cs = k0; cs < k1; cs += chunk) {
@@ -235,7 +324,7 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
       store_row(yp + m * ldy + n0, row, nn);
     }
   };
-  const int64_t kstep = ceil_div(K, ksplit);
+  const int64_t kstep = round_up(ceil_div(K, ksplit), 2);  // even: a split starts on a pair
   std::vector<float> partial(nblk * ksplit * slice, 0.f);
   at::parallel_for(0, nblk * ksplit, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
