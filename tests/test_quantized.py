@@ -5,6 +5,10 @@ packed copies that follow the quantized weight."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,9 +326,6 @@ def test_the_cpu_runner_offers_nothing_for_weights_that_are_not_model_state():
 
 def test_the_package_imports_and_routes_without_torchao(tmp_path):
     """torchao is optional: with it unimportable, the backend still routes the plain spelling."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['torchao'] = None\n"
         "import torch, flashtune_compile as ft\n"
@@ -343,7 +344,7 @@ def test_the_package_imports_and_routes_without_torchao(tmp_path):
         "assert ft.stats()['routed_ops'] == 1, ft.stats()\n"
         "assert 'torchao' not in {k for k, v in sys.modules.items() if v is not None}\n"
     )
-    env = {**__import__("os").environ, "FLASHTUNE_CACHE_DIR": str(tmp_path)}
-    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    env = {**os.environ, "FLASHTUNE_CACHE_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -80,10 +80,7 @@ struct PairsBf16 {
   using XElem = uint32_t;  // (x[k], x[k + 1]) as bf16 bits, low half first
   static constexpr int KPS = 2;
   // Step s: the pair at k = 2s, the second half zero when K is odd and this is the last step.
-  static XElem pack_x(const Elem* row, int64_t s, int64_t K) {
-    const uint32_t lo = row[2 * s].x, hi = 2 * s + 1 < K ? row[2 * s + 1].x : 0;
-    return lo | (hi << 16);
-  }
+  static XElem pack_x(const Elem* row, int64_t s, int64_t K) { return bf16_pair(row, s, K); }
   template <int MR, int R, int LOC>
   static void tile(const Elem* panel, const XElem* xt, int64_t s0, int64_t s1, float* acc, const char* pf, int64_t pfs) {
     constexpr int NB = R * 16;

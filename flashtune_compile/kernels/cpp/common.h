@@ -30,6 +30,13 @@ constexpr int VL = 4;
 #endif
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// (row[2p], row[2p + 1]) as bf16 bits in 32, low half first, the second zero past K: one step of
+// an x panel that vdpbf16ps multiplies in pairs of k.
+inline uint32_t bf16_pair(const c10::BFloat16* row, int64_t p, int64_t K) {
+  const uint32_t lo = row[2 * p].x, hi = 2 * p + 1 < K ? row[2 * p + 1].x : 0;
+  return lo | (hi << 16);
+}
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Prefetch localities (__builtin_prefetch): L2 (prefetcht1) for data summed soon, which must not

@@ -248,11 +248,9 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
                            if (zero_term && row < M) xsum[row * G + k / gs] += v;
                          }
                          if (pairs)
-                           for (int64_t p = 0; p < P; ++p) {
-                             const uint16_t* b = reinterpret_cast<const uint16_t*>(xp + row * ldx);
-                             const uint32_t lo = row < M ? b[2 * p] : 0, hi = row < M && 2 * p + 1 < K ? b[2 * p + 1] : 0;
-                             xq[(t * P + p) * MR + m] = lo | (hi << 16);
-                           }
+                           for (int64_t p = 0; p < P; ++p)
+                             xq[(t * P + p) * MR + m] =
+                                 row < M ? bf16_pair(reinterpret_cast<const c10::BFloat16*>(xp + row * ldx), p, K) : 0u;
                        }
                    });
   const float* sp = scales.data_ptr<float>();
