@@ -5,8 +5,8 @@
 // blocks front to back, one contiguous stream, in K chunks: while every row tile sums one chunk from
 // cache, the tiles prefetch the next chunk into L2, so the memory never waits on the multiplies
 // (M = 16: 1.2x over letting the hardware fetch it). Where one tile covers all M rows, the stream
-// is read once and fetched just ahead, non-temporally, so it does not flush the last-level cache
-// (fp32 block at T = 1: 1.10-1.17x). bf16/fp16 are widened to fp32 in registers and
+// is read once and fetched just ahead: on AMD non-temporally, so it does not flush the last-level
+// cache (fp32 block at T = 1: 1.10-1.17x), elsewhere well ahead into L2 (common.h). bf16/fp16 are widened to fp32 in registers and
 // all sums are fp32. x is packed once per call into an x panel (pack_rows). A tile is MR rows of x
 // times one block (NB = R vector widths): MR * R vector accumulators. Threads split the N blocks
 // (and, with ksplit > 1, the K range of each block).
@@ -38,7 +38,7 @@ using namespace ft;
 namespace {
 
 constexpr int64_t CHUNK_BYTES = 32 * 1024;  // a K chunk of one block: fetched once, then read by every row tile
-constexpr int64_t NT_AHEAD = 256;  // bytes ahead of a once-read stream (512 and more: slower)
+constexpr int64_t NT_AHEAD = 256;  // bytes ahead of a once-read stream fetched non-temporally (512 and more: slower)
 
 // A step kernel sums steps of one block into a tile of MR rows, each row's steps read from an x
 // panel (pack_rows): MR values per step, one after another, so every broadcast has a fixed offset
@@ -144,9 +144,12 @@ void block_task(const typename Kern::Elem* packed, const typename Kern::XElem* x
   const bool runs_on = after == panel + s1 * STEP;  // the thread's stream continues past this task
   for (int64_t cs = s0; cs < s1; cs += chunk) {
     const int64_t ce = std::min(s1, cs + chunk);
-    if (passes == 1 && runs_on) {  // read once: fetched just ahead, past the last-level cache
-      const char* ahead = reinterpret_cast<const char*>(panel + cs * STEP) + NT_AHEAD;
-      Kern::template tile<MR, R, NON_TEMPORAL>(panel, xp, cs, ce, acc, ahead, step_bytes);
+    if (passes == 1 && runs_on) {  // read once: fetched just ahead (common.h: stream_non_temporal)
+      const char* from = reinterpret_cast<const char*>(panel + cs * STEP);
+      if (stream_non_temporal())
+        Kern::template tile<MR, R, NON_TEMPORAL>(panel, xp, cs, ce, acc, from + NT_AHEAD, step_bytes);
+      else
+        Kern::template tile<MR, R, TO_L2>(panel, xp, cs, ce, acc, from + STREAM_L2_AHEAD, step_bytes);
       continue;
     }
     // Several passes: the next chunk (or `after`) is prefetched into L2 while this chunk is summed,

@@ -15,7 +15,7 @@
 //   zs:      [blocks][G][NB] fp32 holding z * s (int4: (z + 8) * s), or an empty tensor: no term.
 // A thread streams its blocks front to back in K chunks. Where one row tile covers all M rows
 // (decode), the tile widens the stream in registers and keeps MR * R vector sums per group, the
-// stream fetched just ahead past the last-level cache. Where several tiles do, each chunk is widened
+// stream fetched ahead (common.h: non-temporally on AMD, well ahead into L2 elsewhere). Where several tiles do, each chunk is widened
 // and scaled once into an fp32 scratch in L1 and every tile sums from it with FMAs alone; for bf16
 // activations on a CPU with AVX512_BF16, each chunk is instead widened exactly to bf16 pairs and
 // every tile sums it with vdpbf16ps, the group's scales applied to the fp32 sums.
@@ -37,7 +37,7 @@ using namespace ft;
 namespace {
 
 constexpr int64_t CHUNK_BYTES = 32 * 1024;  // a K chunk of one block: fetched once, read by every row tile
-constexpr int64_t NT_AHEAD = 2048;  // bytes ahead of a once-read stream (512 and 1024 measured no faster)
+constexpr int64_t NT_AHEAD = 2048;  // bytes ahead of a once-read stream fetched non-temporally (512, 1024: no faster)
 constexpr int64_t DQ_BYTES = 16 * 1024;  // the fp32 scratch several row tiles sum from: half of L1
 constexpr int64_t DQ_AHEAD = 1024;  // bytes of the packed stream fetched ahead while widening it
 
@@ -289,9 +289,12 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
     const float* sc = sp + j * G * NB;
     for (int64_t cs = k0; cs < k1; cs += chunk) {
       const int64_t ce = std::min(k1, cs + chunk);
-      if (tiles == 1) {  // read once: fetched just ahead, past the last-level cache
-        const char* ahead = reinterpret_cast<const char*>(panel + cs * step_bytes) + NT_AHEAD;
-        tile<BITS, MR, R, NON_TEMPORAL>(panel, step_bytes, xt.get(), cs, ce, gs, sc, acc, ahead, step_bytes);
+      if (tiles == 1) {  // read once: fetched just ahead (common.h: stream_non_temporal)
+        const char* from = reinterpret_cast<const char*>(panel + cs * step_bytes);
+        if (stream_non_temporal())
+          tile<BITS, MR, R, NON_TEMPORAL>(panel, step_bytes, xt.get(), cs, ce, gs, sc, acc, from + NT_AHEAD, step_bytes);
+        else
+          tile<BITS, MR, R, TO_L2>(panel, step_bytes, xt.get(), cs, ce, gs, sc, acc, from + STREAM_L2_AHEAD, step_bytes);
         continue;
       }
       // Several row tiles: the chunk is widened and scaled once, DQ_BYTES at a time, into an fp32
