@@ -68,7 +68,7 @@ class Gpt2(nn.Module):
         self.head.weight = self.tok.weight  # tied
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for layer in self.layers:
             x = layer(x)
         logits = self.head(self.ln(x))

@@ -35,6 +35,10 @@ budget of its tier (rows past the budget are skipped and said so):
            (default, max-autotune-no-cudagraphs, reduce-overhead), flashtune and flashtune with CUDA
            graphs; compile + tune seconds of each; where a decode call's host time goes for Inductor
            and flashtune (enqueue time, torch.profiler's top ops, cProfile's top Python functions).
+- training: training steps (forward, backward, AdamW) of ``bench_training.py``'s GPT-2-shaped model
+           and Llama-shaped block, fp32 and bf16 autocast: ms per step for eager, Inductor (default,
+           max-autotune-no-cudagraphs) and flashtune, each its own copy; the loss after four steps
+           relative to eager's.
 - host:    host microseconds per op, flashtune and Inductor side by side: one linear at M = 1
            compiled each way (and flashtune held to its Triton GEMM, so Triton's launch path is
            what is timed), enqueue time per call with no sync; and whether warm Triton calls reach
@@ -114,6 +118,19 @@ class Llama:
 
 
 @dataclass(frozen=True)
+class Training:
+    """The training section's models (``bench_training.py``'s): a GPT-2-shaped model
+    (vocab, width, layers, heads; batch x tokens) and a Llama-shaped block (hidden, intermediate,
+    heads, layers; tokens)."""
+
+    gpt2: tuple[int, int, int, int] = (32000, 1024, 4, 16)
+    batch: tuple[int, int] = (8, 512)
+    block: tuple[int, int, int, int] = (4096, 14336, 32, 2)
+    block_tokens: int = 2048
+    models: tuple[str, ...] = ("gpt2", "llama block")
+
+
+@dataclass(frozen=True)
 class Tier:
     name: str
     device: str
@@ -132,6 +149,7 @@ class Tier:
     prefill: tuple[int, ...]
     decode: tuple[int, ...]
     offline_tokens: tuple[int, ...]
+    training: Training = field(default_factory=lambda: Training())
     tests: tuple[str, ...] = ("tests/test_gpu.py", "tests/test_cuda_kernels.py")
     triton_tests: tuple[str, ...] = ("tests/test_kernels.py", "tests/test_triton_moe.py")
     settings: ProfilerSettings = field(default_factory=lambda: ProfilerSettings(cuda_warmup_ms=5, cuda_rep_ms=25))
@@ -144,7 +162,9 @@ TIERS = {
         "quick",
         "cuda",
         torch.bfloat16,
-        dict(env=80, bandwidth=10, tests=70, linear=30, quantized=25, moe=30, e2e=150, host=25, offline=80),
+        dict(
+            env=80, bandwidth=10, tests=70, linear=30, quantized=25, moe=30, e2e=130, training=50, host=25, offline=80
+        ),
         linear_m=(1, 16, 256, 4096),
         linear_nk=NK[:2],
         square=4096,
@@ -163,7 +183,18 @@ TIERS = {
         "full",
         "cuda",
         torch.bfloat16,
-        dict(env=90, bandwidth=15, tests=150, linear=90, quantized=60, moe=110, e2e=200, host=40, offline=90),
+        dict(
+            env=90,
+            bandwidth=15,
+            tests=150,
+            linear=90,
+            quantized=60,
+            moe=110,
+            e2e=200,
+            training=120,
+            host=40,
+            offline=90,
+        ),
         linear_m=(1, 8, 16, 64, 256, 1024, 4096),
         linear_nk=NK,
         square=4096,
@@ -183,7 +214,7 @@ TIERS = {
         "cpu",
         torch.float32,
         dict(
-            env=60, bandwidth=20, tests=60, linear=60, quantized=60, moe=60, e2e=300, host=60, offline=90
+            env=60, bandwidth=20, tests=60, linear=60, quantized=60, moe=60, e2e=300, training=120, host=60, offline=90
         ),  # loaded CI
         linear_m=(1, 16),
         linear_nk=((32, 64),),
@@ -198,6 +229,7 @@ TIERS = {
         prefill=(8,),
         decode=(1, 2),
         offline_tokens=(1, 4),
+        training=Training(gpt2=(64, 32, 1, 2), batch=(2, 8), block=(32, 48, 2, 1), block_tokens=8, models=("gpt2",)),
         settings=ProfilerSettings(block_seconds=2e-4, rounds=3, min_rounds=2, max_seconds=0.2, prune_after=2),
     ),
 }
@@ -984,6 +1016,71 @@ def section_e2e(sec: Section, tier: Tier) -> None:
     host_breakdown(sec, tier, {n: ready[n] for n in ("inductor", "flashtune") if n in ready}, tokens[(1, 1)])
 
 
+def section_training(sec: Section, tier: Tier) -> None:
+    """Training steps (forward, backward, AdamW), ``bench_training.py``'s models at this tier's
+    sizes, fp32 and bf16 autocast: ms per step for eager, Inductor (default and, on a GPU,
+    max-autotune-no-cudagraphs) and flashtune, each its own copy, and the loss after a few steps
+    relative to eager's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_training import BlockLoss, Gpt2
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    names = ["eager", "inductor", "flashtune"]
+    if tier.device == "cuda":
+        names.insert(2, "inductor max-autotune-no-cudagraphs")
+    c, g = tier.training, torch.Generator(device="cpu").manual_seed(1)
+    vocab, width, layers, heads = c.gpt2
+    hidden, inter, block_heads, block_layers = c.block
+    models = {
+        "gpt2": (
+            lambda: Gpt2(vocab, width, layers, heads, ctx=c.batch[1]),
+            [tuple(torch.randint(0, vocab, c.batch, generator=g).to(tier.device) for _ in "xy") for _ in range(4)],
+        ),
+        "llama block": (
+            lambda: BlockLoss(hidden, inter, block_heads, block_layers),
+            [tuple(torch.randn(c.block_tokens, hidden, generator=g).to(tier.device) for _ in "xy") for _ in range(4)],
+        ),
+    }
+    rows, data = [], []
+    for model_name, (make, batches) in models.items():
+        if model_name not in c.models:
+            continue
+        for precision in ("fp32", "bf16"):
+            if sec.over_budget(f"training from {model_name} {precision}"):
+                break
+            torch.manual_seed(0)
+            base = make().to(tier.device)
+            steps, losses = {}, {}
+            for name in names:
+                model = copy.deepcopy(base)
+                mode = "max-autotune-no-cudagraphs" if "max-autotune" in name else None
+                backend = "flashtune" if name == "flashtune" else "inductor"
+                fn = model if name == "eager" else torch.compile(model, backend=backend, mode=mode, dynamic=False)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+                def step(batch, fn=fn, opt=opt, bf16=precision == "bf16"):
+                    with torch.autocast(tier.device, dtype=torch.bfloat16, enabled=bf16):
+                        loss = fn(*batch)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    return loss.detach()
+
+                losses[name] = float([step(b) for b in batches][-1])
+                steps[name] = partial(step, batches[0])
+            times = medians(tier, [steps[n] for n in names])
+            rel = {n: abs(losses[n] - losses["eager"]) / abs(losses["eager"]) for n in names}
+            rows.append([model_name, precision, *(t * 1e3 for t in times), f"{rel['flashtune']:.1e}"])
+            data.append(
+                dict(model=model_name, precision=precision, ms={n: t * 1e3 for n, t in zip(names, times)}, loss_rel=rel)
+            )
+    sec.table("training steps: ms per step", ["model", "precision", *names, "flashtune loss rel. eager"], rows)
+    for r in data:
+        ratio = r["ms"]["inductor"] / r["ms"]["flashtune"]
+        sec.note(f"{r['model']} {r['precision']}: flashtune vs inductor {ratio:.3f}x")
+    sec.record["data"]["training"] = data
+
+
 def host_breakdown(sec: Section, tier: Tier, fns: dict[str, Callable], x: torch.Tensor, calls: int = 20) -> None:
     """Where a decode call's host time goes, per contender: microseconds per call of enqueueing
     (the calls timed with no sync between them), the torch.profiler ops with the most self CPU
@@ -1136,7 +1233,7 @@ def offline_worker(phase: str, artifact: Path, tier: Tier) -> None:
     print(json.dumps({**out, "loaded": loaded, "saved": saved}))
 
 
-SECTIONS = ("env", "bandwidth", "tests", "linear", "quantized", "moe", "e2e", "host", "offline")
+SECTIONS = ("env", "bandwidth", "tests", "linear", "quantized", "moe", "e2e", "training", "host", "offline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1188,6 +1285,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantized": lambda s: section_quantized(s, tier, read_bw[0] if read_bw else None),
         "moe": lambda s: section_moe(s, tier, read_bw[0] if read_bw else None),
         "e2e": lambda s: section_e2e(s, tier),
+        "training": lambda s: section_training(s, tier),
         "host": lambda s: section_host(s, tier),
         "offline": lambda s: section_offline(s, tier, args.dry_run),
     }

@@ -24,7 +24,7 @@ from .ops import DIRECT, op_families
 from .ops.registry import IMPLS, NO_GRAD, OPS, op_name
 from .ops.routing import ROUTINGS
 from .ops.site import DEFAULT_CACHE, SiteOptions, run
-from .passes import REWRITES  # first: importing the passes registers their ops
+from .passes import REWRITES, training  # first: importing the passes registers their ops
 from .passes.fx_nodes import _val
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
@@ -71,9 +71,10 @@ class Options:
 
         return bool(self.inductor_patches(mode).get("triton.cudagraphs", config.triton.cudagraphs))
 
-    def site_options(self, mode: str | None = None) -> SiteOptions:
-        """What each routed call's site carries: this model's tuning options and tactic cache, and
-        whether candidates are timed as CUDA graph replays (when the inner Inductor uses them)."""
+    def site_options(self, mode: str | None = None, training: bool = False) -> SiteOptions:
+        """What each routed call's site carries: this model's tuning options and tactic cache,
+        whether candidates are timed as CUDA graph replays (when the inner Inductor uses them), and
+        whether the graph trains (``training``: its weights change between calls)."""
         cache_dir: str | None = DEFAULT_CACHE
         if self.cache_dir is not _UNSET:  # a site carries the directory as an absolute path string
             resolved = resolve_dir(self.cache_dir)
@@ -88,6 +89,7 @@ class Options:
             cache_dir,
             self.cuda_graphs(mode),
             self.distributed,
+            training,
         )
 
 
@@ -282,6 +284,15 @@ def _plain(node: torch.fx.Node) -> bool:
     return type(_val(node)) is FakeTensor
 
 
+def _trains(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Whether the graph is compiled for training: grad mode (Dynamo guards on it) and a parameter
+    that requires a gradient, which an optimizer may then update between calls."""
+    if not torch.is_grad_enabled():
+        return False
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)] + list(gm.parameters())
+    return any(p.requires_grad for p in params)
+
+
 def backend(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -301,22 +312,27 @@ def backend(
     mode = check_mode(mode)
     if mode is not None and opts.inner != "inductor":
         raise ValueError(f"flashtune: mode={mode!r} applies to inner='inductor' only")
-    site_options = opts.site_options(mode)
+    site_options = opts.site_options(mode, _trains(gm, example_inputs))
     routed = sum(rewrite(gm, opts.ops, site_options) for rewrite in REWRITES)
+    handed_back = training.settle(gm, example_inputs) if site_options.training and routed else 0
+    routed -= handed_back
     tuner = AutoTuner.get()
     tuner.stats.routed_ops += routed
+    tuner.stats.handed_back += handed_back
     tuner.stats.compiles += 1
     weights = routed_weights(gm, example_inputs)
     tuner.weights.register(weights)  # the weight-copy budget is a share of these (tuner/weights.py)
     hugepages.advise(weights)
     patches = opts.inductor_patches(mode) if opts.inner == "inductor" else {}
     log.info(
-        "flashtune: routed %d op(s) of a %d-node graph; inner compiler %s%s%s",
+        "flashtune: routed %d op(s) of a %d-node graph%s; inner compiler %s%s%s%s",
         routed,
         len(gm.graph.nodes),
+        f" (training: {handed_back} handed back to ATen, tuned no faster)" if handed_back else "",
         opts.inner,
         f" {patches}" if patches else "",
         "; candidates timed as CUDA graph replays" if site_options.cuda_graph else "",
+        "; training: weight copies timed made again per call" if site_options.training and routed else "",
     )
     if opts.inner == "eager":
         return _direct_calls(gm, torch.is_grad_enabled()).forward

@@ -74,8 +74,8 @@ def build(name, dtype):
     fn, params, inputs = CASES[name]
     params = [p.to(dtype) for p in params]
     inputs = [x.to(dtype) for x in inputs]
-    model = nn.Linear(16, 24).to(dtype) if fn is None else Fn(fn, *params)
-    return model, inputs
+    model = nn.Linear(16, 24).to(dtype).requires_grad_(False) if fn is None else Fn(fn, *params)
+    return model, inputs  # no parameter needs a gradient: the graph is not a training graph
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -88,7 +88,7 @@ def test_compiled_equals_eager_and_is_routed(tuner, name, dtype):
 
 
 def test_with_inductor_outputs_match_over_sizes_and_dont_recompile(tuner):
-    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).requires_grad_(False)  # inference
     compiled = torch.compile(model, backend="flashtune", dynamic=True, fullgraph=True)
     for n in (1, 2, 3, 9, 17, 40):
         x = r(n, 16)
@@ -294,7 +294,8 @@ def test_training_gradients_match_eager(tuner, inner):
     model(x).square().sum().backward()
     for g, e in zip(got, [p.grad for p in model.parameters()] + [x.grad]):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
-    assert ft.stats()["routed_ops"] == 2
+    stats = ft.stats()  # a training graph: calls tuned no faster than ATen are handed back to it
+    assert stats["routed_ops"] + stats["handed_back"] == 2
 
 
 @pytest.mark.parametrize(
@@ -472,7 +473,7 @@ class InPlaceUnusedResult(torch.nn.Module):
 
 
 def test_in_place_methods_with_unused_results_survive_routing(tuner):
-    mod, x = InPlaceUnusedResult(), torch.randn(3, 8)
+    mod, x = InPlaceUnusedResult().requires_grad_(False), torch.randn(3, 8)
     out = torch.compile(mod, backend="flashtune", options={"inner": "eager"})(x)
     # close, not equal: the linear is tuned, and a CPU kernel that wins sums in another order
     torch.testing.assert_close(out, mod(x))

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["env", "bandwidth", "tests", "linear", "quantized", "moe", "e2e", "host", "offline"]
+SECTIONS = ["env", "bandwidth", "tests", "linear", "quantized", "moe", "e2e", "training", "host", "offline"]
 
 
 def test_dry_run_writes_the_report_and_every_section_passes(tmp_path):
@@ -56,6 +56,9 @@ def test_dry_run_writes_the_report_and_every_section_passes(tmp_path):
     assert not [n for s in sections.values() for n in s["notes"] if n.startswith("WRONG")]  # every kernel is right
     assert [row[0] for row in sections["e2e"]["data"]["setup"]] == ["eager", "inductor", "flashtune"]
     assert all(float(row[-1]) < 1e-3 for row in sections["e2e"]["data"]["setup"])  # compiled == eager
+    training = sections["training"]["data"]["training"]  # each model and precision, its loss near eager's
+    assert [(r["model"], r["precision"]) for r in training] == [("gpt2", "fp32"), ("gpt2", "bf16")]  # dry: one model
+    assert all(r["loss_rel"]["flashtune"] < (1e-5 if r["precision"] == "fp32" else 2e-2) for r in training)
     offline = sections["offline"]["data"]
     assert offline["cold"]["tuned"] > 0 and offline["warm"]["timings"] == 0 and offline["warm"]["tuned"] == 0
     report = (out / "report.md").read_text()

@@ -40,6 +40,7 @@ class SiteOptions:
     cache_dir: str | None = DEFAULT_CACHE
     cuda_graph: bool = False  # the inner compiler replays CUDA graphs: time candidates as graph replays
     distributed: str | None = None  # strategy across ranks (tuner/distributed.py); None: $FLASHTUNE_DISTRIBUTED
+    training: bool = False  # a training graph: its weights change between calls (TuningConfig.weights_change)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class SiteSpec:
         o = self.options
         fields = [self.op, self.axes, self.sig, o.ladder, o.tune, o.kernels, o.routing, o.cache_dir, o.cuda_graph]
         fields.append(o.distributed)
+        if o.training:  # sites of inference graphs read as before the option existed
+            fields.append(True)
         return _literal_safe(json.dumps(fields, separators=(",", ":")))  # tuples become lists
 
     @classmethod
@@ -68,6 +71,7 @@ class SiteSpec:
         fields = json.loads(text if '"' in text else _from_literal_safe(text))
         op, axes, sig, ladder, tune, kernels, routing, cache_dir, cuda_graph = fields[:9]
         distributed = fields[9] if len(fields) > 9 else None  # sites written before the option existed
+        training = bool(fields[10]) if len(fields) > 10 else False
         axes = tuple((tuple((int(i), int(d)) for i, d in dims), int(lo), int(hi)) for dims, lo, hi in axes)
         ladder = ladder if isinstance(ladder, str) else tuple(ladder)
         options = SiteOptions(
@@ -78,6 +82,7 @@ class SiteSpec:
             cache_dir=cache_dir,
             cuda_graph=cuda_graph,
             distributed=distributed,
+            training=training,
         )
         return cls(op, axes, sig, options)
 
@@ -104,7 +109,7 @@ class SiteSpec:
         cache = tuner.cache_for(directory, o.cuda_graph)
         tune = None if o.tune is None else o.tune == "auto"
         runners = runners_for(self.op, o.kernels, tuner)
-        config = TuningConfig(dynamic=dyn, initializers=inits)
+        config = TuningConfig(dynamic=dyn, initializers=inits, weights_change=o.training)
         return TunedSite(tuner, self.op, runners, config, tune, on_new, cache, o.distributed)
 
 

@@ -4,7 +4,8 @@ A pass is a module of this package with ``rewrite(gm, ops, options) -> int`` (ho
 routed, of the op families in ``ops``, with ``options`` baked into each call's site). Importing a
 pass imports the op module it routes to, which registers those ops. ``moe_layers``,
 ``moe_gathered``, ``moe_pieces`` and ``fx_nodes`` are not passes: what the MoE pass and all passes
-read the graph with.
+read the graph with. ``training`` runs after the passes on a training graph: it hands routed calls
+that tuning finds no faster than ATen back to ATen.
 """
 
 from collections.abc import Callable

@@ -242,6 +242,38 @@ def _resite_packed(node: torch.fx.Node, options: SiteOptions) -> bool:
     return True
 
 
+def _autocast_dtype(op: OpSpec, values: list, out: Any) -> torch.dtype | None:
+    """The dtype autocast computes this call in, when it is one: the result is floating and of
+    another dtype than its floating operands (ATen's matmul family keeps its operands' dtype, so
+    only ``torch.autocast`` makes them differ, or mixes them). Routed, such a call casts its operands to it first,
+    as autocast does; their gradients flow back through the casts in the operands' own dtypes."""
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return None
+    dtypes = {v.dtype for v, (kind, _, _) in zip(values, op.operands) if v is not None and kind == "op"}
+    if not dtypes or dtypes == {out.dtype} or not all(d.is_floating_point for d in dtypes):
+        return None
+    return out.dtype
+
+
+def _cast_value(v: Any, dtype: torch.dtype | None) -> Any:
+    if not isinstance(v, FakeTensor) or dtype is None or v.dtype == dtype:
+        return v
+    with v.fake_mode:
+        return v.to(dtype)
+
+
+def _cast_node(graph: torch.fx.Graph, before: torch.fx.Node, arg: Any, dtype: torch.dtype | None) -> Any:
+    """``arg.to(dtype)`` as a node before ``before`` where ``arg`` has another floating dtype."""
+    value = _val(arg)
+    if dtype is None or not isinstance(value, FakeTensor) or value.dtype == dtype:
+        return arg
+    with graph.inserting_before(before):
+        new = graph.call_method("to", (arg, dtype))
+    fake = _cast_value(value, dtype)
+    new.meta.update({k: fake for k in ("example_value", "val") if k in arg.meta} or {"val": fake})
+    return new
+
+
 def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> int:
     """Replace every eligible matmul-family node whose family is in ``ops`` by its flashtune op, and
     give frozen linears' calls this compile's site; returns how many."""
@@ -255,11 +287,14 @@ def rewrite(gm: torch.fx.GraphModule, ops: frozenset, options: SiteOptions) -> i
         if m is None or m.op.family not in ops:
             continue
         values = [_value(t) for t in m.tensors]
+        cast = _autocast_dtype(m.op, values, _val(node))
+        if cast is not None:
+            values = [_cast_value(v, cast) for v in values]
         why = routable(m.op, values, _val(node))
         if why is not None:
             log.debug("flashtune: leaving %s (%s): %s", node.format_node(), m.op.name, why)
             continue
-        args = (*[_node(graph, node, t) for t in m.tensors], *map(float, m.scalars))
+        args = (*[_cast_node(graph, node, _node(graph, node, t), cast) for t in m.tensors], *map(float, m.scalars))
         if m.op.flatten_rows and values[0].dim() > 2 and isinstance(_val(node), torch.Tensor):
             _call_on_rows(graph, node, m.op, args, values, options)
         else:

@@ -54,6 +54,7 @@ class Stats:
     fallbacks: int = 0  # misses answered with the default because tuning was off
     rejected: int = 0  # candidates that raised or disagreed with the default
     routed_ops: int = 0  # graph nodes routed to tunable ops (counted by the backend)
+    handed_back: int = 0  # training graphs' routed calls tuned no faster than ATen, left to ATen
     compiles: int = 0  # graphs the backend compiled
 
 

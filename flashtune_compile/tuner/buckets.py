@@ -120,13 +120,17 @@ class TuningConfig:
 
     ``initializers`` maps an input index to ``fn(shape, dtype, device) -> Tensor`` used when that
     input is synthesized for profiling (e.g. ids within their valid range). ``rtol`` overrides the
-    dtype's tolerance when candidates are checked against the default runner.
+    dtype's tolerance when candidates are checked against the default runner. ``weights_change``:
+    the weights are updated between calls (a training graph, where the optimizer steps them), so a
+    tactic reading a weight copy is timed with the copy made again on every call, and at run time
+    a stale copy is made again at once; such buckets have cache keys of their own.
     """
 
     dynamic: tuple[DynamicDim, ...] = ()
     constraints: tuple[ConstraintSpec, ...] = ()
     initializers: Mapping[int, Initializer] = field(default_factory=dict)
     rtol: float | None = None
+    weights_change: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dynamic", tuple(self.dynamic))

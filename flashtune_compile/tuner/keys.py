@@ -3,7 +3,8 @@
 A *signature* is everything a choice can depend on (each tensor's shape, stride, dtype and
 device, and every scalar's value); equal signatures get the same answer, so the tuner memoizes
 choices by it. A *cache key* is what the on-disk tactic cache is keyed by: the op, its runner
-names, the static part of every input (dynamic dims as -1), the runners' extras and the bucket.
+names, the static part of every input (dynamic dims as -1), the runners' extras (and a mark for a
+training graph's buckets, ``TuningConfig.weights_change``) and the bucket.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class OpContext:
                 extras.append(freeze(r.cache_key_extras(inputs)))
             except TypeError as e:
                 raise TypeError(f"{r!r}.cache_key_extras must return JSON values: {e}") from None
+        if self.config.weights_change:  # training: copies are timed re-made, so winners differ
+            extras.append("weights change")
         return (self.op, self.names, tuple(static), tuple(extras), bucket)
 
 

@@ -125,7 +125,8 @@ class TunedSite:
                     self.op, self.runners, self.config, inputs, self.cache
                 )
                 fallback = other.unpacked(other_tactic) or _forward_of(other, other_tactic)
-                call = (WithFallback(self.tuner.weights, primary, fallback, gain), True)
+                wait = not self.config.weights_change  # training: the copy was timed re-made per call
+                call = (WithFallback(self.tuner.weights, primary, fallback, gain, wait), True)
             bounded_put(self.memo, sizes, (runner, tactic, *call))
         return result
 
@@ -139,14 +140,21 @@ class WithFallback:
     else each missing copy is asked for in turn (priced at ``gain`` seconds per call:
     ``WeightCache.admit``) and, until they are made or when one is refused, ``fallback(*inputs)``,
     a tactic that needs none. A call waits once: the first copy waits for a few calls, and the
-    call's further copies (an MoE layer's down weights after its gate/up) are decided at once."""
+    call's further copies (an MoE layer's down weights after its gate/up) are decided at once.
+    Without ``wait`` (weights that change every call, whose tuning timed the copy made again each
+    call), every copy is decided at once."""
 
-    __slots__ = ("store", "primary", "fallback", "gain")
+    __slots__ = ("store", "primary", "fallback", "gain", "wait")
 
     def __init__(
-        self, store: WeightCache, primary: Callable[..., Any], fallback: Callable[..., Any], gain: float
+        self,
+        store: WeightCache,
+        primary: Callable[..., Any],
+        fallback: Callable[..., Any],
+        gain: float,
+        wait: bool = True,
     ) -> None:
-        self.store, self.primary, self.fallback, self.gain = store, primary, fallback, gain
+        self.store, self.primary, self.fallback, self.gain, self.wait = store, primary, fallback, gain, wait
 
     def __call__(self, *inputs: Any) -> Any:
         try:
@@ -154,7 +162,7 @@ class WithFallback:
         except CopyDenied:
             pass
         except CopyMissing as miss:
-            request, wait = miss.request, True
+            request, wait = miss.request, self.wait
             while self.store.admit(request, self.gain, wait):
                 try:
                     return self.primary(*inputs)

@@ -7,7 +7,9 @@ candidate that raises, or whose output is not the same function as the reference
 deployment replays graphs), or whose weight copy does not fit the weight cache's budget, or reads a
 copy of another kind than the one this shape's weights already hold (``layout``), is never chosen,
 and its reason is kept; the default is replaced only by a candidate that is *clearly* faster
-(``profiler.pick_winner``). A candidate that reads a weight copy wins only if it is also faster than
+(``profiler.pick_winner``). Where the weights change between calls (``TuningConfig.weights_change``:
+a training graph), a candidate reading a weight copy is timed making it again on every call, so it
+wins only if it wins with the re-pack. A candidate that reads a weight copy wins only if it is also faster than
 the best candidate without one by ``copy_min_gain`` (20%): a copy costs the weight's memory again,
 so a few percent do not pay for it. The entry also names the fastest candidate that needs no weight
 copy (the fallback where a copy is refused later); the copies the candidates made are dropped
@@ -130,10 +132,24 @@ def _timed(
     settings: ProfilerSettings,
     min_gain: float,
     team: Team | None,
+    remake: WeightCache | None = None,
 ) -> list[Timing | None]:
     """Timings of ``candidates`` (the default first), interleaved; on a CPU without a team, those
-    ahead of the default but within the noise get more rounds (``settle_cpu``)."""
-    fns: list[Callable[[], Any]] = [lambda r=runners[i], t=t: r.forward(synth, t) for i, t in candidates]
+    ahead of the default but within the noise get more rounds (``settle_cpu``). With ``remake``
+    (weights that change between calls), a candidate reading a weight copy makes it again in each
+    timed call: the trial's copies are dropped first (``WeightCache.next_round``)."""
+
+    def fn(runner: TunableRunner, tactic: Tactic) -> Callable[[], Any]:
+        if remake is None or runner.copy_kind(tactic) is None:
+            return lambda: runner.forward(synth, tactic)
+
+        def remade() -> Any:
+            remake.next_round()
+            return runner.forward(synth, tactic)
+
+        return remade
+
+    fns = [fn(runners[i], t) for i, t in candidates]
     device = next((x.device for x in synth if isinstance(x, torch.Tensor)), torch.device("cpu"))
     timed = time_candidates(fns, device, settings)
     kept = [n for n, tm in enumerate(timed) if tm is not None]
@@ -180,7 +196,8 @@ def _tune_share(
     timed: list[tuple[int, int, Tactic, Timing]] = []
     base: Timing | None = None  # the default's timing in the first round
     while candidates:
-        times = _timed(runners, synth, candidates, settings, min_gain, team)
+        remake = copies if ctx.config.weights_change else None
+        times = _timed(runners, synth, candidates, settings, min_gain, team, remake)
         for (i, t), tm in zip(candidates, times):
             if tm is None:
                 rejected.append(f"{runners[i].name}[{t!r}]: cannot be captured in a CUDA graph")
