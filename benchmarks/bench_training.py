@@ -15,7 +15,9 @@ batches; only the model is compiled (``dynamic=False``), the optimizer step runs
 First, ``--steps`` steps from the same start: each contender's loss after them, relative to eager's
 (the aim in fp32: within 1e-5). Then timing: all contenders interleaved in a shuffled order over
 ``--rounds`` rounds, median ms per step after warm steps. Prints ms per step and flashtune's ratio
-over Inductor default (> 1: flashtune faster).
+over Inductor default (> 1: flashtune faster), and a second Inductor copy's ("inductor-2", compiled
+and timed like the first) over the first: the ratio two identical contenders show, so the noise
+floor of flashtune's.
 
 Run: python benchmarks/bench_training.py [--models gpt2,llama] [--precisions fp32,bf16]
 """
@@ -37,7 +39,9 @@ from bench_cpu_block import Block
 from timing import time_contenders
 from torch import nn
 
-CONTENDERS = ("eager", "inductor", "inductor-max", "flashtune")
+import flashtune_compile as ft
+
+CONTENDERS = ("eager", "inductor", "inductor-max", "flashtune", "inductor-2")
 
 
 class Gpt2Layer(nn.Module):
@@ -98,7 +102,7 @@ def batches(model: str, n: int, gen: torch.Generator) -> list[tuple[torch.Tensor
 def compiled(model: nn.Module, name: str) -> nn.Module:
     if name == "eager":
         return model
-    if name == "inductor":
+    if name in ("inductor", "inductor-2"):  # inductor-2: a second copy, the noise floor of the ratio
         return torch.compile(model, dynamic=False)
     if name == "inductor-max":
         return torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
@@ -146,8 +150,13 @@ def main() -> None:
             steps, losses = {}, {}
             for name in CONTENDERS:
                 print(f"{model_name} {precision}: compiling {name} ...", file=sys.stderr, flush=True)
+                before = ft.stats()
                 steps[name] = stepper(copy.deepcopy(base), name, precision)
                 losses[name] = float([steps[name](b) for b in data][-1])
+                if name == "flashtune":
+                    after = ft.stats()
+                    routed, back = (after[k] - before[k] for k in ("routed_ops", "handed_back"))
+                    print(f"{model_name} {precision}: flashtune routed {routed} call(s), handed {back} back to ATen")
             calls = {name: (lambda s=s, b=data[0]: s(b)) for name, s in steps.items()}
             ms = time_contenders(calls, args.rounds, args.ms, random.Random(0), warm=2)
             rel = {name: abs(losses[name] - losses["eager"]) / abs(losses["eager"]) for name in CONTENDERS}
@@ -155,16 +164,19 @@ def main() -> None:
             print(
                 f"{model_name} {precision}: "
                 + ", ".join(f"{n} {ms[n]:.1f} ms (loss rel {rel[n]:.1e})" for n in CONTENDERS)
-                + f"; flashtune vs inductor {ms['inductor'] / ms['flashtune']:.2f}x",
+                + f"; flashtune vs inductor {ms['inductor'] / ms['flashtune']:.3f}x"
+                + f" (inductor-2 vs inductor {ms['inductor'] / ms['inductor-2']:.3f}x)",
                 flush=True,
             )
-    print(f"\n{'ms per step':>16}" + "".join(f"{n:>14}" for n in CONTENDERS) + f"{'ft vs ind':>11}{'loss rel':>10}")
+    header = f"{'ft vs ind':>11}{'ind-2 vs ind':>14}{'loss rel':>10}"
+    print(f"\n{'ms per step':>16}" + "".join(f"{n:>14}" for n in CONTENDERS) + header)
     for model_name, precision, ms, rel in rows:
         label = f"{model_name} {precision}"
         print(
             f"{label:>16}"
             + "".join(f"{ms[n]:>14.1f}" for n in CONTENDERS)
-            + f"{ms['inductor'] / ms['flashtune']:>10.2f}x{rel['flashtune']:>10.1e}"
+            + f"{ms['inductor'] / ms['flashtune']:>10.3f}x{ms['inductor'] / ms['inductor-2']:>13.3f}x"
+            + f"{rel['flashtune']:>10.1e}"
         )
 
 
