@@ -43,8 +43,11 @@ def _static(value: Any) -> bool:
 
 
 def _like(fake: torch.Tensor) -> torch.Tensor:
-    """A real tensor of ``fake``'s shape, strides and dtype, with values of about unit size."""
-    out = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=fake.device)
+    """A real tensor of ``fake``'s shape and dtype (and strides, where they do not overlap), with
+    values of about unit size."""
+    expanded = any(st == 0 and size > 1 for size, st in zip(fake.shape, fake.stride()))  # overlapping
+    stride = fake.stride() if not expanded else torch.empty(fake.shape, device="meta").stride()
+    out = torch.empty_strided(fake.shape, stride, dtype=fake.dtype, device=fake.device)
     return out.normal_() if out.is_floating_point() else out.zero_()
 
 
@@ -63,10 +66,14 @@ def settle(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> int:
         *args, site = node.args
         if not all(_static(_val(a)) for a in args):
             continue
-        inputs = [_input(gm, a, real) for a in args]
         tuned = site_of(site)
-        with torch.no_grad():
-            runner, tactic = tuned.choose(inputs)
+        try:
+            inputs = [_input(gm, a, real) for a in args]
+            with torch.no_grad():
+                runner, tactic = tuned.choose(inputs)
+        except Exception as e:  # the call stays routed: its bucket is tuned on its first run instead
+            log.warning("flashtune: tuning %s while compiling failed (%s: %s)", node.format_node(), type(e).__name__, e)
+            continue
         if runner is not tuned.runners[0] or tactic != DEFAULT_TACTIC:
             continue
         fn, scalar_names = ATEN[node.target]
