@@ -25,7 +25,7 @@ from .ops.registry import IMPLS, NO_GRAD, OPS, op_name
 from .ops.routing import ROUTINGS
 from .ops.site import DEFAULT_CACHE, SiteOptions, run
 from .passes import REWRITES, training  # first: importing the passes registers their ops
-from .passes.fx_nodes import _val
+from .passes.fx_nodes import _val, attr
 from .tuner.autotuner import TUNE_MODES, AutoTuner
 from .tuner.buckets import LADDERS, make_ladder
 from .tuner.cache import resolve_dir
@@ -238,7 +238,7 @@ def routed_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> l
     def value_of(arg: torch.fx.Node) -> Any:
         value = values.get(arg)
         if value is None and arg.op == "get_attr":
-            value = _attr(gm, arg.target)
+            value = attr(gm, arg.target)
         if value is None and arg.target is getattr and isinstance(arg.args[0], torch.fx.Node):
             value = getattr(value_of(arg.args[0]), arg.args[1], None)  # a subclass's inner tensor
         if value is None and arg.op == "call_method" and arg.target == "flatten":  # a view: its copy follows its source
@@ -263,13 +263,6 @@ def routed_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> l
                 state.append(value)
     WeightCache.mark_state(state)
     return list(found.values())
-
-
-def _attr(gm: torch.fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def _rank(node: Any) -> int | None:

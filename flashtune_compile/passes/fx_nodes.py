@@ -23,6 +23,14 @@ def _val(arg: Any) -> Any:
     return arg
 
 
+def attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    """The object a ``get_attr`` node's dotted ``target`` names on ``gm`` (None if absent)."""
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 def _same_size(x: Any, y: Any) -> bool:
     """Whether two sizes are the same: equal ints, or SymInts of one sympy expression."""
     if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt):

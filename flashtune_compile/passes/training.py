@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..ops.matmul import ADDMM, BADDBMM, BMM, LINEAR, MM
 from ..ops.site import site_of
 from ..tuner.runner import DEFAULT_TACTIC
-from .fx_nodes import _val
+from .fx_nodes import _val, attr
 
 log = logging.getLogger("flashtune")
 
@@ -93,9 +93,7 @@ def _input(gm: torch.fx.GraphModule, arg: Any, real: dict) -> Any:
         return arg
     value = real.get(arg)
     if value is None and arg.op == "get_attr":
-        value = gm
-        for part in arg.target.split("."):
-            value = getattr(value, part, None)
+        value = attr(gm, arg.target)
     if isinstance(value, torch.nn.Parameter):
         return value
     fake = _val(arg)
