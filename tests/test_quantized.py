@@ -17,11 +17,12 @@ from torch import nn
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpp import blocked_gemm_or_none
-from flashtune_compile.kernels.cpp.quant_runner import CpuQuantLinearRunner
+from flashtune_compile.kernels.cpp.quant_runner import AMX_ROWS, CpuQuantLinearRunner
 from flashtune_compile.kernels.quant import AtenQuantLinearRunner, dequantize
 from flashtune_compile.ops.quantized import LINEAR_WQ
 from flashtune_compile.tuner.cache import Entry
 from flashtune_compile.tuner.runner import BucketProfile
+from flashtune_compile.tuner.weights import WeightCache
 
 needs_torchao = pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None, reason="torchao (in the test extras) is not installed"
@@ -50,8 +51,14 @@ def _close(y, ref, dtype, bf16_bound=5e-3):
     assert err < (2e-5 if dtype == torch.float32 else bf16_bound), err  # bf16: the output's own rounding
 
 
-# odd shapes: N not a multiple of any block, K not a multiple of the group, T = 0 and 1
+# odd shapes: N not a multiple of any block, K not a multiple of the group, T = 0 and 1; for the
+# AMX tile also rows past one and two tiles of 16, and K past one widened chunk (512)
 SHAPES = [(1, 37, 70, 32), (0, 19, 64, 32), (3, 100, 65, 65), (5, 33, 129, 16), (9, 64, 100, 7), (17, 40, 96, 96)]
+AMX_SHAPES = [(40, 50, 1100, 32), (33, 70, 600, 600)]
+
+
+def _amx_takes(dtype, k, gs):
+    return dtype == torch.bfloat16 and (gs % 2 == 0 or gs >= k)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -61,18 +68,48 @@ def test_every_cpu_tile_and_split_matches_float64(bits, dtype):
     if kernel is None:
         pytest.skip("no C++ compiler: the CPU kernel family is absent")
     gen = torch.Generator().manual_seed(1)
-    for m, n, k, gs in SHAPES:
+    for m, n, k, gs in SHAPES + AMX_SHAPES:
         for zero in (False, True):
             q, s, z = _quantized(n, k, gs, bits, zero, gen)
             x = torch.randn(m, k, generator=gen).to(dtype)
             b = torch.randn(n, generator=gen).to(dtype)
             ref = _reference(x, q, s, z, b, gs)
             for mr, r in kernel.quant_tiles:
+                amx = mr == AMX_ROWS
+                if (m, n, k, gs) in AMX_SHAPES and not amx:
+                    continue
                 packed, sp, zs = kernel.pack_quant(q, s, z, bits, r)
                 for ksplit in (1, 2, 3):
+                    if amx and not _amx_takes(dtype, k, gs):
+                        with pytest.raises(RuntimeError, match="AMX.*bf16 x and an even group size"):
+                            kernel.quant_linear(x, packed, sp, zs, b, n, bits, gs, mr, r, ksplit)
+                        continue
                     y = kernel.quant_linear(x, packed, sp, zs, b, n, bits, gs, mr, r, ksplit)
                     assert y.shape == (m, n) and y.dtype == dtype
                     _close(y, ref, dtype)
+
+
+def test_the_amx_tile_is_offered_exactly_where_it_applies(tuner):
+    kernel = blocked_gemm_or_none()
+    if kernel is None or not any(mr == AMX_ROWS for mr, _ in kernel.quant_tiles):
+        pytest.skip("this CPU (or its OS) gives no AMX tiles: the AMX tile is not built or not granted")
+    gen = torch.Generator().manual_seed(4)
+    runner = CpuQuantLinearRunner()
+    for dtype, gs, m, offered in [
+        (torch.bfloat16, 32, 16, True),
+        (torch.bfloat16, 64, 2, True),  # from 2 rows: one AMX tile costs about what one row does
+        (torch.bfloat16, 64, 1, False),
+        (torch.bfloat16, 63, 16, False),  # odd groups: a pair of k would straddle two scales
+        (torch.bfloat16, 128, 16, True),  # one group per row
+        (torch.float32, 64, 16, False),  # AMX multiplies bf16 only
+    ]:
+        q, s, z = _quantized(48, 128, gs, 8, False, gen)
+        WeightCache.mark_state([q, s])  # model state, as a quantized model's weights are
+        inputs = (torch.randn(m, 128, generator=gen).to(dtype), q, s, z, None, gs, 8)
+        tactics = runner.get_valid_tactics(inputs, BucketProfile((m,), ((m, 128),)))
+        assert any(t[0] == AMX_ROWS for t in tactics) == offered, (dtype, gs, m, tactics)
+        for tactic in tactics:
+            _close(runner(inputs, tactic), _reference(*inputs[:6]), dtype)
 
 
 def test_the_aten_formulations_match_float64():

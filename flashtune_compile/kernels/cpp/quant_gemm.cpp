@@ -19,11 +19,29 @@
 // and scaled once into an fp32 scratch in L1 and every tile sums from it with FMAs alone; for bf16
 // activations on a CPU with AVX512_BF16, each chunk is instead widened exactly to bf16 pairs and
 // every tile sums it with vdpbf16ps, the group's scales applied to the fp32 sums.
+//
+// The 16-row tile (built where the compiler targets AMX, offered where the OS grants a process the
+// tile registers) sums bf16 x with AMX: each K chunk of a block is widened to the same bf16 pairs,
+// which are exactly the layout tdpbf16ps multiplies (rows of 16 pairs by 16 columns), and every
+// 16-row tile of x multiplies them 16 x 16 x 32 per instruction. With one group per row the pairs
+// are q exactly and the scales multiply the sums; with groups along K they are s * (q - z) rounded
+// once to bf16, the weight the dequantize-then-matmul default multiplies.
 #include "common.h"
+
+#if FT_PAIRS && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define FT_AMX 1  // the 16-row tile: bf16 x summed with AMX
+#else
+#define FT_AMX 0
+#endif
 
 #include <ATen/Parallel.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+#if FT_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include <algorithm>
@@ -39,7 +57,9 @@ namespace {
 constexpr int64_t CHUNK_BYTES = 32 * 1024;  // a K chunk of one block: fetched once, read by every row tile
 constexpr int64_t NT_AHEAD = 2048;  // bytes ahead of a once-read stream fetched non-temporally (512, 1024: no faster)
 constexpr int64_t DQ_BYTES = 16 * 1024;  // the fp32 scratch several row tiles sum from: half of L1
-constexpr int64_t DQ_AHEAD = 1024;  // bytes of the packed stream fetched ahead while widening it
+// Bytes of the packed stream fetched ahead (into L2) while widening it: 1 KB on AMD; elsewhere as
+// far as common.h's STREAM_L2_AHEAD (on the Intel Xeon VM the AMX tile ran 10-25% faster so).
+inline int64_t dq_ahead() { return stream_non_temporal() ? 1024 : STREAM_L2_AHEAD; }
 
 typedef int32_t vi32 __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu32_u __attribute__((vector_size(VL * 4), aligned(4)));
@@ -130,8 +150,9 @@ template <int BITS, int R>
 void dequantize(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1, int64_t gs, const float* scales,
                 float* out) {
   constexpr int NB = R * VL;
+  const int64_t ahead = dq_ahead();
   for (int64_t k = k0; k < k1; ++k) {
-    __builtin_prefetch(panel + k * step_bytes + DQ_AHEAD, 0, TO_L2);
+    __builtin_prefetch(panel + k * step_bytes + ahead, 0, TO_L2);
     vf w[R];
     widen<BITS, R>(panel + k * step_bytes, w);
     const float* s = scales + (k / gs) * NB;
@@ -170,8 +191,9 @@ void ftile(const float* w, const float* xt, int64_t steps, float* acc) {
 template <int BITS, int R>
 void dequantize_pairs(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1, uint32_t* out) {
   constexpr int NB = R * VL;
+  const int64_t ahead = dq_ahead();
   for (int64_t k = k0; k < k1; k += 2) {
-    __builtin_prefetch(panel + k * step_bytes + DQ_AHEAD, 0, TO_L2);
+    __builtin_prefetch(panel + k * step_bytes + ahead, 0, TO_L2);
     vf w[R], v[R];
     widen<BITS, R>(panel + k * step_bytes, w);
     const bool two = k + 1 < k1;
@@ -214,6 +236,127 @@ void btile(const uint32_t* w, const uint32_t* xp, int64_t pairs, const float* sc
     }
   }
 }
+
+// Steps [k0, k1) of one block as dequantize_pairs lays them out, but each value the weight itself,
+// s * q - z * s (zs; int4: q + 8 and (z + 8) * s), rounded once to bf16 (nearest even, as
+// vcvtne2ps2bf16 rounds): for groups along K, whose scales cannot wait for the sums. k0 is even
+// and so is gs.
+template <int BITS, int R>
+void dequantize_pairs_scaled(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1, int64_t gs,
+                             const float* scales, const float* zs, uint32_t* out) {
+  constexpr int NB = R * VL;
+  // (w[n], v[n]) adjacent: vcvtne2ps2bf16 puts w's 16 values below v's
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const int64_t ahead = dq_ahead();
+  for (int64_t k = k0; k < k1; k += 2) {
+    __builtin_prefetch(panel + k * step_bytes + ahead, 0, TO_L2);
+    vf w[R], v[R];
+    widen<BITS, R>(panel + k * step_bytes, w);
+    const bool two = k + 1 < k1;
+    if (two) widen<BITS, R>(panel + (k + 1) * step_bytes, v);
+    const float* s = scales + (k / gs) * NB;
+    const float* z = zs ? zs + (k / gs) * NB : nullptr;
+    uint32_t* o = out + (k - k0) / 2 * NB;
+    for (int r = 0; r < R; ++r) {
+      const vf sr = load(s + r * VL), zr = z ? load(z + r * VL) : vf{};
+      const vf lo = w[r] * sr - zr, hi = two ? v[r] * sr - zr : vf{};
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);
+      _mm512_storeu_si512(o + r * VL, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+}
+#endif
+
+constexpr int AMX_ROWS = 16;  // the AMX tile's rows: the tile height that means "sum with AMX"
+// p rounded up to a multiple of 64 bytes (the buffer holds 64 bytes more): an AMX tile's rows must
+// each lie in one cache line, or a tile load takes 6x as long (2.5 ns against 16 ns per tile,
+// measured on an Intel Xeon VM).
+template <typename T>
+T* align64(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+#if FT_AMX
+constexpr int64_t AMX_STEP = 32;     // k per tdpbf16ps (16 pairs)
+constexpr int64_t AMX_PAIRS_BYTES = 32 * 1024;  // pairs widened per pass (8 to 64 KB: alike, within noise)
+
+// Whether this process may use the AMX tile registers: Linux grants them to a process that asks.
+bool amx_granted() {
+  static const bool ok = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+// All 8 tiles as 16 rows of 64 bytes: tmm0-3 fp32 sums (2 x 2 tiles of 16 x 16), tmm4-5 rows of x
+// (16 x 32 bf16), tmm6-7 weight pairs (16 pairs x 16 columns).
+inline void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config{};
+  config.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    config.colsb[i] = 64;
+    config.rows[i] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+// acc [tiles * 16][NB] (+)= the x panel's tiles (xa: [tiles][S][16][32] bf16 bits, each tile of
+// 16 rows by 32 k one contiguous KB; S steps per row tile; from the chunk's first step) times the
+// chunk's pairs w ([steps * 16][NB], dequantize_pairs' layout) over `steps` steps of 32 k; ``add``:
+// onto acc's sums, else over them. Two row tiles by two column tiles at a time.
+template <int R>
+void amx_tiles(const uint32_t* w, const uint16_t* xa, int64_t S, int64_t tiles, int64_t steps, float* acc, bool add) {
+  constexpr int NB = R * VL;
+  static_assert(NB % 32 == 0, "the AMX tiles take columns 32 at a time");
+  constexpr int64_t ldc = NB * 4, ldw = NB * 4, lda = 64, tile = 16 * 32;
+  for (int64_t t = 0; t < tiles; t += 2) {
+    const bool two = t + 1 < tiles;
+    const uint16_t* a = xa + t * S * tile;
+    for (int c = 0; c < NB; c += 32) {
+      float* o = acc + t * 16 * NB + c;
+      if (add) {
+        _tile_loadd(0, o, ldc);
+        _tile_loadd(1, o + 16, ldc);
+        if (two) {
+          _tile_loadd(2, o + 16 * NB, ldc);
+          _tile_loadd(3, o + 16 * NB + 16, ldc);
+        }
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t s = 0; s < steps; ++s) {
+        const uint32_t* b = w + s * 16 * NB + c;
+        _tile_loadd(4, a + s * tile, lda);
+        _tile_loadd(6, b, ldw);
+        _tile_loadd(7, b + 16, ldw);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, a + (S + s) * tile, lda);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, o, ldc);
+      _tile_stored(1, o + 16, ldc);
+      if (two) {
+        _tile_stored(2, o + 16 * NB, ldc);
+        _tile_stored(3, o + 16 * NB + 16, ldc);
+      }
+    }
+  }
+}
+#else
+inline bool amx_granted() { return false; }
 #endif
 
 template <typename T, int BITS, int MR, int R>
@@ -223,28 +366,47 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), nblk = packed.size(0), G = scales.size(1);
   const int64_t step_bytes = BITS == 8 ? NB : NB / 2, tiles = ceil_div(M, MR), ldx = x.stride(0);
   const T* xp = x.data_ptr<T>();
+  // AMX (the 16-row tile, bf16 x only, quant_linear_out checks): x laid out as tiles of 16 rows by
+  // 32 k, zero past M and K, summed with the chunk's pairs by tdpbf16ps (x's rows as they are, 4 KB
+  // apart at K = 2048, put a tile's rows in one set of L1). With groups along K the pairs are the
+  // weight itself (zero points included); with one group per row they are q, scaled after.
+  constexpr bool AMX = FT_AMX && MR == AMX_ROWS;
+  const int64_t S = AMX ? ceil_div(K, 32) : 0;  // steps of 32 k per row tile
+  const bool folded = AMX && G > 1;
   // Several row tiles of bf16 x on a CPU with AVX512_BF16: each chunk is dequantized to bf16 pairs
   // and summed with vdpbf16ps (btile), x read as its own bf16 pairs (exact).
 #if FT_PAIRS
-  const bool pairs = std::is_same_v<T, c10::BFloat16> && tiles > 1 && (gs % 2 == 0 || gs >= K);
+  const bool pairs = !AMX && std::is_same_v<T, c10::BFloat16> && tiles > 1 && (gs % 2 == 0 || gs >= K);
 #else
   const bool pairs = false;
 #endif
   const int64_t P = ceil_div(K, 2);
   // The x panel [tiles][K][MR] in fp32 (zero past row M), or in pairs [tiles][P][MR] of bf16 bits,
-  // and per-group sums of x when zs is given.
-  const auto xt = std::unique_ptr<float[]>(new float[pairs ? 0 : tiles * K * MR]);
+  // or for AMX tiles of bf16 bits [tiles][S][MR][32]; and per-group sums of x when zs is given.
+  const bool fp32_panel = !pairs && !AMX;
+  const auto xt = std::unique_ptr<float[]>(new float[fp32_panel ? tiles * K * MR : 0]);
   const auto xq = std::unique_ptr<uint32_t[]>(new uint32_t[pairs ? tiles * P * MR : 0]);
-  const bool zero_term = zs.numel() > 0;
+  const auto xa_buffer = std::unique_ptr<uint16_t[]>(new uint16_t[AMX ? tiles * S * MR * 32 + 32 : 0]);
+  uint16_t* const xa = align64(xa_buffer.get());
+  const bool zero_term = zs.numel() > 0 && !folded;
   std::vector<float> xsum(zero_term ? M * G : 0, 0.f);
   at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K * MR)),
                    [&](int64_t t0, int64_t t1) {
                      for (int64_t t = t0; t < t1; ++t)
                        for (int m = 0; m < MR; ++m) {
                          const int64_t row = t * MR + m;
-                         for (int64_t k = 0; k < K; ++k) {
+                         if (AMX) {
+                           const c10::BFloat16* from = reinterpret_cast<const c10::BFloat16*>(xp) + row * ldx;
+                           for (int64_t step = 0; step < S; ++step) {
+                             uint16_t* to = xa + ((t * S + step) * MR + m) * 32;
+                             const int64_t n = row < M ? std::clamp<int64_t>(K - step * 32, 0, 32) : 0;
+                             std::memcpy(to, from + step * 32, n * sizeof(uint16_t));
+                             std::memset(to + n, 0, (32 - n) * sizeof(uint16_t));
+                           }
+                         }
+                         for (int64_t k = 0; k < K && (fp32_panel || zero_term); ++k) {
                            const float v = row < M ? static_cast<float>(xp[row * ldx + k]) : 0.f;
-                           if (!pairs) xt[(t * K + k) * MR + m] = v;
+                           if (fp32_panel) xt[(t * K + k) * MR + m] = v;
                            if (zero_term && row < M) xsum[row * G + k / gs] += v;
                          }
                          if (pairs)
@@ -254,7 +416,7 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
                        }
                    });
   const float* sp = scales.data_ptr<float>();
-  const float* zp = zero_term ? zs.data_ptr<float>() : nullptr;
+  const float* zp = zs.numel() > 0 ? zs.data_ptr<float>() : nullptr;  // the epilogue reads it only for zero_term
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(packed.data_ptr());
   std::vector<float> b32(nblk * NB, 0.f);
   if (bias.has_value()) {
@@ -268,6 +430,29 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
   const int64_t dq = std::max<int64_t>(8, DQ_BYTES / (NB * int64_t(sizeof(float))));  // steps per scratch
   auto task = [&](int64_t j, int64_t k0, int64_t k1, float* acc) {
     thread_local std::vector<float> scratch;
+#if FT_AMX
+    if constexpr (AMX) {  // k0 is a multiple of AMX_STEP (kstep is)
+      constexpr int64_t chunk = AMX_PAIRS_BYTES / (NB * 2);  // k per pass, a multiple of 32
+      const size_t need = chunk / 2 * NB + 16;
+      if (scratch.size() < need) scratch.resize(need);
+      uint32_t* pairs32 = align64(reinterpret_cast<uint32_t*>(scratch.data()));
+      const uint8_t* panel = wp + j * K * step_bytes;
+      const float* sc = sp + j * G * NB;
+      for (int64_t cs = k0; cs < k1; cs += chunk) {
+        const int64_t ce = std::min(k1, cs + chunk), steps = ceil_div(ce - cs, AMX_STEP);
+        if (folded)
+          dequantize_pairs_scaled<BITS, R>(panel, step_bytes, cs, ce, gs, sc, zp ? zp + j * G * NB : nullptr, pairs32);
+        else
+          dequantize_pairs<BITS, R>(panel, step_bytes, cs, ce, pairs32);
+        std::fill(pairs32 + ceil_div(ce - cs, 2) * NB, pairs32 + steps * 16 * NB, 0u);  // k past the chunk
+        amx_tiles<R>(pairs32, xa + cs / 32 * MR * 32, S, tiles, steps, acc, cs > k0);
+      }
+      if (!folded)  // one group per row: the sums of x * q times the row's scale
+        for (int64_t m = 0; m < tiles * MR; ++m)
+          for (int n = 0; n < NB; ++n) acc[m * NB + n] *= sc[n];
+      return;
+    }
+#endif
     if (tiles > 1 && scratch.size() < size_t(dq * NB)) scratch.resize(dq * NB);
     if (pairs) {  // k0 is even (kstep and chunks are); the scratch holds 2 * dq steps as bf16 pairs
 #if FT_PAIRS
@@ -325,18 +510,29 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
       store_row(yp + m * ldy + n0, row, nn);
     }
   };
-  const int64_t kstep = round_up(ceil_div(K, ksplit), 2);  // even: a split starts on a pair
-  std::vector<float> partial(nblk * ksplit * slice, 0.f);
+  // A split starts on a pair (AMX: on a step of 32).
+  const int64_t kstep = round_up(ceil_div(K, ksplit), AMX ? 32 : 2);
+  std::vector<float> partial_buffer(nblk * ksplit * slice + 16, 0.f);
+  float* const partial = align64(partial_buffer.data());
   at::parallel_for(0, nblk * ksplit, 1, [&](int64_t t0, int64_t t1) {
+#if FT_AMX
+    if (AMX) amx_configure();  // per thread, per call: the tile configuration is thread state
+#endif
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j = t / ksplit, s = t % ksplit;
-      task(j, std::min(K, s * kstep), std::min(K, (s + 1) * kstep), partial.data() + t * slice);
-      if (ksplit == 1) epilogue(partial.data() + t * slice, j);
+      task(j, std::min(K, s * kstep), std::min(K, (s + 1) * kstep), partial + t * slice);
+      // a block's epilogue after the next block's sums: reading sums that AMX tiles have just
+      // stored stalled the epilogue
+      if (ksplit == 1 && t > t0) epilogue(partial + (t - 1) * slice, j - 1);
     }
+    if (ksplit == 1 && t1 > t0) epilogue(partial + (t1 - 1) * slice, t1 - 1);
+#if FT_AMX
+    if (AMX) _tile_release();
+#endif
   });
   if (ksplit > 1)
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t j = b0; j < b1; ++j) epilogue(partial.data() + j * ksplit * slice, j);
+      for (int64_t j = b0; j < b1; ++j) epilogue(partial + j * ksplit * slice, j);
     });
 }
 
@@ -355,6 +551,13 @@ Fn pick(int64_t mr, int64_t r) {
   if (mr == A && r == B) return &run<T, BITS, A, B>;
   FT_QUANT_TILES(FT_CASE)
 #undef FT_CASE
+#if FT_AMX
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (mr == AMX_ROWS && amx_granted()) {  // the AMX tiles: widths of 32 columns or more
+      if (r * VL == 32) return &run<T, BITS, AMX_ROWS, 32 / VL>;
+      if (r * VL == 64) return &run<T, BITS, AMX_ROWS, 64 / VL>;
+    }
+#endif
   return nullptr;
 }
 
@@ -370,6 +573,8 @@ std::string quant_tiles() {
 #define FT_NAME(A, B) s += std::to_string(A) + "x" + std::to_string(B) + " ";
   FT_QUANT_TILES(FT_NAME)
 #undef FT_NAME
+  if (FT_AMX && amx_granted())
+    for (int nb : {32, 64}) s += std::to_string(AMX_ROWS) + "x" + std::to_string(nb / VL) + " ";
   return s;
 }
 
@@ -395,6 +600,8 @@ std::string quant_linear_out(const at::Tensor& x, const at::Tensor& packed, cons
   if (bias.has_value() && (bias->scalar_type() != x.scalar_type() || !bias->is_contiguous() || bias->numel() != y.size(1)))
     return "quant_linear: bias must be contiguous [N] of x's dtype";
   if (ksplit < 1 || ksplit > 64) return "quant_linear: ksplit must be in 1..64";
+  if (mr == AMX_ROWS && (x.scalar_type() != at::kBFloat16 || (gs % 2 != 0 && gs < K)))
+    return "quant_linear: the 16-row (AMX) tile takes bf16 x and an even group size or one group per row";
   Fn f = nullptr;
   switch (x.scalar_type()) {
     case at::kFloat: f = pick_bits<float>(bits, mr, r); break;

@@ -6,7 +6,10 @@ a packed copy of q (int8, or for ``bits`` 4 two values per byte) with the scales
 laid out per block, all three one copy in the tuner's never-stale weight cache, valid while q,
 scales and zeros are the same tensors, unchanged. A tactic is ``(mr, r, ksplit)``: tiles of
 ``mr`` rows of x by ``r`` vector widths of columns, and ``ksplit`` tasks along K per column block.
-Every tactic is correct for every M.
+Every tactic is correct for every M. A tile ``AMX_ROWS`` rows tall, built and offered only where the
+CPU has AMX and the OS grants it, sums bf16 x with AMX tiles (an even group size, or one group per
+row): with AVX-512's vectors, rows of x cost a weight's worth of multiplies each; with AMX, 16 rows
+cost about one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Up to here the kernel competes: past one row tile it dequantizes each chunk once into an fp32
 # scratch and every tile sums from it, an fp32 GEMM on a quarter (int8) of the weight stream.
 MAX_M = 256
+AMX_ROWS = 16  # the tile height quant_gemm.cpp sums with AMX
 
 
 def applies(inputs: Sequence[Any]) -> bool:
@@ -42,18 +46,27 @@ def applies(inputs: Sequence[Any]) -> bool:
     return all(WeightCache.cacheable(t) for t in (q, scales, zeros) if t is not None)
 
 
-def quant_tactics(m: int, k: int, tiles: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+def amx_applies(inputs: Sequence[Any]) -> bool:
+    """Whether the AMX tile takes these inputs: bf16 x, and groups of an even size or one per row."""
+    x, q, scales, zeros, bias, group_size, bits = inputs
+    return x.dtype == torch.bfloat16 and (group_size % 2 == 0 or group_size >= q.shape[1])
+
+
+def quant_tactics(m: int, k: int, tiles: Sequence[tuple[int, int]], amx: bool = True) -> list[tuple[int, int, int]]:
     """The pruned tactic space at a bucket of ``m`` rows, per tile width: heights no taller than
     the next power of two of ``m`` (at least the shortest) and, above 8 rows, that width's two
-    tallest; split K (x2) only for m <= 4 and k >= 1024. Every width keeps tactics at every m, so
-    a weight packed at one width (one copy per weight) is served well at every size."""
+    tallest; split K (x2) only for m <= 4 and k >= 1024; and from 2 rows, the AMX tile if built
+    and ``amx``. Every width keeps tactics at every m, so a weight packed at one width (one copy
+    per weight) is served well at every size."""
     cap = 1 << max(0, m - 1).bit_length()
     splits = (1, 2) if m <= 4 and k >= MIN_K_FOR_SPLIT else (1,)
     out = []
     for r in sorted({r for _, r in tiles}):
-        heights = sorted(mr for mr, width in tiles if width == r)
+        heights = sorted(mr for mr, width in tiles if width == r and mr != AMX_ROWS)
         fit = [mr for mr in heights if mr <= cap] or heights[:1]
         out += [(mr, r, s) for mr in (fit[-2:] if m > 8 else fit) for s in splits]
+        if amx and m >= 2 and (AMX_ROWS, r) in tiles:
+            out.append((AMX_ROWS, r, 1))
     return out
 
 
@@ -103,7 +116,7 @@ class CpuQuantLinearRunner(BoundRunner):
         kernel = blocked_gemm_or_none()
         if kernel is None:
             return []
-        return quant_tactics(m, k, kernel.quant_tiles)
+        return quant_tactics(m, k, kernel.quant_tiles, amx_applies(inputs))
 
     def resolve(self, tactic: Tactic, inputs: Sequence[Any] | None) -> tuple:
         if tactic == DEFAULT_TACTIC:
