@@ -154,7 +154,8 @@ class WeightCache:
         for t in (w, w._base):
             if t is None or t.is_inference():
                 continue
-            if isinstance(t, torch.nn.Parameter) or ((ref := _STATE.get(id(t))) is not None and ref() is t):
+            # marked state first: Parameter's isinstance check runs Python code (a metaclass hook)
+            if ((ref := _STATE.get(id(t))) is not None and ref() is t) or isinstance(t, torch.nn.Parameter):
                 return t
         return None
 
