@@ -4,6 +4,10 @@ Library use without the compiler::
 
     import flashtune_compile as ft
     runner, tactic = ft.AutoTuner.get().choose_one("my_op", runners, config, inputs)
+
+Every name in ``__all__`` documents itself (what it does, its arguments, what it raises, an
+example). Two are constants: ``__version__``, this package's version, and ``DEFAULT_TACTIC`` (-1),
+the tactic of a runner's default implementation, valid for every input.
 """
 
 __version__ = "0.2.0"

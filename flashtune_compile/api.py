@@ -16,13 +16,26 @@ from .tuner.autotuner import AutoTuner
 
 
 def stats() -> dict[str, Any]:
-    """Counters since the last reset: hits, misses, profiles, synthesized, tuning_seconds, ...; and
-    of the re-laid-out weight copies (tuner/weights.py), as they stand now: ``weight_cache_bytes``
-    held, ``weight_cache_budget`` (bytes they may hold), ``weight_copies_made``,
-    ``weight_copies_denied`` (requests refused: those calls ran a tactic needing no copy) and
-    ``weight_copies_displaced`` (dropped to make way for copies worth more time per byte) and
-    ``weight_copy_fallback_calls`` (warm calls whose tactic's copies were not held yet, or were
-    refused, so its fallback tactic ran)."""
+    """The process's counters since the last ``reset_stats()``, as a new dict.
+
+    Tuning: ``hits`` (calls whose bucket was cached), ``misses`` (buckets looked up and not
+    found), ``profiles`` (candidates timed), ``synthesized``, ``tuning_seconds``, ``fallbacks``
+    (unseen buckets run on the default with tuning off), ``rejected`` (candidates that failed or
+    disagreed with the default). Compiling: ``routed_ops`` (calls routed to flashtune's ops),
+    ``handed_back`` (training calls returned to ATen), ``compiles``. Weight copies (docs/weights.md),
+    as they stand now: ``weight_cache_bytes`` held, ``weight_cache_budget`` (bytes they may hold),
+    ``weight_copies_made``, ``weight_copies_denied`` (those calls ran a tactic needing no copy),
+    ``weight_copies_displaced`` (dropped for copies worth more time per byte) and
+    ``weight_copy_fallback_calls`` (warm calls whose tactic's copy was not held, so its fallback ran).
+
+    Raises:
+        Nothing.
+
+    Example::
+
+        compiled(x)
+        print(ft.stats()["routed_ops"], ft.stats()["profiles"])
+    """
     tuner = AutoTuner.get()
     w = tuner.weights
     return {
@@ -37,28 +50,91 @@ def stats() -> dict[str, Any]:
 
 
 def reset_stats() -> None:
-    """Zero every counter of ``stats()``."""
+    """Zero every counter of ``stats()`` (the weight copies themselves stay).
+
+    Raises:
+        Nothing.
+
+    Example::
+
+        ft.reset_stats()
+        compiled(x)
+        assert ft.stats()["profiles"] == 0  # a warm process: every bucket was a cache hit
+    """
     AutoTuner.get().reset_stats()
 
 
 def tactics() -> list[dict[str, Any]]:
-    """One record per cached winner: op, shape_key, bucket, kernel, tactic, time_s, default_s, speedup,
-    cache_dir; of the default cache and of every cache a compiled model named with ``cache_dir``."""
+    """One dict per cached winner, of the default cache and of every cache a compiled model named
+    with ``cache_dir``: ``op``, ``shape_key`` (the static shapes), ``bucket``, ``kernel`` (the
+    runner's name), ``tactic``, ``time_s``, ``default_s``, ``speedup`` (over the default),
+    ``tune_s``, ``cache_dir``.
+
+    Raises:
+        Nothing.
+
+    Example::
+
+        for w in ft.tactics():
+            print(w["op"], w["bucket"], w["kernel"], w["tactic"], f"{w['speedup']:.2f}x")
+    """
     return AutoTuner.get().tactics()
 
 
 def save_cache(path: str | Path) -> int:
-    """Write every cached winner to ``path`` as one JSON document; returns how many."""
+    """Write every winner of the default cache to ``path`` as one JSON document.
+
+    Args:
+        path: the file to write (replaced if it exists).
+
+    Returns:
+        How many winners were written.
+
+    Raises:
+        OSError: ``path`` cannot be written.
+
+    Example::
+
+        ft.save_cache("tactics.json")  # later, elsewhere: ft.load_cache("tactics.json")
+    """
     return AutoTuner.get().cache.save(path)
 
 
 def load_cache(path: str | Path) -> int:
-    """Merge a document written by ``save_cache`` (same environment only, else CacheFileError)."""
+    """Merge a document written by ``save_cache`` into the default cache (and write it through).
+
+    Args:
+        path: a file written by ``save_cache`` (or ``flashtune cache export``).
+
+    Returns:
+        How many winners the document held.
+
+    Raises:
+        CacheFileError: the file is unreadable, damaged, or from another environment (torch,
+            triton, CUDA or flashtune version, GPU or CPU model, timing mode); nothing is merged.
+
+    Example::
+
+        ft.load_cache("tactics.json")
+        compiled = torch.compile(model, backend="flashtune", options={"tune": "off"})
+    """
     return AutoTuner.get().cache.load(path)
 
 
 def clear_cache(disk: bool = True) -> None:
-    """Forget every cached winner; with ``disk``, delete this environment's cache file too."""
+    """Forget every winner of the default cache.
+
+    Args:
+        disk: also delete this environment's cache file (default True); False forgets only what
+            this process holds in memory.
+
+    Raises:
+        OSError: the file exists and cannot be deleted.
+
+    Example::
+
+        ft.clear_cache()  # the next call of each bucket tunes again
+    """
     AutoTuner.get().cache.clear(disk=disk)
 
 
@@ -68,9 +144,16 @@ def prepare(kernels: Iterable[str] | None = None) -> list[builds.Built]:
     35 s) and, with a GPU, the CUDA extension (about 90 s). Each is built once per machine and
     loaded in later processes; a build another process left unfinished is removed and redone.
 
-    Returns one ``Built`` row per compiled family (``status`` "ready", "skipped" or "unavailable",
-    with seconds and the reason); a family that cannot be built is reported there, not raised, and
-    tuning goes on without it. ValueError naming the valid families for an unknown one.
+    Args:
+        kernels: family names ("cpu", "cuda"; a str or an iterable), or None for every family.
+
+    Returns:
+        One ``Built`` row per compiled family (``status`` "ready", "skipped" or "unavailable",
+        with seconds and the reason); a family that cannot be built is reported there, not
+        raised, and tuning goes on without it.
+
+    Raises:
+        ValueError: an unknown family, naming the valid ones.
 
     Example, in an image's build step::
 

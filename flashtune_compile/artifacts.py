@@ -48,7 +48,17 @@ _LIBRARY = re.compile(r"[a-z0-9]{2}/c[a-z0-9]{16,}(\.main)?\.so")  # Inductor's 
 
 
 class ArtifactError(CacheFileError):
-    """An artifact file that cannot be used: unreadable, damaged, or made under another environment."""
+    """An artifact file that cannot be used: unreadable, damaged, or made under another environment
+    (its message names each differing field). Raised by ``load_artifacts``, before anything of the
+    file is used. A subclass of ``CacheFileError``.
+
+    Example::
+
+        try:
+            ft.load_artifacts("model.ftart")
+        except ft.ArtifactError as e:
+            print("tuning from scratch:", e)
+    """
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -106,9 +116,25 @@ def _restore_libraries(libraries: dict[str, bytes]) -> int:
 
 
 def save_artifacts(path: str | Path) -> dict[str, Any]:
-    """Write every cached tactic and this process's Inductor compile artifacts to ``path`` (one
-    file, replaced atomically), with the C++ kernel libraries Inductor built for them. Returns counts:
-    ``tactics``, ``inductor`` (artifacts), ``libraries`` and ``bytes``."""
+    """Write every cached tactic of the default cache and this process's Inductor compile artifacts
+    to ``path`` (one zip file, replaced atomically), with the C++ kernel libraries Inductor built
+    for them, so that a fresh process can start with nothing profiled and nothing compiled.
+
+    Args:
+        path: the file to write, e.g. ``"model.ftart"``.
+
+    Returns:
+        Counts: ``tactics``, ``inductor`` (artifacts), ``libraries`` and ``bytes``.
+
+    Raises:
+        OSError: ``path`` cannot be written.
+
+    Example::
+
+        compiled = torch.compile(model, backend="flashtune", dynamic=True)
+        ft.warmup(compiled, lambda n: (torch.randint(0, vocab, (1, n)),))
+        ft.save_artifacts("model.ftart")
+    """
     path = Path(path)
     tuner = AutoTuner.get()
     entries = tuner.cache.snapshot()
@@ -201,8 +227,23 @@ def _read(path: Path) -> tuple[dict[str, Any], Any, bytes, dict[str, bytes]]:
 def load_artifacts(path: str | Path) -> dict[str, Any]:
     """Use an artifact file made by ``save_artifacts``: its Inductor artifacts go into Inductor's
     caches and its tactics into the tactic cache (written through to disk). Call it before the
-    first compile. Raises ArtifactError, using nothing, if the file is damaged or was made under
-    another environment. Returns counts: ``tactics``, ``inductor`` and ``libraries``."""
+    first compile. Inductor's artifacts are compiled code: load only files you made or trust.
+
+    Args:
+        path: a file written by ``save_artifacts``.
+
+    Returns:
+        Counts: ``tactics``, ``inductor`` and ``libraries``.
+
+    Raises:
+        ArtifactError: the file is missing, damaged, or was made under another environment
+            (torch, triton, CUDA or flashtune version, GPU or CPU); none of it is used.
+
+    Example, in a fresh process::
+
+        ft.load_artifacts("model.ftart")
+        compiled = torch.compile(model, backend="flashtune", dynamic=True, options={"tune": "off"})
+    """
     path = Path(path)
     tuner = AutoTuner.get()
     manifest, doc, blob, libraries = _read(path)

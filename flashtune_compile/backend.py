@@ -300,7 +300,26 @@ def backend(
     ``mode`` is torch.compile's ``mode=`` (Inductor's modes; torch.compile passes it here when no
     options are given, else give it as the ``mode`` option). Under a CUDA-graph mode the inner
     Inductor captures the graph after its warm-up runs; buckets are tuned in those runs, timed as
-    graph replays, and a bucket first seen during capture runs its cached choice or the default."""
+    graph replays, and a bucket first seen during capture runs its cached choice or the default.
+
+    You do not call it: name it in ``torch.compile`` (an entry point, so the import is optional).
+
+    Args:
+        gm: the FX graph Dynamo captured (given by torch.compile).
+        example_inputs: the graph's example inputs (given by torch.compile).
+        options: torch.compile's ``options=``: ``inner``, ``tune``, ``cache_dir``, ``ops``,
+            ``moe_routing``, ``buckets``, ``max_tokens``, ``kernels``, ``mode``,
+            ``inductor_config``, ``distributed`` (the README's options table).
+        mode: torch.compile's ``mode=``.
+
+    Raises:
+        ValueError: an unknown option or a bad value (the message names it and the valid ones),
+            or ``mode`` with ``inner="eager"``.
+
+    Example::
+
+        compiled = torch.compile(model, backend="flashtune", dynamic=True, options={"cache_dir": "tuned"})
+    """
     opts = parse_options(options)
     mode = check_mode(mode)
     if mode is not None and opts.inner != "inductor":

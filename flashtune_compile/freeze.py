@@ -51,8 +51,24 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass
 class FreezeReport:
-    """What ``freeze`` did: modules frozen, bytes of weights replaced by packs and how many of them
-    were freed, the layout chosen per (shape, dtype), and the linears left as they were, with why."""
+    """What ``freeze`` did; prints as a summary.
+
+    Args:
+        frozen: modules frozen.
+        packed_bytes: bytes of weights replaced by packs.
+        freed_bytes: how many of those bytes were freed.
+        layouts: the layout ``(r, pairs)`` chosen per (shape, dtype).
+        kept: the linears left as they were, as (name, why).
+        seconds: how long ``freeze`` took.
+
+    Raises:
+        Nothing (a dataclass).
+
+    Example::
+
+        report = ft.freeze(model)
+        print(report.frozen, report.kept)
+    """
 
     frozen: int = 0
     packed_bytes: int = 0
@@ -191,8 +207,26 @@ def _layout(kernel: Any, w: torch.Tensor) -> tuple[int, int]:
 
 def freeze(model: nn.Module, layout: str | Sequence[int] = "auto") -> FreezeReport:
     """Store every eligible ``nn.Linear`` weight of ``model`` only in the CPU kernel's packed layout
-    (see the module docstring). ``layout``: ``"auto"`` (timed per weight shape) or ``(r, pairs)``.
-    Returns a ``FreezeReport``; RuntimeError where the CPU kernel cannot be built here."""
+    (see the module docstring): one copy of the weights, the packed speed at every size, and the
+    promise Inductor's freezing asks for: the weights no longer change (``unfreeze`` undoes it).
+
+    Args:
+        model: the module whose linears to freeze, in place.
+        layout: ``"auto"`` (timed per weight shape) or ``(r, pairs)``: vectors per block and
+            whether bf16 is packed in pairs of k.
+
+    Returns:
+        A ``FreezeReport``.
+
+    Raises:
+        RuntimeError: the CPU kernel cannot be built on this machine.
+        ValueError: a ``layout`` this CPU's kernel was not built with.
+
+    Example::
+
+        ft.freeze(model)
+        compiled = torch.compile(model, backend="flashtune", dynamic=True)
+    """
     start = time.perf_counter()
     kernel = blocked_gemm_or_none()
     if kernel is None:
@@ -249,7 +283,21 @@ def freeze(model: nn.Module, layout: str | Sequence[int] = "auto") -> FreezeRepo
 
 def unfreeze(model: nn.Module) -> int:
     """Undo ``freeze``: every ``FrozenLinear`` of ``model`` becomes an ``nn.Linear`` again, its weight
-    a parameter with the values it had. Returns how many."""
+    a parameter with the values it had.
+
+    Args:
+        model: a module ``freeze`` froze (modules it did not freeze are left alone).
+
+    Returns:
+        How many linears were unfrozen.
+
+    Raises:
+        Nothing.
+
+    Example::
+
+        ft.unfreeze(model)  # the weights are parameters again, ready for training
+    """
     count = 0
     for module in model.modules():
         if not isinstance(module, FrozenLinear):

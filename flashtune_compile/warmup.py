@@ -47,8 +47,22 @@ class WarmupStep:
 
 @dataclass
 class WarmupReport:
-    """``ft.warmup``'s result: one step per token count this rank ran. Prints as a table (rich or
-    plain). ``merged``: winners received from other ranks (a data-parallel warmup)."""
+    """``ft.warmup``'s result; prints as a table (rich or plain).
+
+    Args:
+        steps: one step per token count this rank ran: the count, its bucket, seconds, buckets
+            tuned, timings and cache hits.
+        seconds: the whole warmup's time.
+        merged: winners received from other ranks (a data-parallel warmup).
+
+    Raises:
+        Nothing (a dataclass).
+
+    Example::
+
+        report = ft.warmup(compiled, make_inputs)
+        print(report)  # the table
+    """
 
     steps: list[WarmupStep] = field(default_factory=list)
     seconds: float = 0.0
@@ -195,6 +209,30 @@ def warmup(
     buckets. False: this rank alone, no coordination. None (the default): True under the
     "replicas" strategy (``$FLASHTUNE_DISTRIBUTED``), else every rank runs every count and the
     ranks settle each bucket together as they reach it (lockstep).
+
+    Args:
+        compiled: a model compiled with ``backend="flashtune"``.
+        make_inputs: ``make_inputs(n)`` -> the call's arguments for ``n`` tokens.
+        num_tokens: the token counts to run (default: every bucket up to ``max_tokens``).
+        max_tokens: the top of the default ladder (default: the compiled options', else 8192).
+        buckets: the ladder (default: the compiled options').
+        grad: run the calls with gradients enabled.
+        progress: show the bar and the closing table.
+        distributed: see above.
+        prepare: build the compiled kernel families first.
+
+    Returns:
+        A ``WarmupReport``.
+
+    Raises:
+        ValueError: ``num_tokens`` or ``max_tokens`` that are not positive ints.
+        DistributedTuningError: the ranks could not settle a bucket together.
+        Whatever the model raises on the inputs.
+
+    Example::
+
+        compiled = torch.compile(model, backend="flashtune", dynamic=True)
+        ft.warmup(compiled, lambda n: (torch.randint(0, vocab, (1, n)),), max_tokens=512)
     """
     axis = token_axis(compiled, max_tokens, buckets)
     sizes = _check_sizes(num_tokens) if num_tokens is not None else list(axis.ladder)

@@ -60,9 +60,17 @@ class Stats:
 
 @contextlib.contextmanager
 def autotune(enabled: bool = True) -> Iterator[None]:
-    """Inside, unseen buckets are tuned (``enabled=False``: never), whatever the tune mode says.
+    """A context manager inside which unseen buckets are tuned, whatever the tune mode says.
 
-    Applies to the current thread (and its asyncio tasks). Example::
+    Applies to the current thread (and its asyncio tasks).
+
+    Args:
+        enabled: True tunes unseen buckets inside; False never tunes them (they run the default).
+
+    Raises:
+        Nothing.
+
+    Example::
 
         with ft.autotune():
             model(x)        # profiles the buckets of x's sizes once
@@ -78,7 +86,26 @@ class AutoTuner:
     """The process-wide tuner. It owns everything flashtune keeps between calls, so a new tuner
     (``AutoTuner.reset``) starts clean: the tactic caches (its default one and any a model names
     with ``cache_dir``), the stats, compiled call sites, candidate runner sets, re-laid-out weight
-    copies, profiling generators, and what ops learn from real calls (``state``)."""
+    copies, profiling generators, and what ops learn from real calls (``state``).
+    ``AutoTuner.get()`` is the process's tuner; ``choose_one(op, runners, config, inputs)`` returns
+    the (runner, tactic) for the inputs' bucket, tuning it first if it is unseen and tuning is on.
+
+    Args:
+        cache_dir: the default tactic cache's directory (default $FLASHTUNE_CACHE_DIR, else the
+            user cache dir); None keeps it in memory.
+        tune: "auto" or "off" (default $FLASHTUNE_TUNE, else "auto").
+        settings: the timer's ``ProfilerSettings``.
+        min_gain: a candidate replaces the default only if faster by this fraction.
+        copy_min_gain: a candidate reading a weight copy wins only if faster than the best without
+            one by this fraction (a copy costs the weight's memory again).
+
+    Raises:
+        ValueError: ``tune`` (or $FLASHTUNE_TUNE) is not "auto" or "off".
+
+    Example: a process whose tactics live in memory only::
+
+        old = ft.AutoTuner.reset(ft.AutoTuner(cache_dir=None))
+    """
 
     _instance: AutoTuner | None = None
     _instance_lock = threading.Lock()

@@ -62,11 +62,24 @@ def make_ladder(spec: LadderSpec, max_size: int, min_size: int = 1) -> tuple[int
 
 @dataclass(frozen=True)
 class DynamicDim:
-    """One dynamic axis: dim ``dim_idx[i]`` of input ``input_idx[i]`` for every i share its size.
+    """One dynamic axis of an op: dim ``dim_idx[i]`` of input ``input_idx[i]``, for every i, share
+    its size, and a runtime size maps up to the smallest bucket at least as large.
 
-    ``buckets`` picks the ladder ("pow2", "hybrid", or explicit sorted ints); ``max_size`` is the
-    top of the generated ladder and ``min_size`` its bottom (e.g. from a symbol's value range).
-    Example: every token-count axis of a linear: ``DynamicDim(input_idx=0, dim_idx=0)``.
+    Args:
+        input_idx: the input (or inputs) that have the axis.
+        dim_idx: the axis's dim in each of them (one for all, or one per input).
+        buckets: the ladder: "pow2", "hybrid" (powers of two to 256, then steps of 256 to 2048,
+            of 512 to 4096, then powers of two) or an explicit strictly increasing list of ints.
+        max_size: the top of a generated ladder.
+        min_size: its bottom (e.g. from a symbol's value range).
+
+    Raises:
+        ValueError: ``dim_idx`` matches neither one nor every input, ``min_size`` / ``max_size``
+            out of order, or an unknown ladder.
+
+    Example: the token-count axis of a linear's input::
+
+        ft.DynamicDim(input_idx=0, dim_idx=0, buckets="hybrid")
     """
 
     input_idx: tuple[int, ...] | int
@@ -102,9 +115,22 @@ class DynamicDim:
 
 @dataclass(frozen=True)
 class ConstraintSpec:
-    """A dim derived from the others: dim ``dim_idx`` of input ``input_idx`` is
-    ``infer(shapes)``, where ``shapes`` lists every input's synthesized shape (None for non-tensors).
-    Example: per-expert offsets of length ``shapes[2][0]``; the key treats the dim as dynamic."""
+    """A dim derived from the others when inputs are synthesized for a bucket; the cache key
+    treats the dim as dynamic.
+
+    Args:
+        input_idx: the input whose dim is derived.
+        dim_idx: which of its dims.
+        infer: ``infer(shapes) -> int``, where ``shapes`` lists every input's synthesized shape
+            (None for non-tensors).
+
+    Raises:
+        Nothing here; an ``infer`` that raises fails that bucket's tuning.
+
+    Example: per-expert offsets as long as the expert weights' first dim::
+
+        ft.ConstraintSpec(input_idx=1, dim_idx=0, infer=lambda shapes: shapes[2][0])
+    """
 
     input_idx: int
     dim_idx: int
@@ -118,12 +144,25 @@ Initializer = Callable[[tuple, Any, Any], Any]  # (shape, dtype, device) -> Tens
 class TuningConfig:
     """How an op is tuned: its dynamic axes, derived dims, input initializers and tolerance.
 
-    ``initializers`` maps an input index to ``fn(shape, dtype, device) -> Tensor`` used when that
-    input is synthesized for profiling (e.g. ids within their valid range). ``rtol`` overrides the
-    dtype's tolerance when candidates are checked against the default runner. ``weights_change``:
-    the weights are updated between calls (a training graph, where the optimizer steps them), so a
-    tactic reading a weight copy is timed with the copy made again on every call, and at run time
-    a stale copy is made again at once; such buckets have cache keys of their own.
+    Args:
+        dynamic: the op's ``DynamicDim`` axes (a call's bucket is one size per axis).
+        constraints: ``ConstraintSpec`` dims derived from the others.
+        initializers: input index -> ``fn(shape, dtype, device) -> Tensor``, used when that input
+            is synthesized for profiling (e.g. ids within their valid range).
+        rtol: overrides the dtype's tolerance when candidates are checked against the default.
+        weights_change: the weights are updated between calls (a training graph, where the
+            optimizer steps them), so a tactic reading a weight copy is timed with the copy made
+            again on every call, and at run time a stale copy is made again at once; such buckets
+            have cache keys of their own.
+
+    Raises:
+        TypeError: an entry of ``dynamic`` is not a ``DynamicDim``.
+        ValueError: one (input, dim) pair in two axes.
+
+    Example::
+
+        config = ft.TuningConfig(dynamic=[ft.DynamicDim(input_idx=0, dim_idx=0, buckets="hybrid")])
+        runner, tactic = ft.AutoTuner.get().choose_one("my_mm", runners, config, (x, w))
     """
 
     dynamic: tuple[DynamicDim, ...] = ()

@@ -174,7 +174,16 @@ def _entry_from_json(obj: Any) -> tuple[Key, Entry]:
 
 
 class CacheFileError(ValueError):
-    """A cache document that cannot be used: unreadable, malformed, or from another environment."""
+    """A cache document that cannot be used: unreadable, malformed, or from another environment (the
+    message says which). Raised by ``load_cache`` and ``flashtune cache import``; a ValueError.
+
+    Example::
+
+        try:
+            ft.load_cache("tactics.json")
+        except ft.CacheFileError as e:
+            print("not loaded:", e)
+    """
 
 
 def read_document(path: Path, env: dict[str, Any] | None) -> dict[Key, Entry]:

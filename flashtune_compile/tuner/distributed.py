@@ -43,7 +43,17 @@ T = TypeVar("T")
 
 class DistributedTuningError(RuntimeError):
     """Ranks could not settle a tuning decision together: one failed, died, timed out, or runs
-    other software or devices."""
+    other software or devices (the message names the rank and the cause). Raised by the call that
+    was tuning (a compiled model's call, ``ft.warmup``), on every rank; a RuntimeError.
+
+    Example::
+
+        try:
+            ft.warmup(compiled, make_inputs)
+        except ft.DistributedTuningError as e:
+            print(f"rank {dist.get_rank()}: {e}")
+            raise
+    """
 
 
 @dataclass
@@ -59,8 +69,21 @@ _teams_lock = threading.Lock()
 
 
 def set_process_group(group: Any = None, timeout: float | None = None) -> None:
-    """Coordinate tuning over ``group`` (e.g. one tensor-parallel group) instead of the whole job
-    (None, the default); ``timeout``: seconds any rank waits for the others in one exchange."""
+    """Coordinate tuning over ``group`` instead of the whole job.
+
+    Args:
+        group: a ``torch.distributed`` process group (e.g. one tensor-parallel group), or None for
+            the default (world) group.
+        timeout: seconds any rank waits for the others in one exchange (None: the default).
+
+    Raises:
+        ValueError: ``timeout`` is not a positive number.
+
+    Example::
+
+        dist.init_process_group("nccl")
+        ft.set_process_group(tp_group, timeout=600)
+    """
     if timeout is not None and not timeout > 0:
         raise ValueError(f"flashtune: the distributed timeout must be a positive number of seconds, got {timeout!r}")
     _selection.group, _selection.timeout_s = group, timeout

@@ -121,8 +121,31 @@ def undecided(times: Sequence[Timing], min_gain: float) -> list[int]:
 
 @dataclass(frozen=True)
 class ProfilerSettings:
-    """Knobs of the timer. ``mode`` goes into the cache's environment: timings taken with other
-    settings are not comparable."""
+    """Knobs of the timer, given to ``AutoTuner(settings=...)``. ``mode`` goes into the cache's
+    environment: timings taken with other settings are not comparable.
+
+    Args:
+        block_seconds: CPU: minimum wall time of one timed block of calls.
+        rounds: CPU: blocks per candidate (median over these) ...
+        min_rounds: ... but stop after this many once ``max_seconds`` is spent.
+        max_seconds: CPU: time budget of one bucket's timing loop.
+        prune_after: CPU: rounds before clearly slower candidates stop being timed.
+        prune_ratio: CPU: "clearly slower" = this many times the best median.
+        settle_seconds: CPU: extra budget to decide candidates ahead of the default but not clearly.
+        settle_rounds: CPU: rounds per settling step.
+        cuda_warmup_ms: CUDA: warm-up time per candidate (``do_bench``).
+        cuda_rep_ms: CUDA: timed repeats' total time per candidate.
+        cold_l2: each timed call finds cold caches (CUDA: L2 flushed; CPU: last-level cache
+            evicted), as a layer runs in a model; False times back-to-back calls.
+        cuda_graph: CUDA: time replays of a captured graph (how a CUDA-graph deployment runs).
+
+    Raises:
+        Nothing (a frozen dataclass).
+
+    Example: a model whose weights all fit in the cache::
+
+        ft.AutoTuner.reset(ft.AutoTuner(settings=ft.ProfilerSettings(cold_l2=False)))
+    """
 
     block_seconds: float = 2e-3  # CPU: minimum wall time of one timed block of calls
     rounds: int = 15  # CPU: blocks per candidate (median over these) ...

@@ -17,7 +17,21 @@ DEFAULT_TACTIC = -1
 
 @dataclass(frozen=True)
 class BucketProfile:
-    """The bucket being tuned: one size per dynamic axis, and every input's shape at that size."""
+    """The bucket being tuned, as ``TunableRunner.get_valid_tactics`` sees it.
+
+    Args:
+        bucket: one size per dynamic axis of the op's ``TuningConfig`` (the bucket's upper end).
+        shapes: every input's shape at that size (None for an input that is not a tensor).
+
+    Raises:
+        Nothing (a frozen dataclass).
+
+    Example::
+
+        def get_valid_tactics(self, inputs, profile):
+            m = profile.bucket[0]  # or profile.shapes[0][0]
+            return [t for t in (16, 64, 256) if t <= m]
+    """
 
     bucket: tuple[int, ...]
     shapes: tuple[Any, ...]
@@ -29,7 +43,24 @@ class TunableRunner:
     Subclasses set a stable ``name`` (it is persisted) and implement ``forward``. They must be
     functional: ``forward`` must not modify its inputs. ``cache_key_extras`` must depend only on
     input metadata and scalars (dtype, layout, flags), never on data, so that real and synthesized
-    inputs give the same answer.
+    inputs give the same answer. Takes no constructor arguments of its own.
+
+    Raises:
+        NotImplementedError: ``forward`` of a subclass that does not define it. An exception a
+            subclass raises while tuning only rules that tactic out (the reason is kept in
+            ``ft.tactics()``); at run time it propagates.
+
+    Example::
+
+        class Chunked(ft.TunableRunner):
+            name = "mm_chunked"
+
+            def get_valid_tactics(self, inputs, profile):
+                return [t for t in (16, 64, 256) if t <= profile.bucket[0]]
+
+            def forward(self, inputs, tactic=-1):
+                x, w = inputs
+                return torch.cat([x[i : i + tactic] @ w for i in range(0, len(x), tactic)])
     """
 
     name: str = ""
