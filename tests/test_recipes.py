@@ -4,6 +4,8 @@ computes with flashtune equals what eager computes, with flashtune's ops actuall
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +54,12 @@ def test_moe_model(tuner):
     for a, b in zip(eager, tuned):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert any(w["op"] == "moe" for w in ft.tactics())
+
+
+def test_tuning_across_two_ranks_under_torchrun(tmp_path):
+    env = {**os.environ, "FLASHTUNE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(EXAMPLES / "distributed.py"), "--max-tokens", "8", "--cache-dir", str(tmp_path / "ranks")]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "identical on every rank" in out.stdout and "output matches the unsharded model" in out.stdout
