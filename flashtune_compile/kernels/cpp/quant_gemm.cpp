@@ -184,13 +184,19 @@ void ftile(const float* w, const float* xt, int64_t steps, float* acc) {
 }
 
 #if FT_PAIRS
-// Steps [k0, k1) of one block widened to bf16 into out [ceil((k1 - k0) / 2)][NB] pairs (q[k][n],
-// q[k + 1][n]) as 32 bits, low half first, the second half zero past k1: the layout vdpbf16ps
-// multiplies. Exact: an int8 (or int4 + 8) value needs 8 of bf16's bits; the scales come after the
-// sums, in fp32. k0 is even.
+// Steps [k0, k1) of one block widened to bf16 into out [ceil((k1 - k0) / 2)][NB] pairs (w[k][n],
+// w[k + 1][n]) as 32 bits, low half first, the second half zero past k1: the layout vdpbf16ps and
+// tdpbf16ps multiply. k0 is even. Without ``scales``, w = q exactly (an int8 value, or int4 + 8,
+// needs 8 of bf16's bits; the scales come after the sums, in fp32). With them (groups along K, gs
+// even), w = s * q - zs (zs may be null; int4: q + 8 and (z + 8) * s), the weight itself rounded
+// once to bf16 (nearest even, as vcvtne2ps2bf16 rounds).
 template <int BITS, int R>
-void dequantize_pairs(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1, uint32_t* out) {
+void dequantize_pairs(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1, uint32_t* out,
+                      int64_t gs = 1, const float* scales = nullptr, const float* zs = nullptr) {
   constexpr int NB = R * VL;
+  // (w[n], v[n]) adjacent: vcvtne2ps2bf16 puts w's 16 values below v's
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const int64_t ahead = dq_ahead();
   for (int64_t k = k0; k < k1; k += 2) {
     __builtin_prefetch(panel + k * step_bytes + ahead, 0, TO_L2);
@@ -199,10 +205,21 @@ void dequantize_pairs(const uint8_t* panel, int64_t step_bytes, int64_t k0, int6
     const bool two = k + 1 < k1;
     if (two) widen<BITS, R>(panel + (k + 1) * step_bytes, v);
     uint32_t* o = out + (k - k0) / 2 * NB;
+    if (scales == nullptr) {
+      for (int r = 0; r < R; ++r) {
+        vu32 pair = (vu32)w[r] >> 16;  // a vector cast keeps the bits
+        if (two) pair |= (vu32)v[r] & 0xFFFF0000u;
+        *reinterpret_cast<vu32_u*>(o + r * VL) = pair;
+      }
+      continue;
+    }
+    const float* s = scales + (k / gs) * NB;
+    const float* z = zs ? zs + (k / gs) * NB : nullptr;
     for (int r = 0; r < R; ++r) {
-      vu32 pair = (vu32)w[r] >> 16;  // a vector cast keeps the bits
-      if (two) pair |= (vu32)v[r] & 0xFFFF0000u;
-      *reinterpret_cast<vu32_u*>(o + r * VL) = pair;
+      const vf sr = load(s + r * VL), zr = z ? load(z + r * VL) : vf{};
+      const vf lo = w[r] * sr - zr, hi = two ? v[r] * sr - zr : vf{};
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);
+      _mm512_storeu_si512(o + r * VL, _mm512_permutexvar_epi16(interleave, both));
     }
   }
 }
@@ -237,35 +254,6 @@ void btile(const uint32_t* w, const uint32_t* xp, int64_t pairs, const float* sc
   }
 }
 
-// Steps [k0, k1) of one block as dequantize_pairs lays them out, but each value the weight itself,
-// s * q - z * s (zs; int4: q + 8 and (z + 8) * s), rounded once to bf16 (nearest even, as
-// vcvtne2ps2bf16 rounds): for groups along K, whose scales cannot wait for the sums. k0 is even
-// and so is gs.
-template <int BITS, int R>
-void dequantize_pairs_scaled(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1, int64_t gs,
-                             const float* scales, const float* zs, uint32_t* out) {
-  constexpr int NB = R * VL;
-  // (w[n], v[n]) adjacent: vcvtne2ps2bf16 puts w's 16 values below v's
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const int64_t ahead = dq_ahead();
-  for (int64_t k = k0; k < k1; k += 2) {
-    __builtin_prefetch(panel + k * step_bytes + ahead, 0, TO_L2);
-    vf w[R], v[R];
-    widen<BITS, R>(panel + k * step_bytes, w);
-    const bool two = k + 1 < k1;
-    if (two) widen<BITS, R>(panel + (k + 1) * step_bytes, v);
-    const float* s = scales + (k / gs) * NB;
-    const float* z = zs ? zs + (k / gs) * NB : nullptr;
-    uint32_t* o = out + (k - k0) / 2 * NB;
-    for (int r = 0; r < R; ++r) {
-      const vf sr = load(s + r * VL), zr = z ? load(z + r * VL) : vf{};
-      const vf lo = w[r] * sr - zr, hi = two ? v[r] * sr - zr : vf{};
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);
-      _mm512_storeu_si512(o + r * VL, _mm512_permutexvar_epi16(interleave, both));
-    }
-  }
-}
 #endif
 
 constexpr int AMX_ROWS = 16;  // the AMX tile's rows: the tile height that means "sum with AMX"
@@ -440,10 +428,8 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
       const float* sc = sp + j * G * NB;
       for (int64_t cs = k0; cs < k1; cs += chunk) {
         const int64_t ce = std::min(k1, cs + chunk), steps = ceil_div(ce - cs, AMX_STEP);
-        if (folded)
-          dequantize_pairs_scaled<BITS, R>(panel, step_bytes, cs, ce, gs, sc, zp ? zp + j * G * NB : nullptr, pairs32);
-        else
-          dequantize_pairs<BITS, R>(panel, step_bytes, cs, ce, pairs32);
+        dequantize_pairs<BITS, R>(panel, step_bytes, cs, ce, pairs32, gs, folded ? sc : nullptr,
+                                  folded && zp ? zp + j * G * NB : nullptr);
         std::fill(pairs32 + ceil_div(ce - cs, 2) * NB, pairs32 + steps * 16 * NB, 0u);  // k past the chunk
         amx_tiles<R>(pairs32, xa + cs / 32 * MR * 32, S, tiles, steps, acc, cs > k0);
       }
@@ -521,11 +507,8 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j = t / ksplit, s = t % ksplit;
       task(j, std::min(K, s * kstep), std::min(K, (s + 1) * kstep), partial + t * slice);
-      // a block's epilogue after the next block's sums: reading sums that AMX tiles have just
-      // stored stalled the epilogue
-      if (ksplit == 1 && t > t0) epilogue(partial + (t - 1) * slice, j - 1);
+      if (ksplit == 1) epilogue(partial + t * slice, j);
     }
-    if (ksplit == 1 && t1 > t0) epilogue(partial + (t1 - 1) * slice, t1 - 1);
 #if FT_AMX
     if (AMX) _tile_release();
 #endif
