@@ -190,9 +190,19 @@ void ftile(const float* w, const float* xt, int64_t steps, float* acc) {
 // needs 8 of bf16's bits; the scales come after the sums, in fp32). With them (groups along K, gs
 // even), w = s * q - zs (zs may be null; int4: q + 8 and (z + 8) * s), the weight itself rounded
 // once to bf16 (nearest even, as vcvtne2ps2bf16 rounds).
-template <int BITS, int R>
+//
+// Where the pairs go: TILED false, [pairs][NB]; TILED true (AMX), in tiles [pairs / 16][R][16][VL],
+// each 16 pairs by 16 columns one contiguous KB (a tile load whose rows lie 256 bytes apart, as
+// [pairs][NB] puts them at NB = 64, took 1.3x as long); k0 is then pair p0 of out.
+template <int R, bool TILED>
+inline uint32_t* pair_row(uint32_t* out, int64_t p, int r) {
+  static_assert(!TILED || VL == 16, "AMX tiles are 16 fp32 columns wide");
+  return TILED ? out + ((p >> 4) * R + r) * 256 + (p & 15) * 16 : out + p * R * VL + r * VL;
+}
+
+template <int BITS, int R, bool TILED = false>
 void dequantize_pairs(const uint8_t* panel, int64_t step_bytes, int64_t k0, int64_t k1, uint32_t* out,
-                      int64_t gs = 1, const float* scales = nullptr, const float* zs = nullptr) {
+                      int64_t gs = 1, const float* scales = nullptr, const float* zs = nullptr, int64_t p0 = 0) {
   constexpr int NB = R * VL;
   // (w[n], v[n]) adjacent: vcvtne2ps2bf16 puts w's 16 values below v's
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
@@ -204,12 +214,12 @@ void dequantize_pairs(const uint8_t* panel, int64_t step_bytes, int64_t k0, int6
     widen<BITS, R>(panel + k * step_bytes, w);
     const bool two = k + 1 < k1;
     if (two) widen<BITS, R>(panel + (k + 1) * step_bytes, v);
-    uint32_t* o = out + (k - k0) / 2 * NB;
+    const int64_t p = p0 + (k - k0) / 2;
     if (scales == nullptr) {
       for (int r = 0; r < R; ++r) {
         vu32 pair = (vu32)w[r] >> 16;  // a vector cast keeps the bits
         if (two) pair |= (vu32)v[r] & 0xFFFF0000u;
-        *reinterpret_cast<vu32_u*>(o + r * VL) = pair;
+        *reinterpret_cast<vu32_u*>(pair_row<R, TILED>(out, p, r)) = pair;
       }
       continue;
     }
@@ -219,7 +229,7 @@ void dequantize_pairs(const uint8_t* panel, int64_t step_bytes, int64_t k0, int6
       const vf sr = load(s + r * VL), zr = z ? load(z + r * VL) : vf{};
       const vf lo = w[r] * sr - zr, hi = two ? v[r] * sr - zr : vf{};
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);
-      _mm512_storeu_si512(o + r * VL, _mm512_permutexvar_epi16(interleave, both));
+      _mm512_storeu_si512(pair_row<R, TILED>(out, p, r), _mm512_permutexvar_epi16(interleave, both));
     }
   }
 }
@@ -296,13 +306,16 @@ inline void amx_configure() {
 
 // acc [tiles * 16][NB] (+)= the x panel's tiles (xa: [tiles][S][16][32] bf16 bits, each tile of
 // 16 rows by 32 k one contiguous KB; S steps per row tile; from the chunk's first step) times the
-// chunk's pairs w ([steps * 16][NB], dequantize_pairs' layout) over `steps` steps of 32 k; ``add``:
-// onto acc's sums, else over them. Two row tiles by two column tiles at a time.
-template <int R>
-void amx_tiles(const uint32_t* w, const uint16_t* xa, int64_t S, int64_t tiles, int64_t steps, float* acc, bool add) {
+// chunk's pairs w (dequantize_pairs' TILED layout: [steps][R][16 pairs][16 columns]) over `steps`
+// steps of 32 k; ``add``:
+// onto acc's sums, else over them. Two row tiles by two column tiles at a time; ``between()`` after
+// each step's products (vector work there runs while the AMX unit multiplies).
+template <int R, typename Between>
+void amx_tiles(const uint32_t* w, const uint16_t* xa, int64_t S, int64_t tiles, int64_t steps, float* acc, bool add,
+               Between&& between) {
   constexpr int NB = R * VL;
   static_assert(NB % 32 == 0, "the AMX tiles take columns 32 at a time");
-  constexpr int64_t ldc = NB * 4, ldw = NB * 4, lda = 64, tile = 16 * 32;
+  constexpr int64_t ldc = NB * 4, ldw = 64, lda = 64, tile = 16 * 32;
   for (int64_t t = 0; t < tiles; t += 2) {
     const bool two = t + 1 < tiles;
     const uint16_t* a = xa + t * S * tile;
@@ -322,10 +335,10 @@ void amx_tiles(const uint32_t* w, const uint16_t* xa, int64_t S, int64_t tiles, 
         _tile_zero(3);
       }
       for (int64_t s = 0; s < steps; ++s) {
-        const uint32_t* b = w + s * 16 * NB + c;
+        const uint32_t* b = w + (s * R + c / 16) * 256;  // column tiles c / 16 and the next
         _tile_loadd(4, a + s * tile, lda);
         _tile_loadd(6, b, ldw);
-        _tile_loadd(7, b + 16, ldw);
+        _tile_loadd(7, b + 256, ldw);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         if (two) {
@@ -333,6 +346,7 @@ void amx_tiles(const uint32_t* w, const uint16_t* xa, int64_t S, int64_t tiles, 
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
         }
+        between();
       }
       _tile_stored(0, o, ldc);
       _tile_stored(1, o + 16, ldc);
@@ -420,18 +434,44 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
     thread_local std::vector<float> scratch;
 #if FT_AMX
     if constexpr (AMX) {  // k0 is a multiple of AMX_STEP (kstep is)
+      // Chunks of AMX_PAIRS_BYTES of pairs, two buffers: chunk i+1 is widened a few pairs after
+      // each step of chunk i's tiles, so the vector units widen while the AMX unit multiplies
+      // (widened apart, the widening was a fifth of the kernel's time at M = 128).
       constexpr int64_t chunk = AMX_PAIRS_BYTES / (NB * 2);  // k per pass, a multiple of 32
-      const size_t need = chunk / 2 * NB + 16;
-      if (scratch.size() < need) scratch.resize(need);
-      uint32_t* pairs32 = align64(reinterpret_cast<uint32_t*>(scratch.data()));
+      const size_t one = chunk / 2 * NB + 16;
+      if (scratch.size() < 2 * one) scratch.resize(2 * one);
+      uint32_t* const raw = reinterpret_cast<uint32_t*>(scratch.data());
+      uint32_t* const buf[2] = {align64(raw), align64(raw + one)};
       const uint8_t* panel = wp + j * K * step_bytes;
       const float* sc = sp + j * G * NB;
-      for (int64_t cs = k0; cs < k1; cs += chunk) {
+      const float* fs = folded ? sc : nullptr;
+      const float* fz = folded && zp ? zp + j * G * NB : nullptr;
+      // k [a, b) of the chunk from cs widened into out; the chunk's steps zero past ce once done.
+      auto widen = [&](int64_t a, int64_t b, int64_t cs, uint32_t* out) {
+        dequantize_pairs<BITS, R, true>(panel, step_bytes, a, b, out, gs, fs, fz, (a - cs) / 2);
+      };
+      auto pad = [&](int64_t cs, int64_t ce, uint32_t* out) {
+        for (int64_t p = ceil_div(ce - cs, 2); p < ceil_div(ce - cs, AMX_STEP) * 16; ++p)
+          for (int r = 0; r < R; ++r) std::fill_n(pair_row<R, true>(out, p, r), VL, 0u);
+      };
+      widen(k0, std::min(k1, k0 + chunk), k0, buf[0]);
+      pad(k0, std::min(k1, k0 + chunk), buf[0]);
+      for (int64_t cs = k0, i = 0; cs < k1; cs += chunk, ++i) {
         const int64_t ce = std::min(k1, cs + chunk), steps = ceil_div(ce - cs, AMX_STEP);
-        dequantize_pairs<BITS, R>(panel, step_bytes, cs, ce, pairs32, gs, folded ? sc : nullptr,
-                                  folded && zp ? zp + j * G * NB : nullptr);
-        std::fill(pairs32 + ceil_div(ce - cs, 2) * NB, pairs32 + steps * 16 * NB, 0u);  // k past the chunk
-        amx_tiles<R>(pairs32, xa + cs / 32 * MR * 32, S, tiles, steps, acc, cs > k0);
+        const int64_t ns = ce, ne = std::min(k1, ce + chunk);  // the next chunk
+        uint32_t* const next = buf[(i + 1) & 1];
+        const int64_t calls = ceil_div(tiles, 2) * (NB / 32) * steps;
+        const int64_t per = round_up(ceil_div(ne - ns, calls), 2);
+        int64_t at = ns;
+        amx_tiles<R>(buf[i & 1], xa + cs / 32 * MR * 32, S, tiles, steps, acc, cs > k0, [&] {
+          if (at < ne) {
+            const int64_t b = std::min(ne, at + per);
+            widen(at, b, ns, next);
+            at = b;
+          }
+        });
+        if (at < ne) widen(at, ne, ns, next);
+        if (ns < ne) pad(ns, ne, next);
       }
       if (!folded)  // one group per row: the sums of x * q times the row's scale
         for (int64_t m = 0; m < tiles * MR; ++m)
@@ -498,16 +538,23 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
   };
   // A split starts on a pair (AMX: on a step of 32).
   const int64_t kstep = round_up(ceil_div(K, ksplit), AMX ? 32 : 2);
-  std::vector<float> partial_buffer(nblk * ksplit * slice + 16, 0.f);
+  // Split K: every task's sums kept for the epilogue. Else one task's sums at a time, in a buffer
+  // of the thread's that stays in cache (a buffer of every block's sums, N * M floats, was
+  // allocated and zeroed on each call: at M = 128, 0.5 ms of the block's 4 weights' 8.6 ms).
+  std::vector<float> partial_buffer(ksplit > 1 ? nblk * ksplit * slice + 16 : 0, 0.f);
   float* const partial = align64(partial_buffer.data());
   at::parallel_for(0, nblk * ksplit, 1, [&](int64_t t0, int64_t t1) {
 #if FT_AMX
     if (AMX) amx_configure();  // per thread, per call: the tile configuration is thread state
 #endif
+    thread_local std::vector<float> own;
+    if (ksplit == 1 && own.size() < size_t(slice + 16)) own.resize(slice + 16);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j = t / ksplit, s = t % ksplit;
-      task(j, std::min(K, s * kstep), std::min(K, (s + 1) * kstep), partial + t * slice);
-      if (ksplit == 1) epilogue(partial + t * slice, j);
+      float* acc = ksplit > 1 ? partial + t * slice : align64(own.data());
+      if (ksplit == 1) std::fill(acc, acc + slice, 0.f);
+      task(j, std::min(K, s * kstep), std::min(K, (s + 1) * kstep), acc);
+      if (ksplit == 1) epilogue(acc, j);
     }
 #if FT_AMX
     if (AMX) _tile_release();
