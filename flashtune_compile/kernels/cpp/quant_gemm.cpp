@@ -307,9 +307,9 @@ inline void amx_configure() {
 // acc [tiles * 16][NB] (+)= the x panel's tiles (xa: [tiles][S][16][32] bf16 bits, each tile of
 // 16 rows by 32 k one contiguous KB; S steps per row tile; from the chunk's first step) times the
 // chunk's pairs w (dequantize_pairs' TILED layout: [steps][R][16 pairs][16 columns]) over `steps`
-// steps of 32 k; ``add``:
-// onto acc's sums, else over them. Two row tiles by two column tiles at a time; ``between()`` after
-// each step's products (vector work there runs while the AMX unit multiplies).
+// steps of 32 k; ``add``: onto acc's sums, else over them. Two row tiles by two column tiles at a
+// time; ``between()`` after each step's products (vector work there runs while the AMX unit
+// multiplies).
 template <int R, typename Between>
 void amx_tiles(const uint32_t* w, const uint16_t* xa, int64_t S, int64_t tiles, int64_t steps, float* acc, bool add,
                Between&& between) {
@@ -446,16 +446,18 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
       const float* sc = sp + j * G * NB;
       const float* fs = folded ? sc : nullptr;
       const float* fz = folded && zp ? zp + j * G * NB : nullptr;
-      // k [a, b) of the chunk from cs widened into out; the chunk's steps zero past ce once done.
+      // k [a, b) of the chunk from cs widened into out
       auto widen = [&](int64_t a, int64_t b, int64_t cs, uint32_t* out) {
         dequantize_pairs<BITS, R, true>(panel, step_bytes, a, b, out, gs, fs, fz, (a - cs) / 2);
       };
-      auto pad = [&](int64_t cs, int64_t ce, uint32_t* out) {
+      // the chunk from cs made whole from k = from on: the rest widened, its last step zero past it
+      auto finish = [&](int64_t cs, int64_t from, uint32_t* out) {
+        const int64_t ce = std::min(k1, cs + chunk);
+        if (from < ce) widen(from, ce, cs, out);
         for (int64_t p = ceil_div(ce - cs, 2); p < ceil_div(ce - cs, AMX_STEP) * 16; ++p)
           for (int r = 0; r < R; ++r) std::fill_n(pair_row<R, true>(out, p, r), VL, 0u);
       };
-      widen(k0, std::min(k1, k0 + chunk), k0, buf[0]);
-      pad(k0, std::min(k1, k0 + chunk), buf[0]);
+      finish(k0, k0, buf[0]);
       for (int64_t cs = k0, i = 0; cs < k1; cs += chunk, ++i) {
         const int64_t ce = std::min(k1, cs + chunk), steps = ceil_div(ce - cs, AMX_STEP);
         const int64_t ns = ce, ne = std::min(k1, ce + chunk);  // the next chunk
@@ -470,8 +472,7 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
             at = b;
           }
         });
-        if (at < ne) widen(at, ne, ns, next);
-        if (ns < ne) pad(ns, ne, next);
+        if (ns < ne) finish(ns, at, next);
       }
       if (!folded)  // one group per row: the sums of x * q times the row's scale
         for (int64_t m = 0; m < tiles * MR; ++m)
