@@ -11,6 +11,7 @@ from helpers import MMSlow
 
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpp import load_blocked_gemm
+from flashtune_compile.tuner import memory as memory_module
 from flashtune_compile.tuner import weights as weights_module
 from flashtune_compile.tuner.cache import Entry
 from flashtune_compile.tuner.weights import CopyDenied, WeightCache, admitting
@@ -135,12 +136,12 @@ def test_the_default_budget_is_a_share_of_the_weights_and_never_past_free_memory
     gc.collect()
     assert store.weight_bytes == 0
     monkeypatch.setenv("FLASHTUNE_WEIGHT_CACHE_MB", "12")
-    assert weights_module.max_bytes_from_env() == 12 * 2**20
+    assert memory_module.max_bytes_from_env() == 12 * 2**20
     monkeypatch.setenv("FLASHTUNE_WEIGHT_CACHE_MB", "auto")
-    assert weights_module.max_bytes_from_env() is None
+    assert memory_module.max_bytes_from_env() is None
     monkeypatch.setenv("FLASHTUNE_WEIGHT_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="FLASHTUNE_WEIGHT_CACHE_MB='lots'"):
-        weights_module.max_bytes_from_env()
+        memory_module.max_bytes_from_env()
 
 
 class Stack(nn.Module):

@@ -27,11 +27,12 @@ from . import distributed as teams
 from .buckets import TuningConfig
 from .cache import Entry, Key, TacticCache, default_cache_dir, environment, resolve_dir
 from .keys import Alias, OpContext, bounded_put, signature
+from .memory import max_bytes_from_env
 from .profiler import ProfilerSettings
 from .runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner, canonical_tactic
 from .synth import bucket_shapes, new_generator
 from .tune import tune_bucket
-from .weights import WeightCache, max_bytes_from_env
+from .weights import WeightCache
 
 log = logging.getLogger("flashtune")
 

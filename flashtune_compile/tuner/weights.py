@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .memory import available_bytes, size_text
 
 log = logging.getLogger("flashtune")
 
@@ -56,7 +57,6 @@ _PARAMETER = torch.nn.Parameter
 _STATE: dict[int, weakref.ref] = {}  # id -> the tensor (a WeakSet would compare tensors by value)
 DEFAULT_SHARE = 0.10  # without $FLASHTUNE_WEIGHT_CACHE_MB: copies may add this share of the weights' bytes
 MIN_DEFAULT_BUDGET = 256 * 2**20  # ... or this much, whichever is more
-MIN_RESERVE = 512 * 2**20  # memory never taken by copies: this, or 5% of the machine's, whichever is more
 PROMOTE_AFTER = 8  # a site's copy is made on its weight's 8th call that wants it
 
 
@@ -258,8 +258,8 @@ class WeightCache:
                 "flashtune: made a %s copy of a %s weight (%s; %s held)",
                 request.kind,
                 list(request.owners[0].shape),
-                _mb(request.nbytes),
-                _mb(self.nbytes),
+                size_text(request.nbytes),
+                size_text(self.nbytes),
             )
             if trial is not None:
                 trial.append(request.key)
@@ -291,13 +291,13 @@ class WeightCache:
             return f"the weight holds a {kind} copy already (one copy per weight)"
         budget, source = self.budget_and_source()
         if request.nbytes > budget:
-            return f"{_mb(request.nbytes)} is more than the whole budget ({_mb(budget)}: {source})"
+            return f"{size_text(request.nbytes)} is more than the whole budget ({size_text(budget)}: {source})"
         need = self.nbytes + request.nbytes - budget
         if need <= 0:
             return None
         victims = self._victims(need, gain / request.nbytes) if gain is not None and request.nbytes > 0 else None
         if victims is None:
-            return f"the budget ({_mb(budget)}: {source}) is full and nothing held is worth less per byte"
+            return f"the budget ({size_text(budget)}: {source}) is full and nothing held is worth less per byte"
         for key in victims:
             victim = self._entries[key]
             self.displaced += 1
@@ -475,7 +475,8 @@ class WeightCache:
             limit, source = self.max_bytes, "FLASHTUNE_WEIGHT_CACHE_MB"
         else:
             limit = max(self.floor, int(self.share * self._weight_bytes))
-            source = f"{self.share:.0%} of the weights' {_mb(self._weight_bytes)}, at least {_mb(self.floor)}"
+            weights, floor = size_text(self._weight_bytes), size_text(self.floor)
+            source = f"{self.share:.0%} of the weights' {weights}, at least {floor}"
         free = available_bytes()
         if free is not None and self.nbytes + free < limit:
             return max(0, self.nbytes + free), f"{source}, cut to the memory available"
@@ -497,7 +498,7 @@ class WeightCache:
             request.kind,
             list(owner.shape),
             str(owner.dtype).removeprefix("torch."),
-            _mb(request.nbytes),
+            size_text(request.nbytes),
             why,
         )
 
@@ -521,40 +522,4 @@ def admitting(store: WeightCache, call: Callable[[], Any], gain: float | None = 
         why = store.decide(request, gain)
         if why is not None:
             denied = CopyPostponed if store.fits_after_round(request) else CopyDenied
-            raise denied(f"flashtune: no {request.kind} weight copy ({_mb(request.nbytes)}): {why}")
-
-
-def _mb(n: int) -> str:
-    if n < 2**10:
-        return f"{n} bytes"
-    if n < 2**20:
-        return f"{n / 2**10:.0f} KiB"
-    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
-
-
-def available_bytes() -> int | None:
-    """Memory the machine can still give (Linux's MemAvailable) less a reserve of 5% of its memory
-    (at least 512 MiB); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        avail = int(fields["MemAvailable"].split()[0]) * 1024
-        total = int(fields["MemTotal"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    return avail - max(MIN_RESERVE, total // 20)
-
-
-def max_bytes_from_env() -> int | None:
-    """``$FLASHTUNE_WEIGHT_CACHE_MB`` in bytes; None when unset or ``auto`` (the default budget);
-    ValueError naming it if malformed."""
-    text = os.environ.get("FLASHTUNE_WEIGHT_CACHE_MB", "").strip()
-    if text in ("", "auto"):
-        return None
-    try:
-        mb = int(text)
-    except ValueError:
-        mb = -1
-    if mb < 0:
-        raise ValueError(f"FLASHTUNE_WEIGHT_CACHE_MB={text!r} is not a non-negative whole number of MiB (or 'auto')")
-    return mb * 2**20
+            raise denied(f"flashtune: no {request.kind} weight copy ({size_text(request.nbytes)}): {why}")
