@@ -18,6 +18,7 @@ from torch import nn
 import flashtune_compile as ft
 from flashtune_compile.kernels.cpp import blocked_gemm_or_none
 from flashtune_compile.kernels.cpp.quant_runner import AMX_ROWS, CpuQuantLinearRunner
+from flashtune_compile.kernels.cpp.rows_runner import CpuQuantRowsRunner
 from flashtune_compile.kernels.quant import AtenQuantLinearRunner, dequantize
 from flashtune_compile.ops.quantized import LINEAR_WQ
 from flashtune_compile.tuner.cache import Entry
@@ -87,6 +88,67 @@ def test_every_cpu_tile_and_split_matches_float64(bits, dtype):
                     y = kernel.quant_linear(x, packed, sp, zs, b, n, bits, gs, mr, r, ksplit)
                     assert y.shape == (m, n) and y.dtype == dtype
                     _close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_quant_rows_height_matches_float64(dtype):
+    """The kernel that reads q as it is: every height at every M (0 to past the tallest), int4 values
+    stored one per byte, zero points of integer and float dtypes, bf16 scales, a q whose rows lie
+    apart (a column slice of a wider tensor), with and without a bias."""
+    kernel = blocked_gemm_or_none()
+    if kernel is None:
+        pytest.skip("no C++ compiler: the CPU kernel family is absent")
+    gen = torch.Generator().manual_seed(5)
+    for m, n, k, gs in SHAPES + [(6, 21, 300, 300), (2, 48, 1030, 32)]:
+        for bits, zero, sdtype in [(8, False, torch.float32), (4, True, torch.bfloat16), (8, True, torch.float32)]:
+            q, s, z = _quantized(n, k, gs, bits, zero, gen)
+            s = s.to(sdtype)
+            zeros = [None] if z is None else [z, z.to(torch.int8), z.to(torch.int32)]
+            wide = torch.randint(-8, 8, (n, k + 5), dtype=torch.int8, generator=gen)
+            wide[:, :k] = q
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            for zz in zeros:
+                for b in (None, torch.randn(n, generator=gen).to(dtype)):
+                    ref = _reference(x, q, s, zz, b, gs)
+                    for mb in kernel.quant_rows_heights:
+                        for qq in (q, wide[:, :k]):
+                            y = kernel.quant_rows_linear(x, qq, s, zz, b, gs, mb)
+                            assert y.shape == (m, n) and y.dtype == dtype
+                            _close(y, ref, dtype, bf16_bound=5e-3 if dtype == torch.bfloat16 else 1e-3)
+
+
+def test_quant_rows_names_a_malformed_call():
+    kernel = blocked_gemm_or_none()
+    if kernel is None:
+        pytest.skip("no C++ compiler: the CPU kernel family is absent")
+    x, q, s = torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 2)
+    with pytest.raises(RuntimeError, match="q must be int8"):
+        kernel.quant_rows_linear(x, q.float(), s, None, None, 32, 1)
+    with pytest.raises(RuntimeError, match=r"scales must be \[N, ceil\(K / group_size\)\]"):
+        kernel.quant_rows_linear(x, q, s, None, None, 16, 1)
+    with pytest.raises(RuntimeError, match="zeros must be shaped as scales"):
+        kernel.quant_rows_linear(x, q, s, torch.zeros(8, 1), None, 32, 1)
+    with pytest.raises(RuntimeError, match="no height 3"):
+        kernel.quant_rows_linear(x, q, s, None, None, 32, 3)
+
+
+def test_the_quant_rows_runner_needs_no_copy_and_matches_float64(tuner):
+    """Offered up to decode-sized M for weights that are not model state too (it keeps no copy),
+    every tactic correct; nothing past M = 8, where the packed kernel takes over."""
+    if blocked_gemm_or_none() is None:
+        pytest.skip("no C++ compiler: the CPU kernel family is absent")
+    gen = torch.Generator().manual_seed(6)
+    runner = CpuQuantRowsRunner()
+    q, s, z = _quantized(40, 96, 32, 4, True, gen)
+    for m in (1, 3, 8, 9):
+        inputs = (torch.randn(m, 96, generator=gen).to(torch.bfloat16), q, s, z, None, 32, 4)
+        tactics = runner.get_valid_tactics(inputs, BucketProfile((m,), ((m, 96),)))
+        assert bool(tactics) == (m <= 8), (m, tactics)
+        assert all(runner.copy_kind(t) is None for t in tactics)
+        for tactic in tactics:
+            _close(runner(inputs, tactic), _reference(*inputs[:6]), torch.bfloat16)
+    per_input_column = (torch.randn(1, 96), q, torch.ones(40, 5), None, None, 32, 8)  # G does not match K
+    assert runner.get_valid_tactics(per_input_column, BucketProfile((1,), ((1, 96),))) == []
 
 
 def test_the_amx_tile_is_offered_exactly_where_it_applies(tuner):

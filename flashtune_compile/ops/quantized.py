@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..kernels.cpp.quant_runner import CpuQuantLinearRunner
+from ..kernels.cpp.rows_runner import CpuQuantRowsRunner
 from ..kernels.quant import AtenQuantLinearRunner, dequantize
 from ..kernels.triton_wq import TritonQuantLinearRunner
 from .registry import register
@@ -71,6 +72,7 @@ LINEAR_WQ = register(
             Candidate("aten", AtenQuantLinearRunner),
             Candidate("triton", TritonQuantLinearRunner),
             Candidate("cpu", CpuQuantLinearRunner),
+            Candidate("cpu", CpuQuantRowsRunner),
         ),
     )
 )

@@ -59,6 +59,11 @@ class BlockedGemm:
         # quant_linear(x, packed, scales, zs, b, n, bits, gs, mr, r, ksplit=1): ``x @ W.T + b`` for
         # W = s * (q - z) per group of ``gs`` along K, from ``pack_quant``'s tensors (quant_gemm.cpp).
         self.quant_linear = module.quant_linear
+        # quant_rows_linear(x, q, scales, zeros, b, gs, mb): the same product reading q [N, K] (int8),
+        # scales and zeros [N, G] as they are (rows_gemm.cpp), ``mb`` rows of x per pass over a row of
+        # q. No copy of the weight is made or needed.
+        self.quant_rows_linear = module.quant_rows_linear
+        self.quant_rows_heights = tuple(int(v) for v in extension.quant_rows_heights().split())
         self.quant_tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.quant_tiles().split())
         self.rows_tiles = tuple(tuple(int(v) for v in t.split("x")) for t in extension.rows_tiles().split())
         self.moe_out = extension.blocked_moe_out.default

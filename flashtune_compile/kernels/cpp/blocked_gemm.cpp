@@ -611,6 +611,7 @@ TORCH_LIBRARY(FT_NS, m) {
   m.def("has_bf16_pairs", &has_bf16_pairs);
   m.def("rows_tiles", &rows_tiles);
   m.def("quant_tiles", &quant_tiles);
+  m.def("quant_rows_heights", &quant_rows_heights);
   m.def("empty_huge", &empty_huge);
 }
 
@@ -642,7 +643,23 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
   return y;
 }
 
+// y = x @ W^T + b for an integer weight read as it is (rows_gemm.cpp): q [N, K] int8, scales and
+// optional zeros [N, G]; x, q and bias of any strides (a q whose columns are not adjacent is made
+// contiguous first: correct, not fast), y [M, N] allocated here; run without the GIL.
+at::Tensor quant_rows_linear(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                             int64_t gs, int64_t mb) {
+  const at::Tensor x = x_in.dim() == 2 && x_in.stride(1) != 1 ? x_in.contiguous() : x_in;
+  const at::Tensor q = q_in.dim() == 2 && q_in.size(1) > 1 && q_in.stride(1) != 1 ? q_in.contiguous() : q_in;
+  at::Tensor y = x.dim() == 2 && q.dim() == 2 ? at::empty({x.size(0), q.size(0)}, x.options()) : at::empty({0, 0}, x.options());
+  const std::string error = quant_rows_linear_out(x, q, scales, zeros, bias, y, gs, mb);
+  if (!error.empty()) throw std::runtime_error(error);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_rows_linear", &quant_rows_linear, py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("zeros"),
+        py::arg("bias"), py::arg("gs"), py::arg("mb"), py::call_guard<py::gil_scoped_release>());
   m.def("quant_linear", &quant_linear, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zs"),
         py::arg("bias"), py::arg("n"), py::arg("bits"), py::arg("gs"), py::arg("mr"), py::arg("r"),
         py::arg("ksplit") = 1, py::call_guard<py::gil_scoped_release>());

@@ -1,11 +1,16 @@
 // What the CPU kernel sources share: the vector width this build targets, vector types as GCC
 // vector extensions (so -march=native picks AVX-512, AVX2 or SSE by itself), widening loads of
-// fp32 / bf16 / fp16, prefetch localities, and the functions one source defines for another.
+// fp32 / bf16 / fp16 and of bytes, prefetch localities, and the functions one source defines for
+// another.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -76,6 +81,26 @@ inline vf load(const c10::BFloat16* p) {
 }
 inline vf load(const c10::Half* p) { return __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vf); }
 
+typedef int32_t vi32 __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu32_u __attribute__((vector_size(VL * 4), aligned(4)));
+
+// VL bytes at p widened to VL int32 lanes, signed or not: one vpmovsxbd / vpmovzxbd on AVX2 and
+// AVX-512 (GCC's generic vector conversion of bytes assembles the lanes one by one: 7x slower).
+template <bool SIGNED>
+inline vi32 widen_bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vi32)(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (vi32)(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
+  vi32 v;
+  for (int i = 0; i < VL; ++i) v[i] = SIGNED ? static_cast<int8_t>(p[i]) : p[i];
+  return v;
+#endif
+}
+
 // dst[0..n) = src[0..n) rounded to T as static_cast<T> rounds (nearest even; NaN stays NaN).
 inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void store_row(c10::BFloat16* dst, const float* src, int64_t n) {
@@ -103,6 +128,12 @@ inline void store_row(c10::Half* dst, const float* src, int64_t n) {
 std::string rows_linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                             const at::Tensor& y, int64_t mb, int64_t u, bool pairs);
 std::string rows_tiles();  // the built (rows per pass, unroll) pairs, "1x2 1x4 ..."
+// rows_gemm.cpp: the same for an integer weight q [N, K] (int8 storage) with scales [N, G] and
+// optional zeros [N, G] per group of gs along K, W = s * (q - z), read as they are; "" or a message.
+std::string quant_rows_linear_out(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& y, int64_t gs, int64_t mb);
+std::string quant_rows_heights();  // the built rows-per-pass heights, "1 2 4"
 
 // quant_gemm.cpp: y = x @ W^T + b for W = s * (q - z) per group of gs along K, from the packed q,
 // scales and zs (the file's header gives the layouts); "" or a message naming the bad argument.

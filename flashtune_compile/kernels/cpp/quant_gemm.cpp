@@ -61,26 +61,6 @@ constexpr int64_t DQ_BYTES = 16 * 1024;  // the fp32 scratch several row tiles s
 // far as common.h's STREAM_L2_AHEAD (on the Intel Xeon VM the AMX tile ran 10-25% faster so).
 inline int64_t dq_ahead() { return stream_non_temporal() ? 1024 : STREAM_L2_AHEAD; }
 
-typedef int32_t vi32 __attribute__((vector_size(VL * 4)));
-typedef uint32_t vu32_u __attribute__((vector_size(VL * 4), aligned(4)));
-
-// VL bytes at p widened to VL int32 lanes, signed or not: one vpmovsxbd / vpmovzxbd on AVX2 and
-// AVX-512 (GCC's generic vector conversion of bytes assembles the lanes one by one: 7x slower).
-template <bool SIGNED>
-inline vi32 widen_bytes(const uint8_t* p) {
-#if defined(__AVX512F__)
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return (vi32)(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
-#elif defined(__AVX2__)
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return (vi32)(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
-#else
-  vi32 v;
-  for (int i = 0; i < VL; ++i) v[i] = SIGNED ? static_cast<int8_t>(p[i]) : p[i];
-  return v;
-#endif
-}
-
 // The R weight vectors of one step, widened to fp32.
 template <int BITS, int R>
 inline void widen(const uint8_t* p, vf* w) {

@@ -13,6 +13,7 @@
 // the multiplies re-read x for every row of W, so past M = 8 the blocked kernel is the one to use.
 #include "common.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -212,5 +213,177 @@ std::string rows_linear_out(const at::Tensor& x, const at::Tensor& w, const std:
   } else {
     f(x, w, bias, y);
   }
+  return "";
+}
+
+// Integer weights read as they are: q [N, K] (int8 storage; int4 values are stored one per byte)
+// with scales [N, G] and optional zeros [N, G] of any real or integer dtype, W[n][k] = s[n][g] *
+// (q[n][k] - z[n][g]), g = k / gs. For a row n of q and a row of x,
+//   y = sum_g s_g * (sum_{k in g} q[k] x[k]) - sum_g s_g z_g X_g,
+// X_g the group sums of x, made once per call. Each group's vector sums are scaled by s_g into one
+// running vector, so a row costs one horizontal add however many groups it has. Nothing is packed:
+// a torchao int8 model decodes from its own weights, in its own memory.
+
+namespace {
+
+constexpr int QU = 4;  // vectors of q per step: one 64-byte cache line of int8 with AVX-512
+
+// Row ``row`` of the 2-D tensor t (any real or integer dtype, any strides) as floats.
+void row_floats(const at::Tensor& t, int64_t row, float* out) {
+  const int64_t n = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
+  AT_DISPATCH_ALL_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "quant_rows", [&] {
+    const scalar_t* p = t.data_ptr<scalar_t>() + row * s0;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i * s1]);
+  });
+}
+
+inline vf widen_q(const uint8_t* p) { return __builtin_convertvector(widen_bytes<true>(p), vf); }
+
+template <typename T, int MB>
+void quant_rows_run(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+                    int64_t gs) {
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = scales.size(1);
+  const int64_t ldx = x.stride(0), cx = x.stride(1), ldq = q.stride(0), ldy = y.stride(0);
+  const int64_t tiles = ceil_div(M, MB), ldxs = round_up(K, VL);
+  // x as fp32: tile t holds rows t*MB .. t*MB+MB-1 (zero past M), each ldxs long (zero past K).
+  std::unique_ptr<float[]> xs(new float[tiles * MB * ldxs]());
+  const T* xp = x.data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xs[m * ldxs + k] = static_cast<float>(xp[m * ldx + k * cx]);
+  std::unique_ptr<float[]> xg;  // [tiles * MB][G] group sums of x, for the zero points' term
+  if (zeros.has_value()) {
+    xg.reset(new float[tiles * MB * G]());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t k = g * gs; k < std::min(K, g * gs + gs); ++k) xg[m * G + g] += xs[m * ldxs + k];
+  }
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>());
+  const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  const int64_t bstride = bias.has_value() ? bias->stride(0) : 0;
+  T* yp = y.data_ptr<T>();
+  const int64_t ahead = stream_non_temporal() ? AHEAD : STREAM_L2_AHEAD;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> sg(G), zg(zeros.has_value() ? G : 0);
+    for (int64_t n = n0; n < n1; ++n) {
+      row_floats(scales, n, sg.data());
+      if (zeros.has_value()) row_floats(*zeros, n, zg.data());
+      const uint8_t* row = qp + n * ldq;
+      const float b = bp != nullptr ? static_cast<float>(bp[n * bstride]) : 0.f;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const float* xt = xs.get() + t * MB * ldxs;
+        vf tot[MB];
+        float tail[MB];
+#pragma GCC unroll 16
+        for (int m = 0; m < MB; ++m) tot[m] = vf{}, tail[m] = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
+          __builtin_prefetch(row + k0 + ahead, 0, TO_L2);
+          vf acc[MB][QU];  // every index below is a constant once unrolled, so these stay in registers
+#pragma GCC unroll 16
+          for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+            for (int u = 0; u < QU; ++u) acc[m][u] = vf{};
+          int64_t k = k0;
+          for (; k + QU * VL <= k1; k += QU * VL) {
+            __builtin_prefetch(row + k + ahead, 0, TO_L2);
+#pragma GCC unroll 16
+            for (int u = 0; u < QU; ++u) {
+              const vf w = widen_q(row + k + u * VL);
+#pragma GCC unroll 16
+              for (int m = 0; m < MB; ++m) acc[m][u] += w * load(xt + m * ldxs + k + u * VL);
+            }
+          }
+          for (; k + VL <= k1; k += VL) {
+            const vf w = widen_q(row + k);
+#pragma GCC unroll 16
+            for (int m = 0; m < MB; ++m) acc[m][0] += w * load(xt + m * ldxs + k);
+          }
+          float rest[MB] = {};
+          for (; k < k1; ++k) {
+            const float w = static_cast<float>(static_cast<int8_t>(row[k]));
+            for (int m = 0; m < MB; ++m) rest[m] += w * xt[m * ldxs + k];
+          }
+          const float s = sg[g];
+#pragma GCC unroll 16
+          for (int m = 0; m < MB; ++m) {
+            vf sum = acc[m][0];
+#pragma GCC unroll 16
+            for (int u = 1; u < QU; ++u) sum += acc[m][u];
+            tot[m] += sum * s;
+            tail[m] += rest[m] * s;
+          }
+        }
+        for (int m = 0; m < MB && t * MB + m < M; ++m) {
+          float v = hsum(tot[m]) + tail[m] + b;
+          if (zeros.has_value())
+            for (int64_t g = 0; g < G; ++g) v -= sg[g] * zg[g] * xg[(t * MB + m) * G + g];
+          yp[(t * MB + m) * ldy + n] = static_cast<T>(v);
+        }
+      }
+    }
+  });
+}
+
+using QuantFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, at::Tensor&, int64_t);
+
+#define FT_QUANT_ROWS_HEIGHTS(X) X(1) X(2) X(4)
+
+template <typename T>
+QuantFn pick_quant(int64_t mb) {
+#define FT_CASE(A) \
+  if (mb == A) return &quant_rows_run<T, A>;
+  FT_QUANT_ROWS_HEIGHTS(FT_CASE)
+#undef FT_CASE
+  return nullptr;
+}
+
+}  // namespace
+
+std::string quant_rows_heights() {
+  std::string s;
+#define FT_NAME(A) s += std::to_string(A) + " ";
+  FT_QUANT_ROWS_HEIGHTS(FT_NAME)
+#undef FT_NAME
+  return s;
+}
+
+std::string quant_rows_linear_out(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& y_out, int64_t gs, int64_t mb) {
+  at::Tensor y = y_out;  // written in place: the caller allocated it
+  if (x.dim() != 2 || q.dim() != 2 || scales.dim() != 2 || y.dim() != 2)
+    return "quant_rows_linear: expected x [M, K], q [N, K], scales [N, G], y [M, N]";
+  if (q.scalar_type() != at::kChar) return "quant_rows_linear: q must be int8";
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  if (q.size(1) != K || y.size(0) != M || y.size(1) != N) return "quant_rows_linear: shapes disagree";
+  if (gs < 1 || scales.size(0) != N || scales.size(1) != ceil_div(std::max<int64_t>(K, 1), gs))
+    return "quant_rows_linear: scales must be [N, ceil(K / group_size)]";
+  if (!at::isFloatingType(scales.scalar_type())) return "quant_rows_linear: scales must be floating point";
+  if (zeros.has_value() && zeros->sizes() != scales.sizes()) return "quant_rows_linear: zeros must be shaped as scales";
+  if (zeros.has_value() && (zeros->is_complex() || zeros->scalar_type() == at::kBool))
+    return "quant_rows_linear: zeros must be real numbers";
+  if (y.scalar_type() != x.scalar_type()) return "quant_rows_linear: x and y must share one dtype";
+  if (bias.has_value() && (bias->scalar_type() != x.scalar_type() || bias->dim() != 1 || bias->numel() != N))
+    return "quant_rows_linear: bias must be [N] of x's dtype";
+  for (const at::Tensor* t : {&x, &q, &scales, static_cast<const at::Tensor*>(&y)})
+    if (t->device().type() != at::kCPU) return "quant_rows_linear: CPU tensors only";
+  if (K > 1 && q.stride(1) != 1) return "quant_rows_linear: q needs unit column stride";
+  QuantFn f = nullptr;
+  switch (x.scalar_type()) {
+    case at::kFloat: f = pick_quant<float>(mb); break;
+    case at::kBFloat16: f = pick_quant<c10::BFloat16>(mb); break;
+    case at::kHalf: f = pick_quant<c10::Half>(mb); break;
+    default: return "quant_rows_linear: dtype must be float32, bfloat16 or float16";
+  }
+  if (f == nullptr) return "quant_rows_linear: no height " + std::to_string(mb) + " (built: " + quant_rows_heights() + ")";
+  if (M == 0 || N == 0) return "";
+  if (K == 0) {  // an empty sum: the bias alone
+    if (bias.has_value()) y.copy_(bias->unsqueeze(0).expand_as(y));
+    else y.zero_();
+    return "";
+  }
+  f(x, q, scales, zeros, bias, y, gs);
   return "";
 }

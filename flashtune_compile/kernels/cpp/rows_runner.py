@@ -1,5 +1,6 @@
-"""The CPU kernel that reads a weight as it is (``rows_gemm.cpp``), as a candidate of ``flashtune.linear``
-and, for decode-sized calls, of ``flashtune.moe``.
+"""The CPU kernels that read a weight as it is (``rows_gemm.cpp``), as candidates of ``flashtune.linear``,
+of ``flashtune.linear_wq`` (an int8 weight with its scales) and, for decode-sized calls, of
+``flashtune.moe``.
 
 Inputs are linear's ``(x [M, K], w [N, K], b [N] | None)`` on CPU, one dtype of fp32, bf16 or
 fp16, any weight (a parameter, a view, a tensor computed in the graph), any strides (a weight
@@ -8,7 +9,10 @@ weight is kept, so it costs no memory and no budget: at decode sizes it streams 
 weight as fast as the blocked kernel streams its packed copy. A tactic
 is ``(mb, u, pairs)``: ``mb`` rows of x per pass over a row of w, ``u`` accumulators per row, and
 (bf16 on CPUs with AVX512_BF16) ``pairs`` = 1 for vdpbf16ps. Every tactic is correct for every M.
-Importing this module compiles nothing.
+For ``linear_wq`` (``CpuQuantRowsRunner``) the rows are torchao's own int8 values with their
+scales and zero points: a decode call streams the quantized weight where it lies, so a quantized
+model keeps the memory it was quantized to, where the blocked kernel (``quant_runner.py``) would
+keep a packed copy beside it. Importing this module compiles nothing.
 """
 
 from __future__ import annotations
@@ -86,6 +90,57 @@ class CpuRowsLinearRunner(BoundRunner):
 
     def bind(self, tactic: tuple) -> Callable[..., torch.Tensor]:
         return _bound(tactic)
+
+
+def quant_applies(inputs: Sequence[Any]) -> bool:
+    """Whether the quantized rows kernel takes ``linear_wq``'s tuning inputs (CPU, dtypes, ranks,
+    shapes), any M and strides."""
+    x, q, scales, zeros, bias, group_size, bits = inputs
+    tensors = [t for t in (x, q, scales, zeros, bias) if t is not None]
+    if any(t.device.type != "cpu" for t in tensors) or x.dtype not in SUPPORTED_DTYPES or q.dtype != torch.int8:
+        return False
+    if x.dim() != 2 or q.dim() != 2 or scales.dim() != 2 or q.shape[1] != x.shape[1] or not scales.is_floating_point():
+        return False
+    if group_size < 1 or tuple(scales.shape) != (q.shape[0], max(1, -(-q.shape[1] // group_size))):
+        return False
+    if zeros is not None and (zeros.shape != scales.shape or zeros.is_complex() or zeros.dtype == torch.bool):
+        return False
+    return bias is None or (bias.dtype == x.dtype and tuple(bias.shape) == (q.shape[0],))
+
+
+class CpuQuantRowsRunner(BoundRunner):
+    """``x @ W.T + b`` for ``W = s * (q - z)`` (``kernels/quant.py``) by the CPU kernel that streams
+    the int8 rows of q as they are, fp32 sums scaled per group, the zero points and bias in the
+    epilogue: no copy. A tactic is ``(mb,)``, the rows of x per pass over a row of q (every tactic
+    is correct for every M). Functional: never writes its inputs."""
+
+    name = "cpu_quant_rows"
+
+    def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
+        m = int(profile.shapes[0][0])
+        if m > MAX_M or not quant_applies(inputs):
+            return []
+        kernel = blocked_gemm_or_none()
+        if kernel is None:
+            return []
+        heights = kernel.quant_rows_heights
+        return [(next((h for h in heights if h >= m), heights[-1]),)]
+
+    def resolve(self, tactic: Tactic, inputs: Sequence[Any] | None) -> tuple:
+        if tactic == DEFAULT_TACTIC:
+            return (1,)
+        if not isinstance(tactic, (tuple, list)) or len(tactic) != 1:
+            raise ValueError(f"cpu_quant_rows tactic must be (mb,) or -1, got {tactic!r}")
+        return (int(tactic[0]),)
+
+    def bind(self, tactic: tuple) -> Callable[..., torch.Tensor]:
+        mb = tactic[0]
+        linear = load_blocked_gemm().quant_rows_linear
+
+        def fn(x, q, scales, zeros, bias, group_size, bits):
+            return linear(x, q, scales, zeros, bias, group_size, mb)
+
+        return fn
 
 
 class CpuRowsMoeRunner(TunableRunner):
