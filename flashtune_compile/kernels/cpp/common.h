@@ -82,7 +82,6 @@ inline vf load(const c10::BFloat16* p) {
 inline vf load(const c10::Half* p) { return __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vf); }
 
 typedef int32_t vi32 __attribute__((vector_size(VL * 4)));
-typedef uint32_t vu32_u __attribute__((vector_size(VL * 4), aligned(4)));
 
 // VL bytes at p widened to VL int32 lanes, signed or not: one vpmovsxbd / vpmovzxbd on AVX2 and
 // AVX-512 (GCC's generic vector conversion of bytes assembles the lanes one by one: 7x slower).

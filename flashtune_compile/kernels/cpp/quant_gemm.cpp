@@ -61,6 +61,8 @@ constexpr int64_t DQ_BYTES = 16 * 1024;  // the fp32 scratch several row tiles s
 // far as common.h's STREAM_L2_AHEAD (on the Intel Xeon VM the AMX tile ran 10-25% faster so).
 inline int64_t dq_ahead() { return stream_non_temporal() ? 1024 : STREAM_L2_AHEAD; }
 
+typedef uint32_t vu32_u __attribute__((vector_size(VL * 4), aligned(4)));
+
 // The R weight vectors of one step, widened to fp32.
 template <int BITS, int R>
 inline void widen(const uint8_t* p, vf* w) {

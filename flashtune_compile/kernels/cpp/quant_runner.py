@@ -33,17 +33,27 @@ MAX_M = 256
 AMX_ROWS = 16  # the tile height quant_gemm.cpp sums with AMX
 
 
-def applies(inputs: Sequence[Any]) -> bool:
-    """Whether the kernel takes these inputs (CPU, dtypes, ranks, copies worth keeping), any M."""
+def takes(inputs: Sequence[Any]) -> bool:
+    """Whether ``linear_wq``'s inputs are ones the CPU quantized kernels compute (CPU, dtypes, ranks,
+    scales and zero points shaped per group, bias), any M: the packed kernel here and the rows
+    kernel (``rows_runner.py``) alike."""
     x, q, scales, zeros, bias, group_size, bits = inputs
     tensors = [t for t in (x, q, scales, zeros, bias) if t is not None]
     if any(t.device.type != "cpu" for t in tensors) or x.dtype not in DTYPES or q.dtype != torch.int8:
         return False
     if bits not in (4, 8) or group_size < 1 or q.dim() != 2 or scales.dim() != 2 or q.shape[1] != x.shape[1]:
         return False
-    if bias is not None and (bias.dtype != x.dtype or bias.shape != (q.shape[0],)):
+    if tuple(scales.shape) != (q.shape[0], max(1, -(-q.shape[1] // group_size))) or not scales.is_floating_point():
         return False
-    return all(WeightCache.cacheable(t) for t in (q, scales, zeros) if t is not None)
+    if zeros is not None and (zeros.shape != scales.shape or zeros.is_complex() or zeros.dtype == torch.bool):
+        return False
+    return bias is None or (bias.dtype == x.dtype and bias.shape == (q.shape[0],))
+
+
+def applies(inputs: Sequence[Any]) -> bool:
+    """Whether the packed kernel takes these inputs: ``takes``, and copies worth keeping (model state)."""
+    x, q, scales, zeros, bias, group_size, bits = inputs
+    return takes(inputs) and all(WeightCache.cacheable(t) for t in (q, scales, zeros) if t is not None)
 
 
 def amx_applies(inputs: Sequence[Any]) -> bool:

@@ -24,7 +24,7 @@ import torch
 
 from ...tuner.runner import DEFAULT_TACTIC, BucketProfile, Tactic, TunableRunner
 from ..moe import ACTIVATIONS, PAIRS_MAX, moe_pairs
-from . import blocked_gemm_or_none, load_blocked_gemm
+from . import blocked_gemm_or_none, load_blocked_gemm, quant_runner
 from .bound import BoundRunner
 
 MAX_M = 8  # past this the multiplies re-read x for every row of w: the blocked kernel's ground
@@ -92,22 +92,6 @@ class CpuRowsLinearRunner(BoundRunner):
         return _bound(tactic)
 
 
-def quant_applies(inputs: Sequence[Any]) -> bool:
-    """Whether the quantized rows kernel takes ``linear_wq``'s tuning inputs (CPU, dtypes, ranks,
-    shapes), any M and strides."""
-    x, q, scales, zeros, bias, group_size, bits = inputs
-    tensors = [t for t in (x, q, scales, zeros, bias) if t is not None]
-    if any(t.device.type != "cpu" for t in tensors) or x.dtype not in SUPPORTED_DTYPES or q.dtype != torch.int8:
-        return False
-    if x.dim() != 2 or q.dim() != 2 or scales.dim() != 2 or q.shape[1] != x.shape[1] or not scales.is_floating_point():
-        return False
-    if group_size < 1 or tuple(scales.shape) != (q.shape[0], max(1, -(-q.shape[1] // group_size))):
-        return False
-    if zeros is not None and (zeros.shape != scales.shape or zeros.is_complex() or zeros.dtype == torch.bool):
-        return False
-    return bias is None or (bias.dtype == x.dtype and tuple(bias.shape) == (q.shape[0],))
-
-
 class CpuQuantRowsRunner(BoundRunner):
     """``x @ W.T + b`` for ``W = s * (q - z)`` (``kernels/quant.py``) by the CPU kernel that streams
     the int8 rows of q as they are, fp32 sums scaled per group, the zero points and bias in the
@@ -118,7 +102,7 @@ class CpuQuantRowsRunner(BoundRunner):
 
     def get_valid_tactics(self, inputs: Sequence[Any], profile: BucketProfile) -> list[Tactic]:
         m = int(profile.shapes[0][0])
-        if m > MAX_M or not quant_applies(inputs):
+        if m > MAX_M or not quant_runner.takes(inputs):
             return []
         kernel = blocked_gemm_or_none()
         if kernel is None:
